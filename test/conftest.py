@@ -1,0 +1,64 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""Shared fixtures: an isolated DDS domain for this test run and tiny BLIP-2 checkpoints."""
+
+import fcntl
+import os
+import tempfile
+
+import pytest
+
+
+def _claim_domain_id():
+    """Hold an exclusive lock on one ROS domain id so parallel test runs never share DDS traffic."""
+    lock_dir = os.path.join(tempfile.gettempdir(), 'blip2_ros_test_domains')
+    os.makedirs(lock_dir, exist_ok=True)
+    for domain_id in range(11, 101):
+        lock_file = open(os.path.join(lock_dir, f'{domain_id}.lock'), 'w')
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.close()
+            continue
+        return domain_id, lock_file  # the open file keeps the lock until the process exits
+    raise RuntimeError('every ROS domain id from 11 to 100 is held by another test run')
+
+
+# Set before any test imports rclpy, so every node created in this process (and every child
+# process, which inherits the environment) stays on loopback in a domain of its own.
+_DOMAIN_ID, _DOMAIN_LOCK = _claim_domain_id()
+os.environ['ROS_DOMAIN_ID'] = str(_DOMAIN_ID)
+os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+os.environ['RMW_IMPLEMENTATION'] = 'rmw_fastrtps_cpp'
+os.environ['HF_HUB_OFFLINE'] = '1'
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+
+@pytest.fixture(scope='session')
+def tiny_opt_checkpoint(tmp_path_factory):
+    """Save a tiny, randomly initialised BLIP-2 with an OPT decoder and return its folder."""
+    from training.tiny_blip2 import build_tiny_blip2
+    folder = tmp_path_factory.mktemp('tiny-blip2-opt')
+    build_tiny_blip2(folder, language_model='opt', seed=0)
+    return folder
+
+
+@pytest.fixture(scope='session')
+def tiny_t5_checkpoint(tmp_path_factory):
+    """Save a tiny, randomly initialised BLIP-2 with a Flan-T5 encoder-decoder and return it."""
+    from training.tiny_blip2 import build_tiny_blip2
+    folder = tmp_path_factory.mktemp('tiny-blip2-t5')
+    build_tiny_blip2(folder, language_model='t5', seed=0)
+    return folder
