@@ -56,7 +56,7 @@ class CaptionerConfig:
     # 'static' pre-allocates the KV cache so the decode step has fixed shapes (CUDA graphs,
     # torch.compile); 'dynamic' is the library default.
     cache: str = 'dynamic'
-    compile: bool = False
+    torch_compile: bool = False
 
 
 def resolve_device(device):
@@ -150,7 +150,7 @@ class Blip2Captioner:
         self.num_query_tokens = self.model.config.num_query_tokens
         self._prompt_cache = {}
         self._set_up_preprocessing()
-        if config.compile:
+        if config.torch_compile:
             self.model.language_model.forward = torch.compile(
                 self.model.language_model.forward, mode='reduce-overhead', fullgraph=False)
 
@@ -179,7 +179,8 @@ class Blip2Captioner:
         resample = int(getattr(image_processor, 'resample', 3))
         self.fast_preprocessing = (
             bool(image_processor.do_resize) and height is not None and width is not None
-            and resample in RESAMPLE_MODES and not getattr(image_processor, 'do_center_crop', False)
+            and resample in RESAMPLE_MODES
+            and not getattr(image_processor, 'do_center_crop', False)
             and not getattr(image_processor, 'do_pad', False))
         if not self.fast_preprocessing:
             LOGGER.warning('image processor settings not covered by the fast path; '

@@ -22,7 +22,7 @@ import pytest
 
 
 def _claim_domain_id():
-    """Hold an exclusive lock on one ROS domain id so parallel test runs never share DDS traffic."""
+    """Lock one ROS domain id for this process, so parallel test runs never share DDS traffic."""
     lock_dir = os.path.join(tempfile.gettempdir(), 'blip2_ros_test_domains')
     os.makedirs(lock_dir, exist_ok=True)
     for domain_id in range(11, 101):

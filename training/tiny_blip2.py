@@ -26,8 +26,8 @@ import argparse
 import os
 import re
 
-import torch
 from tokenizers import models, normalizers, pre_tokenizers, processors, Tokenizer
+import torch
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
                           Blip2QFormerConfig, Blip2VisionConfig, BlipImageProcessor, OPTConfig,
                           PreTrainedTokenizerFast, T5Config)
@@ -46,7 +46,7 @@ def caption_words(texts):
     """Return the sorted set of lower-case words and punctuation marks used in ``texts``."""
     words = set()
     for text in texts:
-        words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
+        words.update(re.findall(r'\w+|[^\w\s]', text.lower()))
     return sorted(words)
 
 

@@ -1,0 +1,486 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+ROS 2 node: camera topics in, BLIP-2 captions out on ``/blip2/caption``.
+
+The subscription callbacks only keep the newest message per camera. A worker thread converts and
+captions whatever is pending, all cameras in one batch, so the executor stays free for services,
+parameter changes and diagnostics while the GPU is busy, and no queue builds up when the cameras
+are faster than the model.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+import json
+import threading
+import time
+
+from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, DEFAULT_MODEL, ModelLoadError
+from blip2_ros.image_conversion import ImageConversionError, message_to_rgb
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+import numpy as np
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                SetParametersResult)
+import rclpy
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
+from std_srvs.srv import SetBool, Trigger
+import torch
+
+NODE_NAME = 'blip2_caption'
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One node parameter: its default, what it means, and whether it can change at run time."""
+
+    name: str
+    default: object
+    description: str
+    read_only: bool = True
+    integer_range: tuple = None
+    float_range: tuple = None
+
+
+# The single list of parameters: the node declares these, config/caption_node.yaml holds the same
+# defaults (a test checks), and the README's table is generated from it.
+PARAMETERS = (
+    ParameterSpec('model', DEFAULT_MODEL,
+                  'Hugging Face hub id or local folder of a BLIP-2 checkpoint.'),
+    ParameterSpec('adapter', '', 'Folder of a LoRA adapter from the training package; '
+                  'empty for none. Merged into the model at start-up.'),
+    ParameterSpec('device', 'auto', 'auto, cpu, cuda or cuda:N. auto takes the GPU if torch '
+                  'sees one.'),
+    ParameterSpec('dtype', 'auto', 'auto, float32, float16 or bfloat16. auto: bfloat16 on GPUs '
+                  'that support it, float32 on CPU; float16 is refused for Flan-T5.'),
+    ParameterSpec('local_files_only', False, 'Load the model from the local Hugging Face cache '
+                  'or folder only, never from the network (offline robots).'),
+    ParameterSpec('allow_pickle', False, 'Allow pickle (.bin) weights. Off: safetensors only.'),
+    ParameterSpec('image_topics', ['/camera/image_raw'], 'Camera topics. A topic ending in '
+                  '/compressed is subscribed as sensor_msgs/CompressedImage, any other as '
+                  'sensor_msgs/Image.'),
+    ParameterSpec('reliability', 'best_effort', 'QoS reliability of the camera subscriptions: '
+                  'best_effort (hears both kinds of publisher) or reliable.'),
+    ParameterSpec('caption_topic', '/blip2/caption', 'Where plain captions go (std_msgs/String).'),
+    ParameterSpec('caption_info_topic', '/blip2/caption_info', 'Where each caption goes again '
+                  'as JSON (std_msgs/String) with source topic, stamp, frame_id, prompt, model '
+                  'and latency.'),
+    ParameterSpec('prompt', '', "Text the caption continues, e.g. 'a photo of' or 'Question: "
+                  "is the conveyor empty? Answer:'. Empty for plain captions.", read_only=False),
+    ParameterSpec('max_new_tokens', 30, 'Longest caption, in tokens.', read_only=False,
+                  integer_range=(1, 512)),
+    ParameterSpec('max_rate_hz', 0.0, 'Most caption batches per second; 0 captions as fast as '
+                  'the model goes.', read_only=False, float_range=(0.0, 1000.0)),
+    ParameterSpec('max_batch_size', 8, 'Most frames captioned in one generate call (one per '
+                  'camera at most).', integer_range=(1, 64)),
+    ParameterSpec('max_pixels', 3840 * 2160, 'Frames with more pixels than this are rejected '
+                  'before decoding.', integer_range=(1, 1 << 30)),
+    ParameterSpec('cache', 'dynamic', 'KV cache of the decoder: dynamic, or static (fixed '
+                  'shapes; pair with compile on a GPU).'),
+    ParameterSpec('torch_compile', False, 'torch.compile the language model at start-up (GPU; the '
+                  'first captions are slow while it compiles).'),
+    ParameterSpec('diagnostics_period', 1.0, 'Seconds between /diagnostics messages.',
+                  float_range=(0.1, 60.0)),
+    ParameterSpec('stale_input_timeout', 5.0, 'Seconds without frames on a camera before '
+                  'diagnostics warn about it.', float_range=(0.1, 3600.0)),
+)
+
+LATENCY_WINDOW = 200
+
+
+class RateMeter:
+    """Events per second over the last few seconds."""
+
+    def __init__(self, window=5.0):
+        """Count events over ``window`` seconds."""
+        self.window = window
+        self.times = deque()
+
+    def tick(self, now, count=1):
+        """Record ``count`` events at ``now``."""
+        self.times.extend([now] * count)
+
+    def rate(self, now):
+        """Events per second over the window ending at ``now``."""
+        while self.times and self.times[0] < now - self.window:
+            self.times.popleft()
+        return len(self.times) / self.window
+
+
+class Camera:
+    """What the node knows of one image topic."""
+
+    def __init__(self, topic):
+        """Start with nothing received."""
+        self.topic = topic
+        self.latest_message = None
+        self.latest_receive_time = None
+        self.pending = False
+        self.received = 0
+        self.replaced = 0
+        self.input_rate = RateMeter()
+
+
+def percentile(values, q):
+    """Return the q-th percentile of ``values`` (0 when empty)."""
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def _stamp_dict(header):
+    return {'sec': int(header.stamp.sec), 'nanosec': int(header.stamp.nanosec)}
+
+
+class CaptionNode(Node):
+    """Subscribe to cameras, caption the newest frames with BLIP-2, publish the captions."""
+
+    def __init__(self, **kwargs):
+        """Declare parameters, load the model (ModelLoadError if it cannot), wire up ROS I/O."""
+        super().__init__(NODE_NAME, **kwargs)
+        self._declare_parameters()
+        self.model_name = self.get_parameter('model').value
+        self.captioner = Blip2Captioner(CaptionerConfig(
+            model=self.model_name,
+            adapter=self.get_parameter('adapter').value,
+            device=self.get_parameter('device').value,
+            dtype=self.get_parameter('dtype').value,
+            local_files_only=self.get_parameter('local_files_only').value,
+            allow_pickle=self.get_parameter('allow_pickle').value,
+            cache=self.get_parameter('cache').value,
+            torch_compile=self.get_parameter('torch_compile').value))
+        self.get_logger().info(
+            f"loaded '{self.model_name}' on {self.captioner.device} as {self.captioner.dtype}")
+
+        self._lock = threading.Lock()  # guards cameras, counters and statistics
+        self._frames_ready = threading.Condition(self._lock)
+        self._inference_lock = threading.Lock()  # one generate call at a time
+        self._stopping = False
+        self.enabled = True
+        self.rejected = {}
+        self.oom_batches = 0
+        self.captions_published = 0
+        self.caption_rate = RateMeter()
+        self.inference_ms = deque(maxlen=LATENCY_WINDOW)
+        self.end_to_end_ms = deque(maxlen=LATENCY_WINDOW)
+        self.max_pixels = self.get_parameter('max_pixels').value
+        self.max_batch_size = self.get_parameter('max_batch_size').value
+        self.start_time = time.monotonic()
+
+        self.caption_publisher = self.create_publisher(
+            String, self.get_parameter('caption_topic').value, 10)
+        self.caption_info_publisher = self.create_publisher(
+            String, self.get_parameter('caption_info_topic').value, 10)
+        self.diagnostics_publisher = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+
+        self.cameras = {}
+        camera_qos = self._camera_qos(self.get_parameter('reliability').value)
+        subscription_group = MutuallyExclusiveCallbackGroup()
+        for topic in self.get_parameter('image_topics').value:
+            if topic in self.cameras:
+                continue
+            message_type = CompressedImage if topic.rstrip('/').endswith('/compressed') else Image
+            self.cameras[topic] = Camera(topic)
+            self.create_subscription(
+                message_type, topic, lambda message, topic=topic: self._on_frame(topic, message),
+                camera_qos, callback_group=subscription_group)
+            self.get_logger().info(f'listening to {topic} ({message_type.__name__})')
+        if not self.cameras:
+            raise ModelLoadError('image_topics is empty: name at least one camera topic')
+
+        services = ReentrantCallbackGroup()
+        self.create_service(SetBool, '~/enable', self._on_enable, callback_group=services)
+        self.create_service(Trigger, '~/caption_now', self._on_caption_now,
+                            callback_group=services)
+        self.create_timer(self.get_parameter('diagnostics_period').value,
+                          self._publish_diagnostics,
+                          callback_group=MutuallyExclusiveCallbackGroup())
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        self._worker = threading.Thread(target=self._inference_loop, name='blip2_inference',
+                                        daemon=True)
+        self._worker.start()
+
+    # Parameters ----------------------------------------------------------------------------
+
+    def _declare_parameters(self):
+        for spec in PARAMETERS:
+            descriptor = ParameterDescriptor(description=spec.description,
+                                             read_only=spec.read_only)
+            if spec.integer_range:
+                descriptor.integer_range = [IntegerRange(
+                    from_value=spec.integer_range[0], to_value=spec.integer_range[1], step=1)]
+            if spec.float_range:
+                descriptor.floating_point_range = [FloatingPointRange(
+                    from_value=spec.float_range[0], to_value=spec.float_range[1], step=0.0)]
+            self.declare_parameter(spec.name, spec.default, descriptor)
+        reliability = self.get_parameter('reliability').value
+        if reliability not in ('best_effort', 'reliable'):
+            raise ModelLoadError(
+                f"reliability must be 'best_effort' or 'reliable', not '{reliability}'")
+
+    def _on_set_parameters(self, parameters):
+        for parameter in parameters:
+            if parameter.name == 'prompt' and '<image>' in str(parameter.value):
+                return SetParametersResult(
+                    successful=False, reason='prompt must not contain the <image> token')
+            if parameter.name == 'prompt' and len(str(parameter.value)) > 2000:
+                return SetParametersResult(
+                    successful=False, reason='prompt is longer than 2000 characters')
+        return SetParametersResult(successful=True)
+
+    @staticmethod
+    def _camera_qos(reliability):
+        return QoSProfile(
+            history=HistoryPolicy.KEEP_LAST, depth=1, durability=DurabilityPolicy.VOLATILE,
+            reliability=(ReliabilityPolicy.RELIABLE if reliability == 'reliable'
+                         else ReliabilityPolicy.BEST_EFFORT))
+
+    # Input ---------------------------------------------------------------------------------
+
+    def _on_frame(self, topic, message):
+        now = time.monotonic()
+        with self._lock:
+            camera = self.cameras[topic]
+            if camera.pending:
+                camera.replaced += 1
+            camera.latest_message = message
+            camera.latest_receive_time = now
+            camera.pending = True
+            camera.received += 1
+            camera.input_rate.tick(now)
+            self._frames_ready.notify()
+
+    def _reject(self, topic, error):
+        with self._lock:
+            self.rejected[error.reason] = self.rejected.get(error.reason, 0) + 1
+        self.get_logger().warning(f'dropped a frame from {topic}: {error}',
+                                  throttle_duration_sec=5.0)
+
+    def _convert(self, topic, message):
+        try:
+            return message_to_rgb(message, max_pixels=self.max_pixels)
+        except ImageConversionError as error:
+            self._reject(topic, error)
+            return None
+
+    # Inference -----------------------------------------------------------------------------
+
+    def _take_pending(self):
+        """Wait for pending frames while enabled; return [(topic, message, receive_time)]."""
+        with self._frames_ready:
+            self._frames_ready.wait_for(
+                lambda: self._stopping or (self.enabled and any(
+                    camera.pending for camera in self.cameras.values())), timeout=0.5)
+            if self._stopping or not self.enabled:
+                return []
+            batch = []
+            for camera in self.cameras.values():
+                if camera.pending:
+                    camera.pending = False
+                    batch.append((camera.topic, camera.latest_message,
+                                  camera.latest_receive_time))
+            return batch
+
+    def _inference_loop(self):
+        next_start = 0.0
+        while not self._stopping:
+            max_rate_hz = self.get_parameter('max_rate_hz').value
+            if max_rate_hz > 0 and time.monotonic() < next_start:
+                time.sleep(min(next_start - time.monotonic(), 0.1))
+                continue
+            batch = self._take_pending()
+            if not batch:
+                continue
+            next_start = time.monotonic() + (1.0 / max_rate_hz if max_rate_hz > 0 else 0.0)
+            for start in range(0, len(batch), self.max_batch_size):
+                self._caption_and_publish(batch[start:start + self.max_batch_size])
+
+    def _caption_and_publish(self, batch):
+        """Convert, caption and publish one batch; return the captions (None if skipped)."""
+        frames, kept = [], []
+        for topic, message, receive_time in batch:
+            frame = self._convert(topic, message)
+            if frame is not None:
+                frames.append(frame)
+                kept.append((topic, message, receive_time))
+        if not frames:
+            return None
+        prompt = self.get_parameter('prompt').value
+        max_new_tokens = self.get_parameter('max_new_tokens').value
+        started = time.monotonic()
+        try:
+            with self._inference_lock:
+                captions = self.captioner.caption(frames, prompt=prompt,
+                                                  max_new_tokens=max_new_tokens)
+        except torch.OutOfMemoryError:
+            with self._lock:
+                self.oom_batches += 1
+            torch.cuda.empty_cache()
+            self.get_logger().error(
+                f'out of GPU memory on a batch of {len(frames)}; skipped it. Lower '
+                'max_batch_size or use a smaller dtype/model', throttle_duration_sec=5.0)
+            return None
+        finished = time.monotonic()
+        inference_ms = (finished - started) * 1000.0
+        for (topic, message, receive_time), caption in zip(kept, captions):
+            self.caption_publisher.publish(String(data=caption))
+            self.caption_info_publisher.publish(String(data=json.dumps({
+                'caption': caption, 'source_topic': topic,
+                'stamp': _stamp_dict(message.header), 'frame_id': message.header.frame_id,
+                'prompt': prompt, 'model': self.model_name,
+                'inference_ms': round(inference_ms, 3), 'batch_size': len(frames),
+            })))
+        published = time.monotonic()
+        with self._lock:
+            self.inference_ms.append(inference_ms)
+            for _, _, receive_time in kept:
+                self.end_to_end_ms.append((published - receive_time) * 1000.0)
+            self.captions_published += len(captions)
+            self.caption_rate.tick(published, len(captions))
+        return captions
+
+    # Services ------------------------------------------------------------------------------
+
+    def _on_enable(self, request, response):
+        with self._frames_ready:
+            self.enabled = bool(request.data)
+            self._frames_ready.notify()
+        response.success = True
+        response.message = 'captioning enabled' if self.enabled else 'captioning paused'
+        self.get_logger().info(response.message)
+        return response
+
+    def _on_caption_now(self, request, response):
+        with self._lock:
+            received = [camera for camera in self.cameras.values()
+                        if camera.latest_message is not None]
+            newest = max(received, key=lambda camera: camera.latest_receive_time, default=None)
+            if newest is not None:
+                item = (newest.topic, newest.latest_message, newest.latest_receive_time)
+        if newest is None:
+            response.success = False
+            response.message = 'no frame received yet on ' + ', '.join(self.cameras)
+            return response
+        captions = self._caption_and_publish([item])
+        response.success = bool(captions)
+        response.message = captions[0] if captions else (
+            'the newest frame could not be captioned; see /diagnostics')
+        return response
+
+    # Diagnostics ---------------------------------------------------------------------------
+
+    def statistics(self):
+        """Return a snapshot of the counters shown on /diagnostics."""
+        now = time.monotonic()
+        with self._lock:
+            return {
+                'enabled': self.enabled,
+                'cameras': {topic: {
+                    'received': camera.received, 'replaced': camera.replaced,
+                    'input_rate_hz': camera.input_rate.rate(now),
+                    'seconds_since_last_frame': (None if camera.latest_receive_time is None
+                                                 else now - camera.latest_receive_time),
+                } for topic, camera in self.cameras.items()},
+                'captions_published': self.captions_published,
+                'captions_per_second': self.caption_rate.rate(now),
+                'inference_ms_p50': percentile(list(self.inference_ms), 50),
+                'inference_ms_p95': percentile(list(self.inference_ms), 95),
+                'end_to_end_ms_p50': percentile(list(self.end_to_end_ms), 50),
+                'end_to_end_ms_p95': percentile(list(self.end_to_end_ms), 95),
+                'replaced_frames': sum(c.replaced for c in self.cameras.values()),
+                'rejected_frames': sum(self.rejected.values()),
+                'rejected_by_reason': dict(self.rejected),
+                'oom_batches': self.oom_batches,
+            }
+
+    def _publish_diagnostics(self):
+        stats = self.statistics()
+        stale_after = self.get_parameter('stale_input_timeout').value
+        uptime = time.monotonic() - self.start_time
+        problems = []
+        for topic, camera in stats['cameras'].items():
+            age = camera['seconds_since_last_frame']
+            if (age is None and uptime > stale_after) or (age is not None and age > stale_after):
+                problems.append(f'no frames on {topic} for {stale_after:g} s: check the topic '
+                                'name and that reliability matches the publisher')
+        if stats['oom_batches']:
+            problems.append(f"{stats['oom_batches']} batches skipped: out of GPU memory")
+        status = DiagnosticStatus(
+            level=DiagnosticStatus.WARN if problems else DiagnosticStatus.OK,
+            name=f'{self.get_name()}: captioning', hardware_id=str(self.captioner.device),
+            message='; '.join(problems) if problems else (
+                'captioning' if stats['enabled'] else 'paused'))
+        values = {
+            'model': self.model_name, 'device': str(self.captioner.device),
+            'dtype': str(self.captioner.dtype).replace('torch.', ''),
+            'enabled': stats['enabled'],
+            'captions_published': stats['captions_published'],
+            'captions_per_second': f"{stats['captions_per_second']:.2f}",
+            'inference_ms_p50': f"{stats['inference_ms_p50']:.1f}",
+            'inference_ms_p95': f"{stats['inference_ms_p95']:.1f}",
+            'end_to_end_ms_p50': f"{stats['end_to_end_ms_p50']:.1f}",
+            'end_to_end_ms_p95': f"{stats['end_to_end_ms_p95']:.1f}",
+            'replaced_frames': stats['replaced_frames'],
+            'rejected_frames': stats['rejected_frames'],
+            'oom_batches': stats['oom_batches'],
+        }
+        for reason, count in sorted(stats['rejected_by_reason'].items()):
+            values[f'rejected_{reason}'] = count
+        for topic, camera in stats['cameras'].items():
+            values[f'input_rate_hz {topic}'] = f"{camera['input_rate_hz']:.2f}"
+            values[f'received {topic}'] = camera['received']
+            values[f'replaced {topic}'] = camera['replaced']
+        status.values = [KeyValue(key=key, value=str(value)) for key, value in values.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diagnostics_publisher.publish(array)
+
+    def destroy_node(self):
+        """Stop the inference thread, then tear down ROS."""
+        with self._frames_ready:
+            self._stopping = True
+            self._frames_ready.notify_all()
+        if self._worker.is_alive() and self._worker is not threading.current_thread():
+            self._worker.join(timeout=30.0)
+        return super().destroy_node()
+
+
+def main(args=None):
+    """Run the caption node until Ctrl-C or shutdown; exit 1 if the model cannot be loaded."""
+    rclpy.init(args=args)
+    node = None
+    exit_code = 0
+    try:
+        node = CaptionNode()
+        executor = MultiThreadedExecutor(num_threads=4)
+        executor.add_node(node)
+        executor.spin()
+    except ModelLoadError as error:
+        rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
+        exit_code = 1
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return exit_code
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,285 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+Turn sensor_msgs Image and CompressedImage messages into HxWx3 uint8 RGB numpy arrays.
+
+The functions are duck-typed: they read only the message fields, so they accept rclpy
+messages (``data`` is an ``array.array`` or ``bytes``) and messages deserialized by the
+``rosbags`` library (``data`` is a numpy uint8 array) alike. Nothing here imports rclpy.
+
+Raw images are wrapped with ``np.frombuffer`` (no copy); an unpadded ``rgb8`` image is
+returned as a view of the message buffer, so copy the result before changing it in place.
+Every other encoding produces a fresh array.
+
+16-bit images become 8 bit in one of two ways, chosen by what the encoding means:
+
+* ``mono16`` (and 16-bit colour) is an intensity image: ``value * 255 / 65535``, rounded,
+  the fixed scale cv_bridge uses, so brightness means the same in every frame.
+* ``16UC1`` is a depth image in millimetres that rarely uses more than a few per cent of the
+  16-bit range; a fixed scale would give a black picture. It is min-max stretched per frame
+  to 0..255 (a constant frame becomes all zeros).
+
+Compressed images are JPEG or PNG. Their header is read first (with Pillow, which decodes
+nothing), so ``max_pixels`` rejects a decompression bomb before any pixel is decoded.
+``compressedDepth`` payloads (a 12-byte configuration header followed by a PNG of the raw
+16UC1 depth) are decoded by skipping that header; 32FC1 (inverse depth) and RVL payloads
+are rejected as unsupported.
+"""
+
+import io
+import warnings
+
+import cv2
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    'ImageConversionError',
+    'SUPPORTED_ENCODINGS',
+    'compressed_to_rgb',
+    'image_to_rgb',
+    'message_to_rgb',
+]
+
+# Size of the ConfigHeader (int32 format + two float32 depth parameters) that
+# image_transport's compressed_depth plugin puts before the PNG.
+_COMPRESSED_DEPTH_HEADER_BYTES = 12
+
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+_JPEG_MAGIC = b'\xff\xd8'
+
+_FIXED_SCALE = 'fixed'
+_MINMAX_SCALE = 'minmax'
+
+
+class ImageConversionError(ValueError):
+    """An image message cannot be turned into an RGB array; ``reason`` is a short key."""
+
+    def __init__(self, reason, message):
+        """Store the machine-readable ``reason`` next to the one-line ``message``."""
+        super().__init__(message)
+        self.reason = reason
+
+
+class _Layout:
+    """How one raw encoding is laid out in memory and turned into RGB."""
+
+    __slots__ = ('channels', 'bytes_per_channel', 'color_code', 'scale')
+
+    def __init__(self, channels, bytes_per_channel=1, color_code=None, scale=None):
+        self.channels = channels
+        self.bytes_per_channel = bytes_per_channel
+        self.color_code = color_code
+        self.scale = scale
+
+
+_BGR = _Layout(3, color_code=cv2.COLOR_BGR2RGB)
+_BGRA = _Layout(4, color_code=cv2.COLOR_BGRA2RGB)
+_MONO8 = _Layout(1, color_code=cv2.COLOR_GRAY2RGB)
+_UYVY = _Layout(2, color_code=cv2.COLOR_YUV2RGB_UYVY)
+_YUYV = _Layout(2, color_code=cv2.COLOR_YUV2RGB_YUY2)
+
+# Keys are lower case; ROS spells some encodings in upper case ('16UC1', '8UC3').
+# OpenCV names a Bayer pattern after the second row's first two pixels, one row
+# down from ROS's name, hence rggb -> BayerBG (the mapping cv_bridge uses).
+_LAYOUTS = {
+    'rgb8': _Layout(3),
+    'bgr8': _BGR,
+    '8uc3': _BGR,
+    'rgba8': _Layout(4, color_code=cv2.COLOR_RGBA2RGB),
+    'bgra8': _BGRA,
+    '8uc4': _BGRA,
+    'mono8': _MONO8,
+    '8uc1': _MONO8,
+    'mono16': _Layout(1, 2, cv2.COLOR_GRAY2RGB, _FIXED_SCALE),
+    '16uc1': _Layout(1, 2, cv2.COLOR_GRAY2RGB, _MINMAX_SCALE),
+    'rgb16': _Layout(3, 2, None, _FIXED_SCALE),
+    'bgr16': _Layout(3, 2, cv2.COLOR_BGR2RGB, _FIXED_SCALE),
+    'rgba16': _Layout(4, 2, cv2.COLOR_RGBA2RGB, _FIXED_SCALE),
+    'bgra16': _Layout(4, 2, cv2.COLOR_BGRA2RGB, _FIXED_SCALE),
+    'bayer_rggb8': _Layout(1, color_code=cv2.COLOR_BayerBG2RGB),
+    'bayer_bggr8': _Layout(1, color_code=cv2.COLOR_BayerRG2RGB),
+    'bayer_gbrg8': _Layout(1, color_code=cv2.COLOR_BayerGR2RGB),
+    'bayer_grbg8': _Layout(1, color_code=cv2.COLOR_BayerGB2RGB),
+    'yuv422': _UYVY,
+    'uyvy': _UYVY,
+    'yuv422_yuy2': _YUYV,
+    'yuyv': _YUYV,
+}
+
+SUPPORTED_ENCODINGS = tuple(sorted(_LAYOUTS))
+
+
+def message_to_rgb(msg, max_pixels=None):
+    """
+    Convert a sensor_msgs Image or CompressedImage message to an HxWx3 uint8 RGB array.
+
+    Raises ImageConversionError (with ``.reason``) when the message cannot be converted.
+    ``max_pixels`` bounds width * height; larger images raise with reason 'too_large'.
+    """
+    if hasattr(msg, 'encoding'):
+        return image_to_rgb(msg, max_pixels)
+    if hasattr(msg, 'format'):
+        return compressed_to_rgb(msg, max_pixels)
+    raise ImageConversionError(
+        'not_an_image',
+        f'{type(msg).__name__} is not an image message: pass a sensor_msgs Image or '
+        'CompressedImage')
+
+
+def image_to_rgb(msg, max_pixels=None):
+    """Convert a raw sensor_msgs Image to an HxWx3 uint8 RGB array."""
+    width = int(msg.width)
+    height = int(msg.height)
+    step = int(msg.step)
+    encoding = str(msg.encoding)
+    data = _as_bytes_array(msg.data)
+
+    if width <= 0 or height <= 0 or data.size == 0:
+        raise ImageConversionError(
+            'empty', f'image is empty ({width}x{height}, {data.size} bytes of data)')
+    layout = _LAYOUTS.get(encoding.strip().lower())
+    if layout is None:
+        raise ImageConversionError(
+            'unknown_encoding',
+            f"unsupported image encoding '{encoding}'; "
+            f"supported: {', '.join(SUPPORTED_ENCODINGS)}")
+    _check_pixels(width, height, max_pixels)
+
+    row_bytes = width * layout.channels * layout.bytes_per_channel
+    if step < row_bytes:
+        raise ImageConversionError(
+            'bad_step',
+            f'step {step} is smaller than one row of {width} {encoding} pixels '
+            f'({row_bytes} bytes)')
+    if data.size != step * height:
+        raise ImageConversionError(
+            'bad_size',
+            f'data holds {data.size} bytes, but step {step} x height {height} '
+            f'needs {step * height}')
+    if layout.channels == 2 and width % 2:
+        raise ImageConversionError(
+            'bad_size', f'{encoding} packs two pixels per sample, but the width {width} is odd')
+
+    rows = data.reshape(height, step)[:, :row_bytes]
+    if layout.bytes_per_channel == 2:
+        pixels = rows.view('>u2' if msg.is_bigendian else '<u2')
+        pixels = _to_8bit(pixels, layout.scale)
+    else:
+        # Bytes are bytes: is_bigendian means nothing for 8-bit data (Spot sets it to 1).
+        pixels = rows
+    if layout.channels > 1:
+        pixels = pixels.reshape(height, width, layout.channels)
+    else:
+        pixels = pixels.reshape(height, width)
+
+    if layout.color_code is None:
+        return np.ascontiguousarray(pixels)
+    return cv2.cvtColor(pixels, layout.color_code)
+
+
+def compressed_to_rgb(msg, max_pixels=None):
+    """Convert a sensor_msgs CompressedImage (JPEG, PNG or 16UC1 compressedDepth) to RGB."""
+    fmt = str(msg.format)
+    data = _as_bytes_array(msg.data)
+    if data.size == 0:
+        raise ImageConversionError('empty', f"compressed image '{fmt}' has no data")
+
+    lowered = fmt.lower()
+    source_encoding = lowered.split(';', 1)[0].strip() if ';' in lowered else ''
+    if 'compresseddepth' in lowered:
+        if source_encoding != '16uc1' or 'rvl' in lowered:
+            raise ImageConversionError(
+                'unknown_encoding',
+                f"compressedDepth format '{fmt}' is not supported; only 16UC1 PNG depth is")
+        data = data[_COMPRESSED_DEPTH_HEADER_BYTES:]
+    elif not any(kind in lowered for kind in ('jpeg', 'jpg', 'png')) and lowered.strip():
+        raise ImageConversionError(
+            'unknown_encoding',
+            f"unsupported compressed format '{fmt}'; only jpeg and png can be decoded")
+
+    head = data[:8].tobytes()
+    if not (head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC)):
+        raise ImageConversionError(
+            'undecodable', f"compressed image '{fmt}' is neither a JPEG nor a PNG stream")
+    width, height = _compressed_size(data, fmt)
+    _check_pixels(width, height, max_pixels)
+
+    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if decoded is None or decoded.size == 0:
+        raise ImageConversionError(
+            'undecodable', f"compressed image '{fmt}' is truncated or corrupt ({data.size} bytes)")
+    if decoded.dtype == np.uint16:
+        scale = _MINMAX_SCALE if source_encoding == '16uc1' else _FIXED_SCALE
+        decoded = _to_8bit(decoded, scale)
+    elif decoded.dtype != np.uint8:
+        raise ImageConversionError(
+            'undecodable', f"compressed image '{fmt}' decodes to unsupported type {decoded.dtype}")
+
+    channels = 1 if decoded.ndim == 2 else decoded.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(decoded.reshape(decoded.shape[:2]), cv2.COLOR_GRAY2RGB)
+    if channels == 3:
+        return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        return cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGB)
+    raise ImageConversionError(
+        'undecodable', f"compressed image '{fmt}' decodes to {channels} channels")
+
+
+def _as_bytes_array(data):
+    """Wrap a message's data field in a flat uint8 array, without copying when possible."""
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            data = data.view(np.uint8) if data.flags.c_contiguous else data.astype(np.uint8)
+        return data.reshape(-1)
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except TypeError:
+        # A plain list of ints, which rclpy messages also accept.
+        return np.asarray(data, dtype=np.uint8).reshape(-1)
+
+
+def _check_pixels(width, height, max_pixels):
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageConversionError(
+            'too_large',
+            f'image is {width}x{height} = {width * height} pixels, above the limit of '
+            f'{max_pixels}; raise max_pixels if this size is expected')
+
+
+def _compressed_size(data, fmt):
+    """Read width and height from the JPEG/PNG header without decoding pixels."""
+    try:
+        with warnings.catch_warnings():
+            # A huge header is answered by max_pixels (or the error below), not a warning.
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:
+                return header.size
+    except Image.DecompressionBombError as error:
+        raise ImageConversionError(
+            'too_large', f"compressed image '{fmt}' is too large to decode safely: {error}")
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageConversionError(
+            'undecodable', f"compressed image '{fmt}' has an unreadable header: {error}")
+
+
+def _to_8bit(pixels, scale):
+    """Map native or byte-swapped uint16 pixels to uint8 by the encoding's rule."""
+    # OpenCV needs native byte order; padded rows are compacted here too.
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint16)
+    if scale == _MINMAX_SCALE:
+        return cv2.normalize(pixels, None, 0, 255, cv2.NORM_MINMAX, dtype=cv2.CV_8U)
+    return cv2.convertScaleAbs(pixels, alpha=255.0 / 65535.0)

@@ -1,0 +1,76 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+Start the BLIP-2 caption node with the package's parameter file.
+
+    ros2 launch blip2_ros caption.launch.py model:=Salesforce/blip2-opt-2.7b \
+        image_topic:=/camera/image_raw prompt:='a photo of'
+
+Launch arguments left empty keep the value from config/caption_node.yaml; ``params_file`` swaps
+that file for one of your own.
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+
+def _caption_node(context):
+    overrides = {}
+    model = LaunchConfiguration('model').perform(context)
+    if model:
+        overrides['model'] = model
+    adapter = LaunchConfiguration('adapter').perform(context)
+    if adapter:
+        overrides['adapter'] = adapter
+    topics = LaunchConfiguration('image_topic').perform(context)
+    if topics:
+        # Several cameras: image_topic:='/left/image_raw,/right/image_raw/compressed'
+        overrides['image_topics'] = [topic.strip() for topic in topics.split(',') if topic.strip()]
+    prompt = LaunchConfiguration('prompt').perform(context)
+    if prompt:
+        overrides['prompt'] = prompt
+    device = LaunchConfiguration('device').perform(context)
+    if device:
+        overrides['device'] = device
+    return [Node(
+        package='blip2_ros', executable='caption_node', name='blip2_caption', output='screen',
+        parameters=[LaunchConfiguration('params_file').perform(context), overrides])]
+
+
+def generate_launch_description():
+    """Declare the launch arguments and the caption node."""
+    default_params = os.path.join(
+        get_package_share_directory('blip2_ros'), 'config', 'caption_node.yaml')
+    return LaunchDescription([
+        DeclareLaunchArgument('params_file', default_value=default_params,
+                              description='Parameter file of the caption node.'),
+        DeclareLaunchArgument('model', default_value='',
+                              description='Hub id or folder of a BLIP-2 checkpoint.'),
+        DeclareLaunchArgument('adapter', default_value='',
+                              description='LoRA adapter folder from the training package.'),
+        DeclareLaunchArgument('image_topic', default_value='',
+                              description='Camera topic(s), comma separated; ending in '
+                              '/compressed means CompressedImage.'),
+        DeclareLaunchArgument('prompt', default_value='',
+                              description="Caption prompt, e.g. 'a photo of'."),
+        DeclareLaunchArgument('device', default_value='',
+                              description='auto, cpu, cuda or cuda:N.'),
+        OpaqueFunction(function=_caption_node),
+    ])

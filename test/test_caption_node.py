@@ -1,0 +1,372 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""The caption node over real rclpy and Fast DDS on localhost, with a tiny real BLIP-2."""
+
+import array
+import json
+import threading
+import time
+
+from blip2_ros.caption_node import CaptionNode
+import cv2
+from diagnostic_msgs.msg import DiagnosticArray
+import numpy as np
+import pytest
+import rclpy
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
+from std_srvs.srv import SetBool, Trigger
+
+pytestmark = pytest.mark.ros
+
+TIMEOUT = 20.0
+
+
+def make_frame(seed, height=48, width=64):
+    """Return a random but reproducible RGB frame; different seeds give different captions."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def image_message(frame, stamp_sec=0, frame_id='camera', encoding='rgb8'):
+    """Build a sensor_msgs/Image from an RGB frame, the way a camera driver would."""
+    message = Image()
+    message.header.stamp.sec = stamp_sec
+    message.header.stamp.nanosec = 500
+    message.header.frame_id = frame_id
+    message.height, message.width = frame.shape[:2]
+    message.encoding = encoding
+    pixels = frame if encoding == 'rgb8' else cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+    message.step = frame.shape[1] * 3
+    message.data = array.array('B', pixels.tobytes())
+    return message
+
+
+def jpeg_message(frame, stamp_sec=0, frame_id='camera'):
+    """Build a sensor_msgs/CompressedImage holding ``frame`` as a JPEG."""
+    message = CompressedImage()
+    message.header.stamp.sec = stamp_sec
+    message.header.frame_id = frame_id
+    message.format = 'rgb8; jpeg compressed bgr8'
+    ok, encoded = cv2.imencode('.jpg', cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    message.data = array.array('B', encoded.tobytes())
+    return message
+
+
+def decode_jpeg(message):
+    """Decode a CompressedImage the way a receiver would, to know what the node saw."""
+    bgr = cv2.imdecode(np.frombuffer(bytes(message.data), np.uint8), cv2.IMREAD_COLOR)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def wait_for(condition, timeout=TIMEOUT, what='condition'):
+    """Poll ``condition`` until it is true or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+
+
+class Harness:
+    """A caption node and a test node (publishers, listeners, clients) spinning in one process."""
+
+    def __init__(self, checkpoint, topics, **parameters):
+        """Start both nodes in a private context; DDS carries the traffic between them."""
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        overrides = [Parameter('model', value=str(checkpoint)),
+                     Parameter('image_topics', value=list(topics)),
+                     Parameter('diagnostics_period', value=0.2)]
+        overrides += [Parameter(name, value=value) for name, value in parameters.items()]
+        self.node = CaptionNode(context=self.context, parameter_overrides=overrides)
+        self.peer = rclpy.create_node('test_peer', context=self.context)
+        self.captions, self.infos, self.diagnostics = [], [], []
+        self.peer.create_subscription(
+            String, '/blip2/caption', lambda message: self.captions.append(message.data), 10)
+        self.peer.create_subscription(
+            String, '/blip2/caption_info',
+            lambda message: self.infos.append(json.loads(message.data)), 10)
+        self.peer.create_subscription(
+            DiagnosticArray, '/diagnostics', self.diagnostics.append, 10)
+        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self.executor.add_node(self.node)
+        self.executor.add_node(self.peer)
+        self.spinner = threading.Thread(target=self.executor.spin, daemon=True)
+        self.spinner.start()
+
+    def publisher(self, message_type, topic, reliability=ReliabilityPolicy.RELIABLE):
+        """Create a publisher and wait until the caption node's subscription has matched it."""
+        publisher = self.peer.create_publisher(
+            message_type, topic, QoSProfile(depth=10, reliability=reliability))
+        wait_for(lambda: publisher.get_subscription_count() > 0, what=f'a subscriber on {topic}')
+        wait_for(lambda: self.peer.count_publishers('/blip2/caption_info') > 0,
+                 what='the caption publisher')
+        return publisher
+
+    def call(self, service_type, name, request):
+        """Call a service of the caption node and return its response."""
+        client = self.peer.create_client(service_type, name)
+        assert client.wait_for_service(timeout_sec=TIMEOUT), f'{name} did not appear'
+        future = client.call_async(request)
+        wait_for(future.done, what=f'a response from {name}')
+        return future.result()
+
+    def wait_for_infos(self, count, timeout=TIMEOUT):
+        """Wait for ``count`` companion messages and return them."""
+        wait_for(lambda: len(self.infos) >= count, timeout, f'{count} captions')
+        return self.infos[:count]
+
+    def close(self):
+        """Stop spinning and tear everything down."""
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.peer.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+@pytest.fixture
+def harness_factory():
+    harnesses = []
+
+    def make(*args, **kwargs):
+        harness = Harness(*args, **kwargs)
+        harnesses.append(harness)
+        return harness
+    yield make
+    for harness in harnesses:
+        harness.close()
+
+
+def test_image_and_compressed_frames_are_captioned_with_stamp_and_frame_id(
+        harness_factory, tiny_opt_checkpoint):
+    harness = harness_factory(tiny_opt_checkpoint,
+                              ['/cam_a/image_raw', '/cam_b/image_raw/compressed'],
+                              max_new_tokens=8)
+    raw = harness.publisher(Image, '/cam_a/image_raw')
+    compressed = harness.publisher(CompressedImage, '/cam_b/image_raw/compressed')
+
+    raw_frame = make_frame(1)
+    raw.publish(image_message(raw_frame, stamp_sec=11, frame_id='left_optical', encoding='bgr8'))
+    first = harness.wait_for_infos(1)[0]
+    jpeg = jpeg_message(make_frame(2), stamp_sec=22, frame_id='right_optical')
+    compressed.publish(jpeg)
+    second = harness.wait_for_infos(2)[1]
+
+    assert first['source_topic'] == '/cam_a/image_raw'
+    assert first['stamp'] == {'sec': 11, 'nanosec': 500}
+    assert first['frame_id'] == 'left_optical'
+    assert second['source_topic'] == '/cam_b/image_raw/compressed'
+    assert second['stamp']['sec'] == 22 and second['frame_id'] == 'right_optical'
+    expected = harness.node.captioner.caption([raw_frame, decode_jpeg(jpeg)], max_new_tokens=8)
+    assert [first['caption'], second['caption']] == expected
+    wait_for(lambda: len(harness.captions) >= 2, what='plain captions')
+    assert harness.captions[:2] == expected
+    for info in (first, second):
+        assert info['model'] == str(tiny_opt_checkpoint)
+        assert info['prompt'] == ''
+        assert info['inference_ms'] > 0
+
+
+def test_best_effort_subscription_hears_best_effort_and_reliable_publishers(
+        harness_factory, tiny_opt_checkpoint):
+    harness = harness_factory(tiny_opt_checkpoint, ['/cam_be', '/cam_rel'])
+    best_effort = harness.publisher(Image, '/cam_be', ReliabilityPolicy.BEST_EFFORT)
+    reliable = harness.publisher(Image, '/cam_rel', ReliabilityPolicy.RELIABLE)
+    best_effort.publish(image_message(make_frame(3), stamp_sec=1))
+    reliable.publish(image_message(make_frame(4), stamp_sec=2))
+    wait_for(lambda: {info['source_topic'] for info in harness.infos} == {'/cam_be', '/cam_rel'},
+             what='captions from both publishers')
+
+
+def test_reliable_subscription_hears_reliable_publisher(harness_factory, tiny_opt_checkpoint):
+    harness = harness_factory(tiny_opt_checkpoint, ['/cam_rel'], reliability='reliable')
+    reliable = harness.publisher(Image, '/cam_rel', ReliabilityPolicy.RELIABLE)
+    reliable.publish(image_message(make_frame(5), stamp_sec=3))
+    assert harness.wait_for_infos(1)[0]['stamp']['sec'] == 3
+
+
+def test_two_cameras_are_captioned_in_one_batch(harness_factory, tiny_opt_checkpoint):
+    harness = harness_factory(tiny_opt_checkpoint, ['/left', '/right'], max_new_tokens=8)
+    left = harness.publisher(Image, '/left')
+    right = harness.publisher(Image, '/right')
+    assert harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=False)).success
+    frames = {'/left': make_frame(6), '/right': make_frame(7)}
+    left.publish(image_message(frames['/left'], stamp_sec=6))
+    right.publish(image_message(frames['/right'], stamp_sec=7))
+    wait_for(lambda: all(camera['received'] == 1 for camera in
+                         harness.node.statistics()['cameras'].values()), what='both frames')
+    harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=True))
+    infos = harness.wait_for_infos(2)
+    assert [info['batch_size'] for info in infos] == [2, 2]
+    by_topic = {info['source_topic']: info['caption'] for info in infos}
+    expected = harness.node.captioner.caption([frames['/left'], frames['/right']],
+                                              max_new_tokens=8)
+    assert [by_topic['/left'], by_topic['/right']] == expected
+
+
+def test_disable_pauses_captioning_and_caption_now_still_answers(
+        harness_factory, tiny_opt_checkpoint):
+    harness = harness_factory(tiny_opt_checkpoint, ['/cam'], max_new_tokens=8)
+    camera = harness.publisher(Image, '/cam')
+    response = harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=False))
+    assert response.success and 'paused' in response.message
+
+    empty = harness.call(Trigger, '/blip2_caption/caption_now', Trigger.Request())
+    assert not empty.success and 'no frame' in empty.message
+
+    frames = [make_frame(10 + index) for index in range(3)]
+    for index, frame in enumerate(frames):
+        camera.publish(image_message(frame, stamp_sec=index))
+        wait_for(lambda index=index: harness.node.statistics()['cameras']['/cam']['received']
+                 == index + 1, what=f'frame {index}')
+    time.sleep(0.5)
+    assert harness.infos == []
+    assert harness.node.statistics()['replaced_frames'] == 2
+
+    response = harness.call(Trigger, '/blip2_caption/caption_now', Trigger.Request())
+    assert response.success
+    assert response.message == harness.node.captioner.caption([frames[-1]], max_new_tokens=8)[0]
+    assert harness.wait_for_infos(1)[0]['stamp']['sec'] == 2
+
+    harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=True))
+    camera.publish(image_message(make_frame(20), stamp_sec=30))
+    wait_for(lambda: any(info['stamp']['sec'] == 30 for info in harness.infos),
+             what='captions after resuming')
+
+
+def test_parameter_changes_take_effect_and_bad_values_are_rejected(
+        harness_factory, tiny_opt_checkpoint):
+    harness = harness_factory(tiny_opt_checkpoint, ['/cam'], max_new_tokens=8)
+    camera = harness.publisher(Image, '/cam')
+    node = harness.node
+    prompt = 'Question: is the conveyor empty? Answer:'
+    results = node.set_parameters([Parameter('prompt', value=prompt),
+                                   Parameter('max_new_tokens', value=3)])
+    assert all(result.successful for result in results)
+    frame = make_frame(30)
+    camera.publish(image_message(frame, stamp_sec=1))
+    info = harness.wait_for_infos(1)[0]
+    assert info['prompt'] == prompt
+    assert info['caption'] == node.captioner.caption([frame], prompt=prompt, max_new_tokens=3)[0]
+    assert len(node.captioner.processor.tokenizer(info['caption'])['input_ids']) <= 3 + 1
+
+    assert not node.set_parameters([Parameter('max_new_tokens', value=0)])[0].successful
+    assert not node.set_parameters([Parameter('max_rate_hz', value=-1.0)])[0].successful
+    assert not node.set_parameters([Parameter('prompt', value='<image> what')])[0].successful
+    read_only = node.set_parameters([Parameter('model', value='other/model')])[0]
+    assert not read_only.successful
+    assert node.get_parameter('max_new_tokens').value == 3
+    assert node.get_parameter('model').value == str(tiny_opt_checkpoint)
+
+
+def _bad_frames():
+    good = make_frame(40)
+    short_step = image_message(good)
+    short_step.step = 10
+    wrong_size = image_message(good)
+    wrong_size.data = array.array('B', bytes(100))
+    unknown = image_message(good)
+    unknown.encoding = '32FC7'
+    empty = Image(encoding='rgb8')
+    too_large = image_message(make_frame(41, 200, 200))
+    broken_jpeg = jpeg_message(good)
+    broken_jpeg.data = broken_jpeg.data[:200]
+    return {
+        'bad_step': short_step, 'bad_size': wrong_size, 'unknown_encoding': unknown,
+        'empty': empty, 'too_large': too_large, 'undecodable': broken_jpeg,
+    }
+
+
+def test_bad_frames_are_dropped_counted_and_good_frames_still_captioned(
+        harness_factory, tiny_opt_checkpoint):
+    harness = harness_factory(tiny_opt_checkpoint, ['/raw', '/raw/compressed'],
+                              max_pixels=100 * 100, max_new_tokens=4)
+    raw = harness.publisher(Image, '/raw')
+    compressed = harness.publisher(CompressedImage, '/raw/compressed')
+    bad = _bad_frames()
+    for reason, message in bad.items():
+        publisher = compressed if isinstance(message, CompressedImage) else raw
+        publisher.publish(message)
+        wait_for(lambda reason=reason: harness.node.statistics()['rejected_by_reason'].get(
+            reason) == 1, what=f'a {reason} rejection')
+    good = make_frame(42)
+    raw.publish(image_message(good, stamp_sec=99))
+    info = harness.wait_for_infos(1)[0]
+    assert info['stamp']['sec'] == 99
+    assert info['caption'] == harness.node.captioner.caption([good], max_new_tokens=4)[0]
+    assert harness.node.statistics()['rejected_frames'] == len(bad)
+
+    def diagnostics_show_rejections():
+        for array_message in harness.diagnostics:
+            values = {value.key: value.value for status in array_message.status
+                      for value in status.values}
+            if values.get('rejected_frames') == str(len(bad)):
+                return all(values.get(f'rejected_{reason}') == '1' for reason in bad)
+        return False
+    wait_for(diagnostics_show_rejections, what='rejections on /diagnostics')
+
+
+def test_diagnostics_warn_about_a_silent_camera(harness_factory, tiny_opt_checkpoint):
+    harness = harness_factory(tiny_opt_checkpoint, ['/nobody/publishes/this'],
+                              stale_input_timeout=0.3)
+
+    def warned():
+        return any(status.level == status.WARN and '/nobody/publishes/this' in status.message
+                   for message in harness.diagnostics for status in message.status)
+    wait_for(warned, what='a stale-input warning')
+
+
+@pytest.mark.slow
+def test_fast_camera_and_slow_model_leave_no_backlog(harness_factory, tmp_path):
+    from training.tiny_blip2 import build_tiny_blip2
+    # Bigger images and layers than the other tests: one caption takes tens of milliseconds,
+    # slower than a 30 Hz camera.
+    slow_model = build_tiny_blip2(tmp_path / 'slow', image_size=224, patch_size=14,
+                                  hidden_size=192, num_layers=4)
+    harness = harness_factory(slow_model, ['/fast_cam'], max_new_tokens=20)
+    camera = harness.publisher(Image, '/fast_cam')
+    published = []
+    infos_seen_at = []
+    frame = make_frame(50, 240, 320)
+    period = 1.0 / 30.0
+    start = time.monotonic()
+    index = 0
+    while time.monotonic() - start < 4.0:
+        camera.publish(image_message(frame, stamp_sec=index))
+        published.append(index)
+        infos_seen_at.append((len(harness.infos), index))
+        index += 1
+        time.sleep(max(0.0, start + index * period - time.monotonic()))
+    wait_for(lambda: harness.node.statistics()['captions_published'] == len(harness.infos),
+             what='the last caption')
+    stats = harness.node.statistics()
+    inference_period_ms = stats['inference_ms_p95']
+    assert inference_period_ms > period * 1000, 'the model must be slower than the camera'
+    assert stats['replaced_frames'] > 0
+    assert len(harness.infos) < len(published)
+    # No backlog: every caption describes a frame at most two inference periods old.
+    assert stats['end_to_end_ms_p95'] <= 2 * inference_period_ms + 50
+    lags = []
+    for count, newest_index in infos_seen_at:
+        if count:
+            lags.append(newest_index - harness.infos[count - 1]['stamp']['sec'])
+    assert max(lags) * period * 1000 <= 3 * inference_period_ms + 100

@@ -1,0 +1,93 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""The caption node as users start it: its own process, the package's parameter file."""
+
+import array
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+
+pytestmark = pytest.mark.ros
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARAMS_FILE = os.path.join(ROOT, 'config', 'caption_node.yaml')
+
+
+def run_node(*ros_args):
+    """Start ``python -m blip2_ros.caption_node`` with the package parameter file."""
+    return subprocess.Popen(
+        [sys.executable, '-m', 'blip2_ros.caption_node', '--ros-args',
+         '--params-file', PARAMS_FILE, *ros_args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_unloadable_model_stops_the_node_with_one_clear_line():
+    process = run_node('-p', 'model:=/no/such/blip2-folder', '-p', 'local_files_only:=true')
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert 'Traceback' not in stderr
+    fatal = [line for line in stderr.splitlines() if 'FATAL' in line]
+    assert len(fatal) == 1, stderr
+    assert "cannot load BLIP-2 model '/no/such/blip2-folder'" in fatal[0]
+
+
+def test_node_process_captions_a_frame_and_exits_cleanly_on_ctrl_c(tiny_opt_checkpoint):
+    process = run_node('-p', f'model:={tiny_opt_checkpoint}',
+                       '-p', 'image_topics:=[/process_cam/image_raw]')
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node('process_test_peer', context=context)
+    captions = []
+    node.create_subscription(String, '/blip2/caption', lambda m: captions.append(m.data), 10)
+    publisher = node.create_publisher(Image, '/process_cam/image_raw', 10)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while publisher.get_subscription_count() == 0 or node.count_publishers(
+                '/blip2/caption') == 0:
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, 'the node never subscribed'
+            time.sleep(0.05)
+        frame = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        message = Image(height=48, width=64, encoding='rgb8', step=64 * 3)
+        message.data = array.array('B', frame.tobytes())
+        while not captions:
+            publisher.publish(message)
+            assert time.monotonic() < deadline, 'no caption arrived'
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+        assert 'Traceback' not in stderr
+        assert "loaded '" in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
