@@ -20,8 +20,11 @@ messages (``data`` is an ``array.array`` or ``bytes``) and messages deserialized
 ``rosbags`` library (``data`` is a numpy uint8 array) alike. Nothing here imports rclpy.
 
 Raw images are wrapped with ``np.frombuffer`` (no copy); an unpadded ``rgb8`` image is
-returned as a view of the message buffer, so copy the result before changing it in place.
-Every other encoding produces a fresh array.
+returned as a view of the message buffer (read-only when that buffer is, as with rosbags
+messages), so copy the result before changing it in place or keeping it longer than the
+message. Every other encoding produces a fresh array.
+
+YUV 4:2:2 is converted with BT.601 video-range coefficients (OpenCV's, as cv_bridge uses).
 
 16-bit images become 8 bit in one of two ways, chosen by what the encoding means:
 

@@ -1,0 +1,262 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""Tests for training.validate and training.split on datasets written to disk."""
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from training import bag_to_coco
+from training import split
+from training import validate
+from training.coco import read_split
+from training.validate import check_dataset
+from training.validate import DatasetError
+from training.validate import validate_dataset
+
+REALDATA = Path(os.environ.get(
+    'BLIP2_ROS_REALDATA', Path(__file__).resolve().parents[2] / 'shared' / 'realdata'))
+SECOND = 1_000_000_000
+
+
+def make_dataset(folder, frames, captions_per_image=1, uncaptioned=()):
+    """Write a dataset of tiny PNGs; ``frames`` is a list of (bag, timestamp_ns)."""
+    folder = Path(folder)
+    (folder / 'images').mkdir(parents=True)
+    images, annotations = [], []
+    for index, (bag, time_ns) in enumerate(frames, start=1):
+        name = f'{bag}__cam__{time_ns}.png'
+        pixels = np.full((6, 8, 3), index % 256, dtype=np.uint8)
+        cv2.imwrite(str(folder / 'images' / name), pixels)
+        images.append({'id': index, 'file_name': name, 'width': 8, 'height': 6, 'bag': bag,
+                       'topic': '/cam', 'timestamp_ns': time_ns})
+        if index in uncaptioned:
+            continue
+        for copy in range(captions_per_image):
+            annotations.append({'id': len(annotations) + 1, 'image_id': index,
+                                'caption': f'frame {index} caption {copy}'})
+    data = {'info': {}, 'licenses': [], 'images': images, 'annotations': annotations}
+    (folder / 'annotations.json').write_text(json.dumps(data))
+    return folder
+
+
+def _edit(folder, change):
+    path = Path(folder) / 'annotations.json'
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _good(tmp_path, count=4):
+    return make_dataset(tmp_path / 'data', [('bag', i * SECOND) for i in range(count)])
+
+
+def test_a_good_dataset_has_no_problems(tmp_path, capsys):
+    folder = _good(tmp_path)
+    assert validate_dataset(folder) == []
+    check_dataset(folder, require_captions=True)
+    assert validate.main([str(folder)]) == 0
+    assert 'ok (4 images, 4 captions)' in capsys.readouterr().out
+
+
+def _symlink_out(folder):
+    outside = folder.parent / 'elsewhere.png'
+    cv2.imwrite(str(outside), np.zeros((6, 8, 3), np.uint8))
+    target = folder / 'images' / 'bag__cam__0.png'
+    target.unlink()
+    target.symlink_to(outside)
+
+
+def _truncate_image(folder):
+    path = folder / 'images' / 'bag__cam__0.png'
+    path.write_bytes(path.read_bytes()[:30])
+
+
+CASES = {
+    'missing image': (lambda f: (f / 'images' / 'bag__cam__0.png').unlink(),
+                      "images[0] (id 1, 'bag__cam__0.png'): image file", 'does not exist'),
+    'unreadable image': (_truncate_image, 'images[0] (id 1', 'cannot be decoded'),
+    'not an image': (lambda f: (f / 'images' / 'bag__cam__0.png').write_text('hello'),
+                     'images[0] (id 1', 'cannot be decoded'),
+    'size mismatch': (lambda f: _edit(f, lambda d: d['images'][1].update(width=80)),
+                      'images[1] (id 2', 'is 8x6 but the entry says 80x6'),
+    'duplicate image id': (lambda f: _edit(f, lambda d: d['images'][2].update(id=1)),
+                           'images[2] (id 1', 'duplicate id, also used by images[0]'),
+    'string image id': (lambda f: _edit(f, lambda d: d['images'][0].update(id='1')),
+                        "images[0] (id '1'", 'id must be an integer'),
+    'duplicate annotation id': (
+        lambda f: _edit(f, lambda d: d['annotations'][3].update(id=2)),
+        'annotations[3] (id 2)', 'duplicate id, also used by annotations[1]'),
+    'empty caption': (lambda f: _edit(f, lambda d: d['annotations'][1].update(caption='  ')),
+                      'annotations[1] (id 2)', 'caption is empty'),
+    'caption of no image': (lambda f: _edit(f, lambda d: d['annotations'][0].update(image_id=99)),
+                            'annotations[0] (id 1)', "image_id 99 is not an image's id"),
+    'dot dot': (lambda f: _edit(f, lambda d: d['images'][0].update(file_name='../secret.png')),
+                "images[0] (id 1, '../secret.png')", "contains '..'"),
+    'absolute': (lambda f: _edit(f, lambda d: d['images'][0].update(file_name='/etc/passwd')),
+                 "images[0] (id 1, '/etc/passwd')", 'is absolute'),
+    'backslash': (lambda f: _edit(f, lambda d: d['images'][0].update(file_name='..\\x.png')),
+                  'images[0] (id 1', "uses '\\'"),
+    'symlink out': (_symlink_out, 'images[0] (id 1', 'outside'),
+    'duplicate file name': (
+        lambda f: _edit(f, lambda d: d['images'][3].update(file_name='bag__cam__0.png')),
+        'images[3] (id 4', 'duplicate file_name, also used by images[0]'),
+    'no annotations file': (lambda f: (f / 'annotations.json').unlink(),
+                            'annotations.json does not exist', ''),
+    'not json': (lambda f: (f / 'annotations.json').write_text('{"images": ['),
+                 'annotations.json is not valid JSON', ''),
+    'not coco': (lambda f: (f / 'annotations.json').write_text('{"images": []}'),
+                 "has no 'annotations' list", ''),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_each_problem_is_found_and_names_its_entry(tmp_path, capsys, case):
+    folder = _good(tmp_path)
+    breaks, where, what = CASES[case]
+    breaks(folder)
+    problems = validate_dataset(folder)
+    # Changing an image's id also leaves the captions of the old id pointing at nothing.
+    assert len(problems) == (2 if case.endswith('image id') else 1), problems
+    assert where in problems[0] and what in problems[0]
+    assert not any('\n' in problem for problem in problems)
+    with pytest.raises(DatasetError) as caught:
+        check_dataset(folder)
+    assert where in str(caught.value)
+    assert validate.main([str(folder)]) == 1
+    assert capsys.readouterr().out.splitlines() == problems
+
+
+def test_symlink_inside_the_dataset_is_fine_and_no_decode_skips_decoding(tmp_path):
+    folder = _good(tmp_path)
+    target = folder / 'images' / 'bag__cam__0.png'
+    (folder / 'images' / 'copy.png').symlink_to(target)
+    _edit(folder, lambda d: d['images'][0].update(file_name='copy.png'))
+    assert validate_dataset(folder) == []
+    _truncate_image(folder)
+    assert len(validate_dataset(folder)) == 1
+    assert validate_dataset(folder, decode_images=False) == []
+
+
+def test_training_can_require_captions(tmp_path):
+    folder = make_dataset(tmp_path / 'd', [('bag', 0)], uncaptioned={1})
+    check_dataset(folder)
+    with pytest.raises(DatasetError, match='has no captions to train on'):
+        check_dataset(folder, require_captions=True)
+
+
+def test_a_dataset_made_from_real_bags_validates(tmp_path):
+    spot = REALDATA / 'ros1' / 'ctu_image_transport_codecs'
+    if not spot.is_dir():
+        pytest.fail(f'real test bags not found at {REALDATA}; set BLIP2_ROS_REALDATA')
+    options = bag_to_coco.ConversionOptions(
+        image_topics=['/spot/camera/hand_mono/image', '/spot/camera/hand_mono/image/compressed'],
+        out=str(tmp_path / 'spot'))
+    bag_to_coco.convert_bags([spot / 'raw' / 'raw.bag', spot / 'compressed' / 'compressed.bag'],
+                             options)
+    assert validate_dataset(tmp_path / 'spot') == []
+    (tmp_path / 'spot' / 'images' /
+     read_images(tmp_path / 'spot')[0]['file_name']).write_bytes(b'\xff\xd8broken')
+    assert len(validate_dataset(tmp_path / 'spot')) == 1
+
+
+def read_images(folder):
+    return json.loads((Path(folder) / 'annotations.json').read_text())['images']
+
+
+def _recording(tmp_path):
+    """Two bags, one frame a second for 100 s each, plus two uncaptioned frames."""
+    frames = [('line_a', 1000 * SECOND + i * SECOND) for i in range(100)]
+    frames += [('line_b', 5000 * SECOND + i * SECOND) for i in range(100)]
+    frames += [('line_b', 6000 * SECOND), ('line_b', 6001 * SECOND)]
+    return make_dataset(tmp_path / 'rec', frames, captions_per_image=2, uncaptioned={201, 202})
+
+
+def test_split_keeps_time_blocks_together(tmp_path, capsys):
+    folder = _recording(tmp_path)
+    assert split.main([str(folder), '--val-fraction', '0.2', '--seed', '3',
+                       '--block-seconds', '10']) == 0
+    stdout = capsys.readouterr().out
+    train = read_split(folder / 'train_split.jsonl')
+    val = read_split(folder / 'val_split.jsonl')
+    assert len(train) + len(val) == 200
+    assert len(val) == 40
+    assert 'left out: 2 images without a caption' in stdout
+    assert not {r['image_id'] for r in train} & {r['image_id'] for r in val}
+    assert all(len(r['captions']) == 2 for r in train + val)
+    assert val[0]['captions'] == [f"frame {val[0]['image_id']} caption 0",
+                                  f"frame {val[0]['image_id']} caption 1"]
+    starts = {'line_a': 1000 * SECOND, 'line_b': 5000 * SECOND}
+
+    def block(record):
+        return record['bag'], (record['timestamp_ns'] - starts[record['bag']]) // (10 * SECOND)
+
+    val_blocks = {block(r) for r in val}
+    assert len(val_blocks) == 4
+    assert not val_blocks & {block(r) for r in train}
+    # Neighbouring frames one second apart are on the same side except at block edges.
+    sides = {(r['bag'], r['timestamp_ns']): 'val' for r in val}
+    sides.update({(r['bag'], r['timestamp_ns']): 'train' for r in train})
+    for bag, start in starts.items():
+        changes = [i for i in range(1, 100) if sides[(bag, start + i * SECOND)] !=
+                   sides[(bag, start + (i - 1) * SECOND)]]
+        assert all(i % 10 == 0 for i in changes)
+
+
+def test_split_is_deterministic_per_seed(tmp_path):
+    folder = _recording(tmp_path)
+    results = []
+    for seed in (1, 1, 2):
+        split.split_dataset(folder, 0.2, seed=seed, block_seconds=10)
+        results.append(((folder / 'train_split.jsonl').read_bytes(),
+                        (folder / 'val_split.jsonl').read_bytes()))
+    assert results[0] == results[1]
+    assert results[0] != results[2]
+
+
+def test_frames_without_time_are_split_one_by_one(tmp_path):
+    folder = _good(tmp_path, count=10)
+    _edit(folder, lambda d: [image.pop('timestamp_ns') for image in d['images']])
+    summary = split.split_dataset(folder, 0.3, seed=0)
+    assert (summary.train_images, summary.val_images) == (7, 3)
+    assert summary.val_blocks == 3
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--val-fraction', '1.0'], '--val-fraction must be at least 0 and below 1'),
+    (['--val-fraction', '-0.1'], '--val-fraction must be at least 0 and below 1'),
+    (['--block-seconds', '0'], '--block-seconds must be above 0'),
+    (['--val-fraction', '0.5', '--block-seconds', '1000'], 'only one time block'),
+])
+def test_split_rejects_bad_requests(tmp_path, capsys, args, expected):
+    folder = _good(tmp_path)
+    assert split.main([str(folder), *args]) == 1
+    stderr = capsys.readouterr().err
+    assert stderr.startswith('split: error: ') and expected in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not (folder / 'train_split.jsonl').exists()
+
+
+def test_split_refuses_an_invalid_dataset(tmp_path, capsys):
+    folder = _good(tmp_path)
+    (folder / 'images' / 'bag__cam__0.png').unlink()
+    assert split.main([str(folder)]) == 1
+    stderr = capsys.readouterr().err
+    assert 'is not usable' in stderr and 'does not exist' in stderr
+    assert 'python -m training.validate' in stderr
+    assert not (folder / 'val_split.jsonl').exists()

@@ -1,0 +1,116 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+The dataset layout shared by bag_to_coco, split, validate and training, and its file I/O.
+
+A dataset is a folder::
+
+    DIR/annotations.json    COCO captions: info, licenses, images, annotations
+    DIR/images/<file_name>  every image; ``file_name`` is relative to DIR/images
+    DIR/train_split.jsonl   written by training.split: one image per line with its captions
+    DIR/val_split.jsonl
+
+JSON is written with sorted keys and a fixed indent, and replaced atomically, so the same
+content always gives the same bytes and a reader never sees a half-written file.
+"""
+
+import json
+import os
+from pathlib import Path
+import tempfile
+
+ANNOTATIONS_FILE = 'annotations.json'
+IMAGES_DIR = 'images'
+TRAIN_SPLIT_FILE = 'train_split.jsonl'
+VAL_SPLIT_FILE = 'val_split.jsonl'
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used; the message is one line that names the problem."""
+
+
+def empty_dataset():
+    """Return the skeleton of a COCO captions dataset with no images."""
+    return {
+        'info': {
+            'description': 'Image captions from ROS bags',
+            'version': '1.0',
+            'contributor': 'blip2_ros bag_to_coco',
+        },
+        'licenses': [],
+        'images': [],
+        'annotations': [],
+    }
+
+
+def dumps(data):
+    """Serialise JSON deterministically: sorted keys, one-space indent, trailing newline."""
+    return json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + '\n'
+
+
+def dumps_line(data):
+    """Serialise one JSON Lines record deterministically."""
+    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(',', ':')) + '\n'
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+    try:
+        with os.fdopen(descriptor, 'w', encoding='utf-8') as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def read_annotations(folder):
+    """Load ``folder``/annotations.json; raise DatasetError if it is missing or not COCO."""
+    path = Path(folder) / ANNOTATIONS_FILE
+    try:
+        with open(path, encoding='utf-8') as stream:
+            data = json.load(stream)
+    except FileNotFoundError:
+        raise DatasetError(f'{path} does not exist: is {folder} a dataset folder?') from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f'cannot read {path}: {error}') from None
+    except json.JSONDecodeError as error:
+        raise DatasetError(f'{path} is not valid JSON: {error}') from None
+    if not isinstance(data, dict):
+        raise DatasetError(f'{path} must hold a JSON object with images and annotations')
+    for key in ('images', 'annotations'):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{path} has no '{key}' list; it is not a COCO captions file")
+    return data
+
+
+def image_path(folder, file_name):
+    """Return where the image ``file_name`` of the dataset in ``folder`` lives."""
+    return Path(folder) / IMAGES_DIR / file_name
+
+
+def read_split(path):
+    """Read a split file written by training.split: a list of dicts, one per image."""
+    records = []
+    with open(path, encoding='utf-8') as stream:
+        for line in stream:
+            if line.strip():
+                records.append(json.loads(line))
+    return records
