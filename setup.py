@@ -27,6 +27,7 @@ setup(
         ('share/' + package_name, ['package.xml']),
         ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
         ('share/' + package_name + '/config', glob('config/*.yaml') + glob('config/*.xml')),
+        ('share/' + package_name + '/models/factory-tiny', glob('models/factory-tiny/*')),
     ],
     install_requires=['setuptools'],
     zip_safe=True,
@@ -39,6 +40,15 @@ setup(
         'console_scripts': [
             'caption_node = blip2_ros.caption_node:main',
             'caption_images = blip2_ros.caption_images:main',
+            'factory_camera = blip2_ros.factory_camera:main',
+            'doctor = blip2_ros.doctor:main',
+            'demo = blip2_ros.demo:main',
+            'bag_to_coco = training.bag_to_coco:main',
+            'split = training.split:main',
+            'validate = training.validate:main',
+            'train = training.train:main',
+            'evaluate = training.evaluate:main',
+            'record_synthetic_bag = training.record_synthetic_bag:main',
         ],
     },
 )

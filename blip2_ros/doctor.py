@@ -1,0 +1,427 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+Check this machine for what the caption node and the training tools need, on one screen.
+
+Each line starts with OK, WARN or MISSING, says what was found and, where something is wrong,
+how to fix it. MISSING is kept for what the caption node cannot run without (Python, numpy,
+OpenCV, Pillow, torch, transformers, rclpy, the message packages, and the model named with
+``--model``); the exit status is 1 when anything is MISSING, else 0. Optional things (a GPU,
+cv_bridge, peft, the training tools, Java for METEOR) are WARN when absent.
+
+A named model is looked up without loading its weights: a local folder, or a hub id in the local
+Hugging Face cache; only when the cache lacks it and the machine is online is its config.json
+fetched. The parameter count comes from building the model on torch's meta device.
+
+Usage: ``python -m blip2_ros.doctor [--model M] [--local-files-only] [--cache-dir DIR]``
+(also ``ros2 run blip2_ros doctor``).
+"""
+
+import argparse
+from dataclasses import dataclass
+import importlib
+from importlib import metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+OK, WARN, MISSING = 'OK', 'WARN', 'MISSING'
+MESSAGE_PACKAGES = (('sensor_msgs.msg', 'Image'), ('sensor_msgs.msg', 'CompressedImage'),
+                    ('std_msgs.msg', 'String'), ('std_srvs.srv', 'SetBool'),
+                    ('std_srvs.srv', 'Trigger'), ('diagnostic_msgs.msg', 'DiagnosticArray'),
+                    ('rcl_interfaces.msg', 'ParameterDescriptor'))
+# Weights of a model in each dtype, in bytes per parameter.
+BYTES_PER_PARAMETER = {'float32': 4, 'bfloat16': 2, 'float16': 2}
+# Activations, CUDA context and the KV cache come on top of the weights.
+HEADROOM = 1.2
+GIB = 1024 ** 3
+
+
+@dataclass
+class Check:
+    """One line of the report."""
+
+    status: str
+    what: str
+    fix: str = ''
+
+    def line(self):
+        """Return the report line: status, what was found and, if any, the fix."""
+        text = f'{self.status:<8}{self.what}'
+        return f'{text} -> {self.fix}' if self.fix else text
+
+
+def _one_line(error):
+    text = ' '.join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 160 else text[:157] + '...'
+
+
+def _version(distribution, module=None):
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return getattr(module, '__version__', 'unknown version')
+
+
+def check_python():
+    """Python 3.10 or newer (what transformers 5 and ROS 2 Humble and later use)."""
+    version = '.'.join(str(part) for part in sys.version_info[:3])
+    if sys.version_info < (3, 10):
+        return Check(MISSING, f'Python {version} is too old',
+                     'use Python 3.10 or newer (3.11 for the ROS 2 wheels from PyPI)')
+    return Check(OK, f'Python {version} ({sys.executable})')
+
+
+def check_module(name, distribution, purpose, fix, required=True):
+    """Import ``name`` and report its version; MISSING (or WARN if optional) when it fails."""
+    try:
+        module = importlib.import_module(name)
+    except Exception as error:  # a broken install fails with anything, not only ImportError
+        return Check(MISSING if required else WARN,
+                     f'{distribution} not importable ({_one_line(error)}): {purpose}', fix)
+    return Check(OK, f'{distribution} {_version(distribution, module)} ({purpose})')
+
+
+def check_cuda():
+    """Whether torch can use a CUDA GPU, with name, memory and bf16 support per device."""
+    try:
+        import torch
+    except Exception:
+        return [Check(WARN, 'CUDA: not checked, torch is missing')]
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            reason = f'torch {torch.__version__} is a CPU-only build'
+            fix = ('captions run on the CPU, slowly for full-size models; for a GPU install a '
+                   'CUDA build of torch that matches the NVIDIA driver')
+        else:
+            reason = f'torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU'
+            fix = ('check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES; until then '
+                   'captions run on the CPU')
+        return [Check(WARN, f'CUDA: not usable: {reason}', fix)]
+    checks = []
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        bf16 = 'bf16' if torch.cuda.is_bf16_supported() else 'no bf16 (float16 is used)'
+        checks.append(Check(OK, f'CUDA GPU {index}: {properties.name}, '
+                                f'{properties.total_memory / GIB:.1f} GiB, compute capability '
+                                f'{properties.major}.{properties.minor}, {bf16} '
+                                f'(torch CUDA {torch.version.cuda})'))
+    return checks
+
+
+def check_rclpy():
+    """Whether rclpy imports, its version, and which RMW implementation it uses."""
+    try:
+        import rclpy
+        from rclpy.utilities import get_rmw_implementation_identifier
+        rmw = get_rmw_implementation_identifier()
+    except Exception as error:
+        return Check(MISSING, f'rclpy not importable ({_one_line(error)}): the node needs it',
+                     'source your ROS 2 setup (source /opt/ros/<distro>/setup.bash) or install '
+                     'the ROS 2 wheels: pip install -r requirements.txt')
+    requested = os.environ.get('RMW_IMPLEMENTATION', '')
+    source = f'RMW_IMPLEMENTATION={requested}' if requested else 'RMW_IMPLEMENTATION unset'
+    distro = os.environ.get('ROS_DISTRO', '')
+    domain = os.environ.get('ROS_DOMAIN_ID', '0')
+    discovery = os.environ.get('ROS_AUTOMATIC_DISCOVERY_RANGE', 'SUBNET (default)')
+    what = (f'rclpy {_version("rclpy", rclpy)}{f" (ROS {distro})" if distro else ""}, RMW {rmw} '
+            f'({source}), ROS_DOMAIN_ID {domain}, discovery {discovery}')
+    if requested and requested != rmw:
+        return Check(WARN, what, f'{requested} was asked for but {rmw} is in use: install it')
+    return Check(OK, what)
+
+
+def check_messages():
+    """Whether the message and service packages import, their C type support included."""
+    missing = []
+    for module_name, type_name in MESSAGE_PACKAGES:
+        try:
+            message_type = getattr(importlib.import_module(module_name), type_name)
+            # Loads the compiled type support, which is what fails on a half-installed ROS.
+            type(message_type).__import_type_support__()
+        except Exception as error:
+            missing.append(f'{module_name}.{type_name} ({_one_line(error)})')
+    packages = sorted({name.split('.')[0] for name, _ in MESSAGE_PACKAGES})
+    if missing:
+        return Check(MISSING, f'message packages: cannot load {", ".join(missing)}',
+                     'install them with your ROS 2 (apt install ros-<distro>-<package>) or '
+                     'pip install -r requirements.txt')
+    return Check(OK, f'message packages {", ".join(packages)}')
+
+
+def check_cv_bridge():
+    """cv_bridge is optional: the node converts images itself where it is absent."""
+    try:
+        import cv_bridge  # noqa: F401
+    except Exception as error:
+        reason = 'not installed' if isinstance(error, ModuleNotFoundError) else (
+            f'installed but broken ({_one_line(error)})')
+        return Check(WARN, f'cv_bridge {reason}: the node converts images with '
+                           'blip2_ros.image_conversion (numpy/OpenCV, same encodings) instead',
+                     'nothing needed; on a ROS 2 install, apt install ros-<distro>-cv-bridge '
+                     'adds it (the PyPI package named cv-bridge is a ROS 1 port: do not use it)')
+    return Check(OK, 'cv_bridge present')
+
+
+def check_java():
+    """Java runs METEOR and the PTB tokenizer of the caption evaluator."""
+    java = shutil.which('java')
+    if java is None:
+        return Check(WARN, 'Java not found: the evaluator cannot compute METEOR',
+                     'apt install default-jre-headless (BLEU, ROUGE-L and CIDEr work without it)')
+    try:
+        result = subprocess.run([java, '-version'], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as error:
+        return Check(WARN, f'Java at {java} does not run ({_one_line(error)})',
+                     'reinstall Java (apt install default-jre-headless)')
+    first_line = (result.stderr or result.stdout).strip().splitlines()
+    if result.returncode != 0 or not first_line:
+        return Check(WARN, f'Java at {java} failed (exit {result.returncode})',
+                     'reinstall Java (apt install default-jre-headless)')
+    return Check(OK, f'Java: {first_line[0]} (METEOR)')
+
+
+def _looks_like_path(model):
+    return (os.path.isabs(model) or model.startswith(('.', '~')) or model.count('/') > 1
+            or os.sep != '/' and os.sep in model)
+
+
+def _weights(files):
+    """Return 'safetensors', 'pickle' or '' from the file names a checkpoint has."""
+    if 'model.safetensors' in files or 'model.safetensors.index.json' in files:
+        return 'safetensors'
+    if 'pytorch_model.bin' in files or 'pytorch_model.bin.index.json' in files:
+        return 'pickle'
+    return ''
+
+
+def _locate_hub_model(model, cache_dir, local_files_only):
+    """
+    Find a hub model in the local cache; return (snapshot folder, source, problem).
+
+    ``source`` is 'cache' or 'download' (only the config was fetched); ``problem`` is a Check
+    when the model cannot be used as it is.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    config = try_to_load_from_cache(model, 'config.json', cache_dir=cache_dir)
+    if isinstance(config, str):
+        return os.path.dirname(config), 'cache', None
+    offline = os.environ.get('HF_HUB_OFFLINE', '') not in ('', '0', 'false', 'False')
+    fix = (f'on a machine with internet run `hf download {model}` and copy its Hugging Face '
+           'cache (~/.cache/huggingface) here, or save the model to a folder and name that')
+    if local_files_only or offline:
+        why = '--local-files-only' if local_files_only else 'HF_HUB_OFFLINE is set'
+        return None, '', Check(MISSING, f"model '{model}' is not in the local Hugging Face "
+                                        f'cache ({why})', fix)
+    try:
+        from huggingface_hub import hf_hub_download
+        config = hf_hub_download(model, 'config.json', cache_dir=cache_dir)
+    except Exception as error:
+        return None, '', Check(MISSING, f"model '{model}' is not in the local cache and its "
+                                        f'config cannot be fetched ({_one_line(error)})', fix)
+    return os.path.dirname(config), 'download', None
+
+
+def _cached_weights(model, cache_dir):
+    """Return the weight kind a cached hub model has complete, or ''."""
+    from huggingface_hub import try_to_load_from_cache
+    for index_name, single_name, kind in (
+            ('model.safetensors.index.json', 'model.safetensors', 'safetensors'),
+            ('pytorch_model.bin.index.json', 'pytorch_model.bin', 'pickle')):
+        if isinstance(try_to_load_from_cache(model, single_name, cache_dir=cache_dir), str):
+            return kind
+        index = try_to_load_from_cache(model, index_name, cache_dir=cache_dir)
+        if isinstance(index, str):
+            with open(index, encoding='utf-8') as stream:
+                shards = set(json.load(stream).get('weight_map', {}).values())
+            if shards and all(isinstance(try_to_load_from_cache(model, shard,
+                                                                cache_dir=cache_dir), str)
+                              for shard in shards):
+                return kind
+    return ''
+
+
+def count_parameters(config):
+    """Count a BLIP-2's parameters by building it on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+    with torch.device('meta'):
+        model = Blip2ForConditionalGeneration(config)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def _memory_line(parameters):
+    sizes = {}
+    for dtype, size in BYTES_PER_PARAMETER.items():
+        sizes.setdefault(size, []).append(dtype)
+    parts = [f'{"/".join(dtypes)} {parameters * size / GIB:.2f} GiB'
+             for size, dtypes in sorted(sizes.items(), reverse=True)]
+    return f'weights need {", ".join(parts)} (about {HEADROOM:.1f}x that to run)'
+
+
+def _fits(parameters):
+    """Return a WARN Check when the model will not fit where the node would put it, else None."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+            where = f'GPU 0 ({total / GIB:.1f} GiB)'
+        else:
+            total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+            dtype, where = 'float32', f'RAM ({total / GIB:.1f} GiB, CPU inference)'
+    except (ImportError, ValueError, OSError, AttributeError):
+        return None
+    need = parameters * BYTES_PER_PARAMETER[dtype] * HEADROOM
+    if need > total:
+        return Check(WARN, f'the model needs about {need / GIB:.1f} GiB as {dtype}, more than '
+                           f'{where}', 'use a smaller checkpoint or a machine with more memory')
+    return None
+
+
+def check_model(model, local_files_only=False, cache_dir=None):
+    """Whether ``model`` (folder or hub id) can be loaded, and how much memory it needs."""
+    checks = []
+    if os.path.isdir(model):
+        folder, source = model, 'folder'
+        files = set(os.listdir(folder))
+        weights = _weights(files)
+    elif _looks_like_path(model) or os.path.exists(model):
+        return [Check(MISSING, f"model folder '{model}' does not exist",
+                      'give a folder written by save_pretrained (config.json, weights, '
+                      'processor files) or a hub id such as Salesforce/blip2-opt-2.7b')]
+    else:
+        try:
+            folder, source, problem = _locate_hub_model(model, cache_dir, local_files_only)
+        except Exception as error:
+            return [Check(MISSING, f"model '{model}' cannot be looked up ({_one_line(error)})",
+                          'give a local folder, or check the model id')]
+        if problem is not None:
+            return [problem]
+        files = set(os.listdir(folder))
+        # Weights of a model not yet downloaded are unknown; the load itself will tell.
+        weights = _cached_weights(model, cache_dir) if source == 'cache' else 'safetensors'
+    where = {'folder': 'local folder', 'cache': 'in the local Hugging Face cache',
+             'download': 'not cached yet: only its config was fetched'}[source]
+    if 'config.json' not in files:
+        return [Check(MISSING, f"model '{model}' ({where}) has no config.json",
+                      'give the folder that save_pretrained wrote')]
+    try:
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as error:
+        return [Check(MISSING, f"model '{model}' has an unreadable config ({_one_line(error)})",
+                      'give a folder written by save_pretrained')]
+    model_type = getattr(config, 'model_type', '')
+    if model_type != 'blip-2':
+        return [Check(MISSING, f"model '{model}' is a '{model_type}' model, not BLIP-2",
+                      'name a BLIP-2 checkpoint, e.g. Salesforce/blip2-opt-2.7b')]
+    if not weights:
+        return [Check(MISSING, f"model '{model}' ({where}) has a config but no complete weights",
+                      'download or save the whole checkpoint (model*.safetensors)')]
+    if weights == 'pickle':
+        checks.append(Check(WARN, f"model '{model}' has only pickle weights (pytorch_model.bin)",
+                            'set allow_pickle:=true if you trust it, or convert to safetensors'))
+    processor_files = {'preprocessor_config.json', 'processor_config.json'} & files
+    tokenizer_files = {'tokenizer.json', 'tokenizer_config.json'} & files
+    if source != 'download' and (not processor_files or not tokenizer_files):
+        return checks + [Check(MISSING, f"model '{model}' ({where}) lacks its processor files "
+                                        '(preprocessor_config.json, tokenizer files)',
+                               'save the Blip2Processor next to the model (save_pretrained)')]
+    text_model = getattr(config.text_config, 'model_type', '?')
+    try:
+        parameters = count_parameters(config)
+    except Exception as error:
+        checks.append(Check(OK, f"model '{model}' ({where}): BLIP-2 with {text_model}; "
+                                f'parameter count unknown ({_one_line(error)})'))
+        return checks
+    status = WARN if source == 'download' else OK
+    checks.insert(0, Check(status, f"model '{model}' ({where}): BLIP-2 with {text_model}, "
+                                   f'{parameters / 1e6:,.1f}M parameters; '
+                                   f'{_memory_line(parameters)}',
+                           'the node downloads it at start; robots offline need it cached'
+                           if status == WARN else ''))
+    fits = _fits(parameters)
+    if fits is not None:
+        checks.append(fits)
+    return checks
+
+
+def run_checks(model='', local_files_only=False, cache_dir=None):
+    """Run every check; return the list of Check lines in report order."""
+    checks = [check_python()]
+    checks.append(check_module('numpy', 'numpy', 'arrays', 'pip install numpy'))
+    checks.append(check_module('cv2', 'opencv-python-headless', 'image conversion, JPEG',
+                               'pip install opencv-python-headless (or apt install '
+                               'python3-opencv)'))
+    checks.append(check_module('PIL', 'pillow', 'image files, PNG decoding',
+                               'pip install pillow'))
+    torch_check = check_module('torch', 'torch', 'inference', 'pip install torch')
+    checks.append(torch_check)
+    checks.extend(check_cuda())
+    checks.append(check_module('transformers', 'transformers', 'BLIP-2 models',
+                               'pip install -r requirements-ml.txt'))
+    checks.append(check_module('peft', 'peft', 'LoRA adapters and fine-tuning',
+                               'pip install peft (only needed for adapters and training)',
+                               required=False))
+    checks.append(check_rclpy())
+    checks.append(check_messages())
+    checks.append(check_cv_bridge())
+    for module, distribution, purpose in (
+            ('rosbags', 'rosbags', 'bag conversion, training only'),
+            ('pycocoevalcap', 'pycocoevalcap', 'caption metrics, training only'),
+            ('tensorboard', 'tensorboard', 'training curves, training only')):
+        checks.append(check_module(module, distribution, purpose,
+                                   'pip install -r requirements-ml.txt', required=False))
+    checks.append(check_java())
+    if model:
+        checks.extend(check_model(model, local_files_only, cache_dir))
+    return checks
+
+
+def parse_args(argv=None):
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(
+        description='Check this machine for what the blip2_ros caption node and training need.')
+    parser.add_argument('--model', default='', help='also check that this BLIP-2 model (hub id '
+                        'or local folder) can be loaded, and how much memory it needs')
+    parser.add_argument('--local-files-only', action='store_true',
+                        help='look for the model in the local cache only, as an offline robot')
+    parser.add_argument('--cache-dir', default=None,
+                        help='Hugging Face hub cache to look in (default: the standard one)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Print the report; return 1 when something the caption node needs is missing, else 0."""
+    args = parse_args(argv)
+    checks = run_checks(args.model, args.local_files_only, args.cache_dir)
+    print('blip2_ros doctor')
+    for check in checks:
+        print(check.line())
+    missing = [check for check in checks if check.status == MISSING]
+    warnings = sum(check.status == WARN for check in checks)
+    if missing:
+        print(f'{len(missing)} missing, {warnings} warning(s): the caption node cannot run here '
+              'until the MISSING lines are fixed')
+        return 1
+    print(f'everything the caption node needs is here ({warnings} warning(s))')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
