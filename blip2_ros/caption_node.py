@@ -104,6 +104,17 @@ PARAMETERS = (
 LATENCY_WINDOW = 200
 
 
+def parameters_markdown():
+    """Return the README's parameter table, generated from PARAMETERS."""
+    rows = ['| name | default | changes at run time | what it does |', '|---|---|---|---|']
+    for spec in PARAMETERS:
+        default = spec.default if isinstance(spec.default, str) else json.dumps(spec.default)
+        default = default or "''"
+        runtime = 'no' if spec.read_only else 'yes'
+        rows.append(f'| `{spec.name}` | `{default}` | {runtime} | {spec.description} |')
+    return '\n'.join(rows)
+
+
 class RateMeter:
     """Events per second over the last few seconds."""
 
@@ -173,6 +184,7 @@ class CaptionNode(Node):
         self.enabled = True
         self.rejected = {}
         self.oom_batches = 0
+        self.failed_batches = 0
         self.captions_published = 0
         self.caption_rate = RateMeter()
         self.inference_ms = deque(maxlen=LATENCY_WINDOW)
@@ -308,7 +320,15 @@ class CaptionNode(Node):
                 continue
             next_start = time.monotonic() + (1.0 / max_rate_hz if max_rate_hz > 0 else 0.0)
             for start in range(0, len(batch), self.max_batch_size):
-                self._caption_and_publish(batch[start:start + self.max_batch_size])
+                try:
+                    self._caption_and_publish(batch[start:start + self.max_batch_size])
+                except Exception as error:  # noqa: B902 -- one bad batch must not stop captioning
+                    if self._stopping or not self.context.ok():
+                        return  # Ctrl-C shut the context down while this batch was in flight
+                    with self._lock:
+                        self.failed_batches += 1
+                    self.get_logger().error(f'captioning a batch failed: {error!r}',
+                                            throttle_duration_sec=5.0)
 
     def _caption_and_publish(self, batch):
         """Convert, caption and publish one batch; return the captions (None if skipped)."""
@@ -406,6 +426,7 @@ class CaptionNode(Node):
                 'rejected_frames': sum(self.rejected.values()),
                 'rejected_by_reason': dict(self.rejected),
                 'oom_batches': self.oom_batches,
+                'failed_batches': self.failed_batches,
             }
 
     def _publish_diagnostics(self):
@@ -420,6 +441,8 @@ class CaptionNode(Node):
                                 'name and that reliability matches the publisher')
         if stats['oom_batches']:
             problems.append(f"{stats['oom_batches']} batches skipped: out of GPU memory")
+        if stats['failed_batches']:
+            problems.append(f"{stats['failed_batches']} batches failed: see the node's log")
         status = DiagnosticStatus(
             level=DiagnosticStatus.WARN if problems else DiagnosticStatus.OK,
             name=f'{self.get_name()}: captioning', hardware_id=str(self.captioner.device),
@@ -438,6 +461,7 @@ class CaptionNode(Node):
             'replaced_frames': stats['replaced_frames'],
             'rejected_frames': stats['rejected_frames'],
             'oom_batches': stats['oom_batches'],
+            'failed_batches': stats['failed_batches'],
         }
         for reason, count in sorted(stats['rejected_by_reason'].items()):
             values[f'rejected_{reason}'] = count

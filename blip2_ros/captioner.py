@@ -34,6 +34,9 @@ DEVICE_HELP = "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 # PIL resample codes used by Hugging Face image processors -> torch interpolation modes.
 RESAMPLE_MODES = {2: 'bilinear', 3: 'bicubic'}
+# Static KV caches kept per batch shape (each one holds max length x batch keys and values).
+MAX_STATIC_CACHES = 4
+STATIC_CACHE_ROUNDING = 16
 
 
 class ModelLoadError(RuntimeError):
@@ -101,6 +104,125 @@ def _one_line(error):
     return text if len(text) <= 300 else text[:297] + '...'
 
 
+def _check_model_source(model, local_files_only, where):
+    """Fail early, with a message that says what to do, where from_pretrained's would not."""
+    if os.path.isdir(model):
+        return
+    looks_like_path = (os.path.isabs(model) or model.startswith(('.', '~'))
+                       or model.count('/') > 1 or os.sep != '/' and os.sep in model)
+    if looks_like_path:
+        raise ModelLoadError(
+            f'cannot load {where}: no such folder; give an existing checkpoint folder '
+            'or a hub id such as Salesforce/blip2-opt-2.7b')
+    if local_files_only:
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(model, 'config.json'), str):
+            raise ModelLoadError(
+                f'cannot load {where}: it is not in the local model cache and local_files_only '
+                'is set; download it once on a machine with network access or give a folder')
+
+
+def resize_like_pil(image, size, mode):
+    """
+    Resize a 1x3xHxW uint8 image to ``size`` with antialiasing, the way PIL resamples uint8.
+
+    On the CPU this is torch's uint8 kernel, which follows PIL's integer arithmetic to within
+    one level. Other devices have no uint8 kernel, so the image is resized in float one axis
+    at a time, horizontal pass first, rounded and clipped to 0..255 after each pass as PIL's
+    uint8 intermediate image is: bicubic overshoots, and clipping only at the end is off by up
+    to 20 levels when upscaling. The result is uint8 on the CPU and integral float elsewhere.
+    Pillow 13 resizes some tall images vertically first, which moves the clipping; that differs
+    from this by a level or two on natural images and more on noise.
+    """
+    if image.dtype == torch.uint8 and image.device.type == 'cpu':
+        image = image.contiguous(memory_format=torch.channels_last)
+        return F.interpolate(image, size=size, mode=mode, antialias=True, align_corners=False)
+    image = image.float()
+    height, width = image.shape[-2:]
+    if width != size[1]:
+        image = _round_half_up_to_uint8_range(F.interpolate(
+            image, size=(height, size[1]), mode=mode, antialias=True, align_corners=False))
+    if height != size[0]:
+        image = _round_half_up_to_uint8_range(F.interpolate(
+            image, size=tuple(size), mode=mode, antialias=True, align_corners=False))
+    return image
+
+
+def _round_half_up_to_uint8_range(image):
+    # PIL rounds halves up; torch.round rounds them to even, and bilinear weights make many
+    # exact halves.
+    return image.add_(0.5).floor_().clamp_(0, 255)
+
+
+def _adapter_covers_whole_model(adapter_weights, model):
+    """Tell a LoRA saved on the whole BLIP-2 from one saved on its language model alone."""
+    top_level = {name for name, _ in model.named_children()} | {'query_tokens'}
+    for key in adapter_weights:
+        if key.startswith('base_model.model.') and key.split('.')[2] in top_level:
+            return True
+    return False
+
+
+def _merge_adapter(model, adapter, allow_pickle):
+    """
+    Apply a LoRA adapter folder to a loaded BLIP-2 and merge it into the weights.
+
+    Both forms the training tools write are accepted: LoRA on the whole
+    Blip2ForConditionalGeneration (keys under ``language_model.``) and LoRA on its language
+    model alone. An adapter whose weights do not all land on a layer is refused, since peft
+    would only warn and run the base model.
+    """
+    if not os.path.isdir(adapter):
+        raise ModelLoadError(f"LoRA adapter folder '{adapter}' does not exist")
+    if not os.path.isfile(os.path.join(adapter, 'adapter_model.safetensors')):
+        if not os.path.isfile(os.path.join(adapter, 'adapter_model.bin')):
+            raise ModelLoadError(
+                f"LoRA adapter folder '{adapter}' holds no adapter_model.safetensors; "
+                'give the folder that save_pretrained wrote')
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"LoRA adapter '{adapter}' has only pickle weights (adapter_model.bin); "
+                're-save it as safetensors, or set allow_pickle if you trust its source')
+    try:
+        from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+    except ImportError as error:
+        raise ModelLoadError(
+            'a LoRA adapter was given but peft is not installed: pip install peft') from error
+    try:
+        peft_config = PeftConfig.from_pretrained(adapter)
+        if peft_config.is_prompt_learning:
+            raise ModelLoadError(
+                f"adapter '{adapter}' is a {peft_config.peft_type} prompt-learning adapter, "
+                'which cannot be merged; train a LoRA adapter')
+        adapter_weights = load_peft_weights(adapter, device='cpu')
+        whole_model = _adapter_covers_whole_model(adapter_weights, model)
+        target = model if whole_model else model.language_model
+        peft_model = PeftModel(target, peft_config)
+        load_result = set_peft_model_state_dict(peft_model, adapter_weights)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
+        raise ModelLoadError(
+            f"cannot apply LoRA adapter '{adapter}': {_one_line(error)}") from error
+    # Adapter parameters carry the adapter name ('lora_A.default.weight'); the base model's
+    # own weights are always "missing" from an adapter file.
+    missing = [key for key in load_result.missing_keys if '.default.' in key]
+    if load_result.unexpected_keys or missing:
+        unmatched = (load_result.unexpected_keys or missing)[0]
+        raise ModelLoadError(
+            f"LoRA adapter '{adapter}' does not fit this model: "
+            f'{len(load_result.unexpected_keys)} adapter weights match no layer and '
+            f'{len(missing)} adapter layers got no weights (first: {unmatched}); '
+            'use the base model the adapter was trained on')
+    # Merged weights run exactly as fast as the base model.
+    merged = peft_model.merge_and_unload()
+    if whole_model:
+        return merged
+    model.language_model = merged
+    return model
+
+
 class Blip2Captioner:
     """A loaded BLIP-2 checkpoint that captions batches of uint8 RGB frames."""
 
@@ -114,6 +236,7 @@ class Blip2Captioner:
             raise ModelLoadError(f"unknown cache '{config.cache}': use dynamic or static")
         load_args = {'local_files_only': config.local_files_only}
         where = f"BLIP-2 model '{config.model}'"
+        _check_model_source(config.model, config.local_files_only, where)
         try:
             model_config = AutoConfig.from_pretrained(config.model, **load_args)
         except (OSError, ValueError) as error:
@@ -126,8 +249,10 @@ class Blip2Captioner:
         try:
             self.processor = Blip2Processor.from_pretrained(config.model, **load_args)
             # Never trust_remote_code: a checkpoint must not run code of its own on a robot.
+            # allow_pickle only widens the choice: safetensors still win where both exist.
             model = Blip2ForConditionalGeneration.from_pretrained(
-                config.model, dtype=self.dtype, use_safetensors=not config.allow_pickle,
+                config.model, dtype=self.dtype,
+                use_safetensors=None if config.allow_pickle else True,
                 trust_remote_code=False, **load_args)
         except (OSError, ValueError, RuntimeError) as error:
             hint = ''
@@ -135,13 +260,37 @@ class Blip2Captioner:
                 hint = ' (the checkpoint has no safetensors weights; allow_pickle loads it)'
             raise ModelLoadError(f'cannot load {where}: {_one_line(error)}{hint}') from error
         if config.adapter:
-            model = self._merge_adapter(model, config.adapter, load_args)
+            model = _merge_adapter(model, config.adapter, config.allow_pickle)
         try:
             self.model = model.to(self.device).eval()
         except torch.OutOfMemoryError as error:
             raise ModelLoadError(
                 f'{where} does not fit in {self.device} memory as {self.dtype}: '
                 'use a smaller model, dtype bfloat16/float16, or device cpu') from error
+        self._finish_setup()
+
+    @classmethod
+    def from_model(cls, model, processor, config=None):
+        """
+        Wrap a BLIP-2 model and processor that are already in memory.
+
+        For code that builds or trains the model itself (benchmarks, evaluation during
+        training); ``config`` supplies the generation options, its loading fields are ignored.
+        """
+        captioner = cls.__new__(cls)
+        captioner.config = config or CaptionerConfig(model=str(model.name_or_path or ''))
+        if captioner.config.cache not in ('dynamic', 'static'):
+            raise ModelLoadError(
+                f"unknown cache '{captioner.config.cache}': use dynamic or static")
+        captioner.processor = processor
+        captioner.model = model.eval()
+        captioner.device = next(model.vision_model.parameters()).device
+        captioner.dtype = next(model.vision_model.parameters()).dtype
+        captioner.is_encoder_decoder = bool(model.config.text_config.is_encoder_decoder)
+        captioner._finish_setup()
+        return captioner
+
+    def _finish_setup(self):
         tokenizer = self.processor.tokenizer
         # Decoder-only models continue the text where it ends, so pad on the left; encoders
         # read the whole prompt, so pad on the right.
@@ -150,26 +299,16 @@ class Blip2Captioner:
         self.num_query_tokens = self.model.config.num_query_tokens
         self._prompt_cache = {}
         self._set_up_preprocessing()
-        if config.torch_compile:
-            self.model.language_model.forward = torch.compile(
-                self.model.language_model.forward, mode='reduce-overhead', fullgraph=False)
-
-    @staticmethod
-    def _merge_adapter(model, adapter, load_args):
-        if not os.path.isdir(adapter):
-            raise ModelLoadError(f"LoRA adapter folder '{adapter}' does not exist")
-        try:
-            from peft import PeftModel
-        except ImportError as error:
-            raise ModelLoadError(
-                'a LoRA adapter was given but peft is not installed: pip install peft') from error
-        try:
-            model = PeftModel.from_pretrained(model, adapter, **load_args)
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
-            raise ModelLoadError(
-                f"cannot apply LoRA adapter '{adapter}': {_one_line(error)}") from error
-        # Merged weights run exactly as fast as the base model.
-        return model.merge_and_unload()
+        # Compiling the decode step pays off only with fixed shapes, so it implies the static
+        # cache. generate() compiles it itself (CUDA graphs) once a static cache is in use.
+        self.static_cache = self.config.cache == 'static' or self.config.torch_compile
+        self.compile_decode = self.config.torch_compile and self.device.type == 'cuda'
+        if self.config.torch_compile and not self.compile_decode:
+            LOGGER.warning('torch_compile has an effect on CUDA devices only; decoding on %s '
+                           'runs uncompiled with the static cache', self.device)
+        # One static cache per batch shape, reused: the compiled step and its CUDA graph are
+        # tied to the cache's buffers, so a fresh cache for every call would re-record it.
+        self._static_caches = {}
 
     def _set_up_preprocessing(self):
         image_processor = self.processor.image_processor
@@ -194,6 +333,8 @@ class Blip2Captioner:
         std = np.asarray(image_processor.image_std if image_processor.do_normalize else 1.0)
         gain = scale / std * np.ones(3)
         offset = -mean / std * np.ones(3)
+        self._gain_array = gain.astype(np.float32).reshape(3, 1, 1)
+        self._offset_array = offset.astype(np.float32).reshape(3, 1, 1)
         self._gain = torch.tensor(gain, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._offset = torch.tensor(offset, dtype=torch.float32,
                                     device=self.device).view(1, 3, 1, 1)
@@ -215,23 +356,29 @@ class Blip2Captioner:
             if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
                 raise ValueError(f'expected an HxWx3 uint8 RGB frame, got {frame.dtype} '
                                  f'{frame.shape}')
+            # Views such as frame[..., ::-1] (BGR to RGB) have strides torch cannot wrap, and
+            # torch warns on read-only arrays (np.frombuffer, decoded images).
+            if not frame.flags['C_CONTIGUOUS'] or not frame.flags['WRITEABLE']:
+                frame = np.array(frame, order='C')
             image = torch.from_numpy(frame).to(self.device, non_blocking=True)
             image = image.permute(2, 0, 1).unsqueeze(0)
             if tuple(image.shape[-2:]) != self.image_size:
-                image = self._resize(image)
+                image = resize_like_pil(image, self.image_size, self.resize_mode)
             resized.append(image)
-        batch = torch.cat(resized).float()
+        if self.device.type == 'cpu':
+            return self._normalize_on_cpu(resized)
+        batch = torch.cat([image.float() for image in resized])
         return (batch * self._gain + self._offset).to(self.dtype)
 
-    def _resize(self, image):
-        if image.device.type == 'cpu':
-            # torch's uint8 channels-last kernel matches PIL's integer resampling and is fast.
-            image = image.contiguous(memory_format=torch.channels_last)
-            return F.interpolate(image, size=self.image_size, mode=self.resize_mode,
-                                 antialias=True, align_corners=False)
-        resized = F.interpolate(image.float(), size=self.image_size, mode=self.resize_mode,
-                                antialias=True, align_corners=False)
-        return resized.round_().clamp_(0, 255)
+    def _normalize_on_cpu(self, images):
+        # numpy, single-threaded: torch's two-thread kernels on tensors this small wait for a
+        # time slice whenever other processes keep the cores busy (12 ms per operation
+        # measured on a loaded 2-core machine, against 0.1 ms on one thread).
+        batch = np.empty((len(images), 3) + self.image_size, np.float32)
+        for index, image in enumerate(images):
+            np.multiply(image[0].numpy(), self._gain_array, out=batch[index])
+            np.add(batch[index], self._offset_array, out=batch[index])
+        return torch.from_numpy(batch).to(self.dtype)
 
     def _encode_prompts(self, prompts):
         key = tuple(prompts)
@@ -250,6 +397,35 @@ class Blip2Captioner:
                 self._prompt_cache.clear()
             self._prompt_cache[key] = cached
         return cached
+
+    def _static_cache_for(self, batch_size, input_length, max_new_tokens):
+        """Return a reset static KV cache for this batch shape, allocated on first use."""
+        from transformers import EncoderDecoderCache, StaticCache
+
+        # Rounding the decoder length up lets a slightly longer prompt or caption limit reuse
+        # the same buffers, and the compiled step, instead of recompiling.
+        if self.is_encoder_decoder:
+            decoder_length = max_new_tokens + 1
+            encoder_length = input_length
+        else:
+            decoder_length = input_length + max_new_tokens
+            encoder_length = 0
+        decoder_length = -(-decoder_length // STATIC_CACHE_ROUNDING) * STATIC_CACHE_ROUNDING
+        key = (batch_size, decoder_length, encoder_length)
+        cache = self._static_caches.pop(key, None)
+        if cache is None:
+            while len(self._static_caches) >= MAX_STATIC_CACHES:
+                del self._static_caches[next(iter(self._static_caches))]
+            text_config = self.model.config.text_config
+            cache = StaticCache(config=text_config, max_cache_len=decoder_length)
+            if self.is_encoder_decoder:
+                # Cross-attention keys and values cover exactly the encoder's input.
+                cache = EncoderDecoderCache(
+                    cache, StaticCache(config=text_config, max_cache_len=encoder_length))
+        else:
+            cache.reset()
+        self._static_caches[key] = cache  # most recently used last
+        return cache
 
     @torch.inference_mode()
     def caption(self, frames, prompt=None, max_new_tokens=None, **generate_kwargs):
@@ -273,9 +449,16 @@ class Blip2Captioner:
             'max_new_tokens': max_new_tokens or self.config.max_new_tokens,
             'do_sample': False, 'num_beams': self.config.num_beams,
         }
-        if self.config.cache == 'static':
-            options['cache_implementation'] = 'static'
         options.update(generate_kwargs)
+        if self.static_cache and 'past_key_values' not in options:
+            if options['num_beams'] > 1:
+                # Beam search reorders the cache out of place, so nothing is gained by reuse.
+                options.setdefault('cache_implementation', 'static')
+            elif 'cache_implementation' not in options:
+                options['past_key_values'] = self._static_cache_for(
+                    len(frames), input_ids.shape[1], options['max_new_tokens'])
+        if not self.compile_decode:
+            options.setdefault('disable_compile', True)
         output = self.model.generate(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
             **options)

@@ -62,3 +62,39 @@ def tiny_t5_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp('tiny-blip2-t5')
     build_tiny_blip2(folder, language_model='t5', seed=0)
     return folder
+
+
+def save_lively_copy(source, destination, seed=1):
+    """
+    Copy a tiny checkpoint with larger random weights.
+
+    At the builder's small init every frame and prompt gets the same (empty) caption, which
+    would let wrong padding, a lost adapter or a frame/caption mix-up go unnoticed; with
+    weights of std 0.3 the captions depend on the image and the prompt.
+    """
+    import shutil
+
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    shutil.copytree(source, destination)
+    model = Blip2ForConditionalGeneration.from_pretrained(source)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, 0.3, generator=generator)
+    model.save_pretrained(destination)
+    return destination
+
+
+@pytest.fixture(scope='session')
+def lively_opt_checkpoint(tiny_opt_checkpoint, tmp_path_factory):
+    """Return a tiny OPT BLIP-2 whose captions depend on the image and the prompt."""
+    return save_lively_copy(tiny_opt_checkpoint, tmp_path_factory.mktemp('lively') / 'opt')
+
+
+@pytest.fixture(scope='session')
+def lively_t5_checkpoint(tiny_t5_checkpoint, tmp_path_factory):
+    """Return a tiny Flan-T5 BLIP-2 whose captions depend on the image and the prompt."""
+    return save_lively_copy(tiny_t5_checkpoint, tmp_path_factory.mktemp('lively') / 't5')

@@ -157,8 +157,8 @@ def harness_factory():
 
 
 def test_image_and_compressed_frames_are_captioned_with_stamp_and_frame_id(
-        harness_factory, tiny_opt_checkpoint):
-    harness = harness_factory(tiny_opt_checkpoint,
+        harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint,
                               ['/cam_a/image_raw', '/cam_b/image_raw/compressed'],
                               max_new_tokens=8)
     raw = harness.publisher(Image, '/cam_a/image_raw')
@@ -181,14 +181,14 @@ def test_image_and_compressed_frames_are_captioned_with_stamp_and_frame_id(
     wait_for(lambda: len(harness.captions) >= 2, what='plain captions')
     assert harness.captions[:2] == expected
     for info in (first, second):
-        assert info['model'] == str(tiny_opt_checkpoint)
+        assert info['model'] == str(lively_opt_checkpoint)
         assert info['prompt'] == ''
         assert info['inference_ms'] > 0
 
 
 def test_best_effort_subscription_hears_best_effort_and_reliable_publishers(
-        harness_factory, tiny_opt_checkpoint):
-    harness = harness_factory(tiny_opt_checkpoint, ['/cam_be', '/cam_rel'])
+        harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/cam_be', '/cam_rel'])
     best_effort = harness.publisher(Image, '/cam_be', ReliabilityPolicy.BEST_EFFORT)
     reliable = harness.publisher(Image, '/cam_rel', ReliabilityPolicy.RELIABLE)
     best_effort.publish(image_message(make_frame(3), stamp_sec=1))
@@ -197,15 +197,15 @@ def test_best_effort_subscription_hears_best_effort_and_reliable_publishers(
              what='captions from both publishers')
 
 
-def test_reliable_subscription_hears_reliable_publisher(harness_factory, tiny_opt_checkpoint):
-    harness = harness_factory(tiny_opt_checkpoint, ['/cam_rel'], reliability='reliable')
+def test_reliable_subscription_hears_reliable_publisher(harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/cam_rel'], reliability='reliable')
     reliable = harness.publisher(Image, '/cam_rel', ReliabilityPolicy.RELIABLE)
     reliable.publish(image_message(make_frame(5), stamp_sec=3))
     assert harness.wait_for_infos(1)[0]['stamp']['sec'] == 3
 
 
-def test_two_cameras_are_captioned_in_one_batch(harness_factory, tiny_opt_checkpoint):
-    harness = harness_factory(tiny_opt_checkpoint, ['/left', '/right'], max_new_tokens=8)
+def test_two_cameras_are_captioned_in_one_batch(harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/left', '/right'], max_new_tokens=8)
     left = harness.publisher(Image, '/left')
     right = harness.publisher(Image, '/right')
     assert harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=False)).success
@@ -224,8 +224,8 @@ def test_two_cameras_are_captioned_in_one_batch(harness_factory, tiny_opt_checkp
 
 
 def test_disable_pauses_captioning_and_caption_now_still_answers(
-        harness_factory, tiny_opt_checkpoint):
-    harness = harness_factory(tiny_opt_checkpoint, ['/cam'], max_new_tokens=8)
+        harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=8)
     camera = harness.publisher(Image, '/cam')
     response = harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=False))
     assert response.success and 'paused' in response.message
@@ -254,8 +254,8 @@ def test_disable_pauses_captioning_and_caption_now_still_answers(
 
 
 def test_parameter_changes_take_effect_and_bad_values_are_rejected(
-        harness_factory, tiny_opt_checkpoint):
-    harness = harness_factory(tiny_opt_checkpoint, ['/cam'], max_new_tokens=8)
+        harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=8)
     camera = harness.publisher(Image, '/cam')
     node = harness.node
     prompt = 'Question: is the conveyor empty? Answer:'
@@ -275,7 +275,7 @@ def test_parameter_changes_take_effect_and_bad_values_are_rejected(
     read_only = node.set_parameters([Parameter('model', value='other/model')])[0]
     assert not read_only.successful
     assert node.get_parameter('max_new_tokens').value == 3
-    assert node.get_parameter('model').value == str(tiny_opt_checkpoint)
+    assert node.get_parameter('model').value == str(lively_opt_checkpoint)
 
 
 def _bad_frames():
@@ -297,8 +297,8 @@ def _bad_frames():
 
 
 def test_bad_frames_are_dropped_counted_and_good_frames_still_captioned(
-        harness_factory, tiny_opt_checkpoint):
-    harness = harness_factory(tiny_opt_checkpoint, ['/raw', '/raw/compressed'],
+        harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/raw', '/raw/compressed'],
                               max_pixels=100 * 100, max_new_tokens=4)
     raw = harness.publisher(Image, '/raw')
     compressed = harness.publisher(CompressedImage, '/raw/compressed')
@@ -325,8 +325,8 @@ def test_bad_frames_are_dropped_counted_and_good_frames_still_captioned(
     wait_for(diagnostics_show_rejections, what='rejections on /diagnostics')
 
 
-def test_diagnostics_warn_about_a_silent_camera(harness_factory, tiny_opt_checkpoint):
-    harness = harness_factory(tiny_opt_checkpoint, ['/nobody/publishes/this'],
+def test_diagnostics_warn_about_a_silent_camera(harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/nobody/publishes/this'],
                               stale_input_timeout=0.3)
 
     def warned():

@@ -1,0 +1,174 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+Caption image files and folders with BLIP-2, without ROS.
+
+Prints one JSON object per image on stdout, ``{"image": path, "caption": text}``, in a fixed
+order (folders are searched recursively, paths sorted). Unreadable images are reported on
+stderr and skipped. Exit status: 0 when at least one image was captioned, 1 when none could be,
+2 when the model cannot be loaded.
+
+    python -m blip2_ros.caption_images --model Salesforce/blip2-opt-2.7b photos/ extra.jpg
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')
+EXIT_OK, EXIT_NOTHING_CAPTIONED, EXIT_MODEL_ERROR = 0, 1, 2
+
+
+class ImageLoadError(Exception):
+    """An image file that cannot be read or decoded; the message is one line."""
+
+
+def find_images(paths):
+    """
+    Expand files and folders into a sorted, duplicate-free list of image paths.
+
+    A file named on the command line is taken whatever its extension; folders are searched
+    recursively for the extensions in IMAGE_EXTENSIONS (any case). Returns
+    ``(images, missing)`` where ``missing`` lists the paths that do not exist.
+    """
+    images, missing, seen = [], [], set()
+    for path in paths:
+        if os.path.isdir(path):
+            found = []
+            for folder, subfolders, files in os.walk(path):
+                subfolders.sort()
+                found.extend(os.path.join(folder, name) for name in files
+                             if name.lower().endswith(IMAGE_EXTENSIONS))
+            found.sort()
+        elif os.path.isfile(path):
+            found = [path]
+        else:
+            missing.append(path)
+            continue
+        for image in found:
+            key = os.path.realpath(image)
+            if key not in seen:
+                seen.add(key)
+                images.append(image)
+    return images, missing
+
+
+def load_rgb(path):
+    """Read an image file into an HxWx3 uint8 RGB array, turned upright by its EXIF tag."""
+    from PIL import Image, ImageOps
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ('I', 'I;16', 'I;16B', 'I;16L'):
+                # PIL's convert('RGB') clips 16-bit grey at 255, which whites out the image.
+                grey = np.asarray(image, dtype=np.float32) / 257.0
+                grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+                return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+            return np.array(image.convert('RGB'), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        reason = ' '.join(str(error).split()) or type(error).__name__
+        raise ImageLoadError(f'{path}: cannot read image ({reason})') from error
+
+
+def parse_args(argv=None):
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(
+        prog='caption_images', description=__doc__.strip().splitlines()[0],
+        epilog='Exit status: 0 captioned at least one image, 1 none, 2 model not loadable.')
+    parser.add_argument('paths', nargs='+', metavar='PATH', help='image files or folders')
+    parser.add_argument('--model', default='Salesforce/blip2-opt-2.7b',
+                        help='hub id or local folder of a BLIP-2 checkpoint')
+    parser.add_argument('--prompt', default='',
+                        help="text the caption continues, e.g. 'Question: what is on the "
+                             "conveyor? Answer:'")
+    parser.add_argument('--adapter', default='', help='LoRA adapter folder to merge')
+    parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    parser.add_argument('--dtype', default='auto',
+                        choices=('auto', 'float32', 'float16', 'bfloat16'))
+    parser.add_argument('--batch-size', type=_positive_int, default=8,
+                        help='images per generate call')
+    parser.add_argument('--max-new-tokens', type=_positive_int, default=30)
+    parser.add_argument('--local-files-only', action='store_true',
+                        help='never download: use a local folder or the local cache only')
+    parser.add_argument('--allow-pickle', action='store_true',
+                        help='also load pickle (.bin) weights; only for checkpoints you trust')
+    return parser.parse_args(argv)
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be 1 or more, not {value}')
+    return value
+
+
+def _warn(message):
+    print(f'caption_images: {message}', file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    """Caption the images under the given paths; return the exit status."""
+    from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, ModelLoadError
+    import torch
+
+    args = parse_args(argv)
+    images, missing = find_images(args.paths)
+    for path in missing:
+        _warn(f'{path}: no such file or folder, skipped')
+    if not images:
+        _warn('no image files found in ' + ' '.join(args.paths))
+        return EXIT_NOTHING_CAPTIONED
+    try:
+        captioner = Blip2Captioner(CaptionerConfig(
+            model=args.model, adapter=args.adapter, device=args.device, dtype=args.dtype,
+            local_files_only=args.local_files_only, allow_pickle=args.allow_pickle,
+            max_new_tokens=args.max_new_tokens, prompt=args.prompt))
+    except ModelLoadError as error:
+        _warn(f'error: {error}')
+        return EXIT_MODEL_ERROR
+
+    captioned = skipped = 0
+    for start in range(0, len(images), args.batch_size):
+        paths, frames = [], []
+        for path in images[start:start + args.batch_size]:
+            try:
+                frames.append(load_rgb(path))
+                paths.append(path)
+            except ImageLoadError as error:
+                _warn(f'{error}, skipped')
+                skipped += 1
+        if not frames:
+            continue
+        try:
+            captions = captioner.caption(frames)
+        except torch.OutOfMemoryError:
+            _warn(f'out of memory on a batch of {len(frames)} images, skipped them; '
+                  'lower --batch-size')
+            skipped += len(frames)
+            continue
+        for path, caption in zip(paths, captions):
+            print(json.dumps({'image': path, 'caption': caption}, ensure_ascii=False))
+        sys.stdout.flush()
+        captioned += len(frames)
+    _warn(f'captioned {captioned} images, skipped {skipped}'
+          + (f', {len(missing)} paths not found' if missing else ''))
+    return EXIT_OK if captioned else EXIT_NOTHING_CAPTIONED
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,261 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""caption_images on real image files: a real webcam JPEG and frame from a public bag, and more."""
+
+import json
+import os
+from pathlib import Path
+import shutil
+import sqlite3
+import subprocess
+import sys
+
+from blip2_ros.caption_images import find_images, ImageLoadError, load_rgb, main
+from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+import cv2
+import numpy as np
+from PIL import Image
+import pytest
+from rosbags.typesys import get_typestore, Stores
+import torch
+from transformers import Blip2ForConditionalGeneration
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = Path(os.environ.get(
+    'BLIP2_ROS_REALDATA', Path(__file__).resolve().parents[2] / 'shared' / 'realdata'))
+WEBCAM_BAG = REALDATA / 'ros2' / 'klintan_rosbag2js' / 'sample.db3'
+EXIF_ORIENTATION = 0x0112
+
+
+def random_frame(seed, height, width):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def read_webcam_bag():
+    """Return the real JPEG bytes and the real bgr8 frame of the 2019 webcam bag."""
+    if not WEBCAM_BAG.is_file():
+        pytest.fail(f'real test bag not found at {WEBCAM_BAG}; set BLIP2_ROS_REALDATA')
+    typestore = get_typestore(Stores.ROS2_KILTED)
+    database = sqlite3.connect(f'file:{WEBCAM_BAG}?mode=ro', uri=True)
+    try:
+        def payload(topic):
+            row = database.execute(
+                'SELECT m.data FROM messages m JOIN topics t ON m.topic_id = t.id '
+                'WHERE t.name = ?', (topic,)).fetchone()
+            return bytes(row[0])
+        jpeg = typestore.deserialize_cdr(payload('/image/compressed'),
+                                         'sensor_msgs/msg/CompressedImage')
+        raw = typestore.deserialize_cdr(payload('/image'), 'sensor_msgs/msg/Image')
+    finally:
+        database.close()
+    bgr = np.frombuffer(bytes(raw.data), np.uint8).reshape(raw.height, raw.width, 3)
+    return bytes(jpeg.data), bgr
+
+
+@pytest.fixture(scope='module')
+def lively_checkpoint(tiny_opt_checkpoint, tmp_path_factory):
+    """Copy the tiny OPT checkpoint with weights large enough that captions differ by image."""
+    folder = tmp_path_factory.mktemp('caption-images') / 'opt'
+    shutil.copytree(tiny_opt_checkpoint, folder)
+    model = Blip2ForConditionalGeneration.from_pretrained(tiny_opt_checkpoint)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, 0.3, generator=generator)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """
+    Write a folder tree of real image files and return it with the frames of its PNGs.
+
+    PNGs, JPEGs (upper-case extension too), a real webcam JPEG and the real raw webcam frame as
+    PNG, a corrupt JPEG, and a text file that is not an image.
+    """
+    root = tmp_path / 'images'
+    (root / 'shift_b').mkdir(parents=True)
+    (root / 'shift_a').mkdir()
+    frames = {}
+
+    def write_png(relative, rgb):
+        assert cv2.imwrite(str(root / relative), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        frames[relative] = rgb
+
+    write_png('belt.png', random_frame(1, 48, 64))
+    write_png('shift_b/arm.png', random_frame(2, 120, 90))
+    write_png('shift_a/z_last.png', random_frame(3, 64, 64))
+    Image.fromarray(random_frame(4, 80, 100)).save(root / 'shift_a/box.JPG', quality=90)
+    jpeg, webcam_bgr = read_webcam_bag()
+    (root / 'webcam.jpg').write_bytes(jpeg)
+    write_png('webcam_raw.png', cv2.cvtColor(webcam_bgr, cv2.COLOR_BGR2RGB))
+    (root / 'shift_b/broken.jpg').write_bytes(jpeg[:2000])  # a JPEG cut off mid-scan
+    (root / 'shift_b/notes.txt').write_text('not an image')
+    return root, frames
+
+
+def json_lines(text):
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_find_images_is_recursive_sorted_and_filtered(image_folder):
+    root, _ = image_folder
+    images, missing = find_images([str(root), str(root / 'belt.png'), str(root / 'nope')])
+    relative = [os.path.relpath(path, root) for path in images]
+    assert relative == ['belt.png', 'shift_a/box.JPG', 'shift_a/z_last.png',
+                        'shift_b/arm.png', 'shift_b/broken.jpg', 'webcam.jpg',
+                        'webcam_raw.png']
+    assert missing == [str(root / 'nope')]
+    # A file named explicitly is taken whatever its extension.
+    notes = str(root / 'shift_b/notes.txt')
+    assert find_images([notes]) == ([notes], [])
+
+
+def test_load_rgb_reads_png_exactly_and_jpeg_in_rgb_order(image_folder):
+    root, frames = image_folder
+    assert np.array_equal(load_rgb(str(root / 'belt.png')), frames['belt.png'])
+    webcam_png = load_rgb(str(root / 'webcam_raw.png'))
+    assert webcam_png.shape == (480, 640, 3) and webcam_png.flags['C_CONTIGUOUS']
+    # The JPEG holds another frame of the same scene; OpenCV decodes it independently. Channel
+    # order matters: swapped red and blue would be far off on a face.
+    webcam_jpeg = load_rgb(str(root / 'webcam.jpg'))
+    by_opencv = cv2.cvtColor(cv2.imread(str(root / 'webcam.jpg')), cv2.COLOR_BGR2RGB)
+    assert webcam_jpeg.dtype == np.uint8 and webcam_jpeg.shape == (480, 640, 3)
+    assert np.abs(webcam_jpeg.astype(int) - by_opencv).mean() < 1.0
+    assert np.abs(webcam_jpeg.astype(int) - by_opencv[..., ::-1]).mean() > 5.0
+
+
+def test_load_rgb_turns_images_upright_by_their_exif_orientation(tmp_path):
+    frame = random_frame(5, 30, 50)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # stored sideways: rotate 90 degrees clockwise to view
+    path = tmp_path / 'sideways.png'
+    Image.fromarray(frame).save(path, exif=exif)
+    assert np.array_equal(load_rgb(str(path)), np.rot90(frame, k=-1))
+
+
+def test_load_rgb_scales_16_bit_grey_to_8_bit(tmp_path):
+    grey = np.linspace(0, 65535, 40 * 30).reshape(30, 40).astype(np.uint16)
+    path = tmp_path / 'depth_like.png'
+    assert cv2.imwrite(str(path), grey)
+    rgb = load_rgb(str(path))
+    assert rgb.shape == (30, 40, 3) and rgb.dtype == np.uint8
+    expected = np.rint(grey / 257.0).astype(np.uint8)
+    assert np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+
+
+@pytest.mark.parametrize('content', [b'', b'not an image', b'\x89PNG\r\n\x1a\n' + b'\0' * 40])
+def test_load_rgb_reports_unreadable_files_in_one_line(tmp_path, content):
+    path = tmp_path / 'bad.png'
+    path.write_bytes(content)
+    with pytest.raises(ImageLoadError) as error:
+        load_rgb(str(path))
+    assert str(path) in str(error.value) and '\n' not in str(error.value)
+
+
+def test_captions_every_readable_image_like_the_captioner(image_folder, lively_checkpoint,
+                                                          capsys):
+    root, _ = image_folder
+    status = main(['--model', str(lively_checkpoint), '--batch-size', '2',
+                   '--max-new-tokens', '6', '--device', 'cpu', str(root)])
+    out, err = capsys.readouterr()
+
+    assert status == 0
+    lines = json_lines(out)
+    expected_paths = [path for path in find_images([str(root)])[0]
+                      if not path.endswith('broken.jpg')]
+    assert [line['image'] for line in lines] == expected_paths
+    captioner = Blip2Captioner(CaptionerConfig(model=str(lively_checkpoint), device='cpu',
+                                               max_new_tokens=6))
+    # Frames decoded independently: PNGs by OpenCV, JPEGs by PIL.
+    frames = []
+    for path in expected_paths:
+        if path.lower().endswith('.png'):
+            frames.append(cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB))
+        else:
+            frames.append(np.asarray(Image.open(path).convert('RGB')))
+    assert [line['caption'] for line in lines] == captioner.caption(frames)
+    assert len({line['caption'] for line in lines}) > 1
+    assert 'broken.jpg' in err and 'skipped' in err
+    assert 'captioned 6 images, skipped 1' in err
+
+
+def test_prompt_reaches_the_captioner(image_folder, lively_checkpoint, capsys):
+    root, frames = image_folder
+    prompt = 'Question: is the conveyor empty? Answer:'
+    image = str(root / 'belt.png')
+    assert main(['--model', str(lively_checkpoint), '--prompt', prompt,
+                 '--max-new-tokens', '6', image]) == 0
+    with_prompt = json_lines(capsys.readouterr().out)
+    assert main(['--model', str(lively_checkpoint), '--max-new-tokens', '6', image]) == 0
+    without_prompt = json_lines(capsys.readouterr().out)
+    captioner = Blip2Captioner(CaptionerConfig(model=str(lively_checkpoint), max_new_tokens=6))
+    assert with_prompt == [{'image': image, 'caption': captioner.caption(
+        [frames['belt.png']], prompt=prompt)[0]}]
+    assert with_prompt != without_prompt
+
+
+def test_nothing_readable_exits_1(tmp_path, tiny_opt_checkpoint, capsys):
+    (tmp_path / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n')
+    (tmp_path / 'empty').mkdir()
+    assert main(['--model', str(tiny_opt_checkpoint), str(tmp_path / 'broken.png')]) == 1
+    out, err = capsys.readouterr()
+    assert out == '' and 'broken.png' in err and 'captioned 0 images' in err
+    assert main(['--model', str(tiny_opt_checkpoint), str(tmp_path / 'empty')]) == 1
+    assert 'no image files found' in capsys.readouterr().err
+
+
+def test_missing_path_is_skipped_with_a_warning(image_folder, tiny_opt_checkpoint, capsys):
+    root, _ = image_folder
+    status = main(['--model', str(tiny_opt_checkpoint), str(root / 'belt.png'),
+                   str(root / 'missing.png')])
+    out, err = capsys.readouterr()
+    assert status == 0
+    assert [line['image'] for line in json_lines(out)] == [str(root / 'belt.png')]
+    assert f'{root / "missing.png"}: no such file or folder' in err
+
+
+def test_model_that_cannot_load_exits_2_with_one_line(image_folder, tmp_path, capsys):
+    root, _ = image_folder
+    missing_model = tmp_path / 'no-model-here'
+    status = main(['--model', str(missing_model), '--local-files-only', str(root)])
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert out == ''
+    error_lines = [line for line in err.splitlines() if 'error' in line]
+    assert len(error_lines) == 1 and str(missing_model) in error_lines[0]
+    assert 'Traceback' not in err
+
+
+@pytest.mark.parametrize('arguments', [['--batch-size', '0'], ['--dtype', 'float8']])
+def test_bad_arguments_exit_2(arguments, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments + ['--model', 'unused', 'unused.png'])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip()
+
+
+def test_runs_as_a_module(image_folder, tiny_opt_checkpoint):
+    root, _ = image_folder
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, '-m', 'blip2_ros.caption_images', '--model', str(tiny_opt_checkpoint),
+         '--max-new-tokens', '3', str(root / 'belt.png'), str(root / 'webcam.jpg')],
+        capture_output=True, text=True, env=environment, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert [line['image'] for line in json_lines(result.stdout)] == [
+        str(root / 'belt.png'), str(root / 'webcam.jpg')]

@@ -1,0 +1,647 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+The inference core against the Hugging Face reference path, on tiny real BLIP-2 checkpoints.
+
+Captions are compared on frames already at the model's input size, where the fast
+preprocessing and the image processor agree to float rounding; preprocessing of other sizes is
+checked on its own, with the tolerance stated at PIXEL_TOLERANCE_LEVELS.
+"""
+
+import os
+import shutil
+
+from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, ModelLoadError,
+                                 resize_like_pil)
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+import torch
+from training.tiny_blip2 import build_tiny_blip2
+from transformers import (Blip2ForConditionalGeneration, Blip2Processor, OPTConfig,
+                          OPTForCausalLM)
+
+VQA_PROMPT = 'Question: is the conveyor empty? Answer:'
+# Prompts of different token lengths, so a batch of them needs padding.
+MIXED_PROMPTS = ['', 'a photo of', VQA_PROMPT, 'what is on the conveyor belt ?']
+
+# The fast path resizes uint8 with torch's antialiased kernel, which reproduces PIL's integer
+# resampling up to rounding: a pixel may land one uint8 level away from PIL's. After
+# normalisation one level is (1/255)/std, largest for the smallest channel std.
+PIXEL_TOLERANCE_LEVELS = 1
+# Most pixels match exactly; the worst case measured is an 8-pixel checkerboard shrunk 30x
+# (1080x1920 to 64x64), where 0.22 of a level is the mean difference.
+MEAN_TOLERANCE_LEVELS = 0.3
+
+
+def random_frame(seed, height, width):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def structured_frame(height, width):
+    """Gradients and an 8-pixel checkerboard: hard edges, the worst case for resampling."""
+    rows, columns = np.mgrid[0:height, 0:width]
+    frame = np.empty((height, width, 3), np.uint8)
+    frame[..., 0] = columns * 255 // max(width - 1, 1)
+    frame[..., 1] = rows * 255 // max(height - 1, 1)
+    frame[..., 2] = ((columns // 8 + rows // 8) % 2) * 255
+    return frame
+
+
+def smooth_frame(height, width):
+    """Slowly varying colours, like most of a real camera image."""
+    rows, columns = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [128 + 100 * np.sin(6 * columns + 2 * rows), 128 + 100 * np.cos(5 * rows),
+                128 + 90 * np.sin(4 * (columns + rows))]
+    return np.rint(np.stack(channels, axis=-1)).astype(np.uint8)
+
+
+def save_processor_variant(folder, **image_processor_settings):
+    """Rewrite the image processor settings of a saved checkpoint."""
+    processor = Blip2Processor.from_pretrained(folder)
+    for name, value in image_processor_settings.items():
+        setattr(processor.image_processor, name, value)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def lively_checkpoints(lively_opt_checkpoint, lively_t5_checkpoint):
+    return {'opt': lively_opt_checkpoint, 't5': lively_t5_checkpoint}
+
+
+@pytest.fixture(scope='module')
+def preprocessing_checkpoints(tiny_opt_checkpoint, tiny_t5_checkpoint, tmp_path_factory):
+    """Return the fixtures' checkpoints and ones with another input size, mean, std, filter."""
+    root = tmp_path_factory.mktemp('preprocessing')
+    t5_small = build_tiny_blip2(root / 't5-32', language_model='t5', image_size=32)
+    save_processor_variant(t5_small, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    opt_bilinear = build_tiny_blip2(root / 'opt-48-bilinear', language_model='opt',
+                                    image_size=48)
+    save_processor_variant(opt_bilinear, image_mean=[0.485, 0.456, 0.406],
+                           image_std=[0.229, 0.224, 0.225], resample=2)
+    return {'opt-64': tiny_opt_checkpoint, 't5-64': tiny_t5_checkpoint,
+            't5-32-mean0.5': t5_small, 'opt-48-bilinear-imagenet': opt_bilinear}
+
+
+def make_captioner(folder, **settings):
+    return Blip2Captioner(CaptionerConfig(model=str(folder), device='cpu', **settings))
+
+
+def levels(difference, image_processor):
+    """Convert a difference in normalised pixel values to uint8 levels of the worst channel."""
+    return difference / ((1.0 / 255.0) / min(image_processor.image_std))
+
+
+def reference_captions(folder, frames, prompts, max_new_tokens, encoder_decoder):
+    """Caption the documented Hugging Face way: processor, generate, decode."""
+    processor = Blip2Processor.from_pretrained(folder)
+    processor.tokenizer.padding_side = 'right' if encoder_decoder else 'left'
+    model = Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+    inputs = processor(images=frames, text=prompts, padding=True, return_tensors='pt')
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                num_beams=1)
+    if not encoder_decoder:
+        output = output[:, inputs['input_ids'].shape[1]:]
+    return [text.strip() for text in processor.batch_decode(output, skip_special_tokens=True)]
+
+
+def model_size_frames(count, size=64, first_seed=100):
+    return [random_frame(first_seed + index, size, size) for index in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+PREPROCESSING_FRAMES = {
+    'random-48x64': lambda size: random_frame(1, 48, 64),
+    'structured-48x64': lambda size: structured_frame(48, 64),
+    'random-480x640': lambda size: random_frame(2, 480, 640),
+    'structured-480x640': lambda size: structured_frame(480, 640),
+    'random-1080x1920': lambda size: random_frame(3, 1080, 1920),
+    'structured-1080x1920': lambda size: structured_frame(1080, 1920),
+    'random-model-size': lambda size: random_frame(4, size, size),
+}
+
+
+@pytest.mark.parametrize('frame_name', sorted(PREPROCESSING_FRAMES))
+@pytest.mark.parametrize('checkpoint_name', ['opt-64', 't5-64', 't5-32-mean0.5',
+                                             'opt-48-bilinear-imagenet'])
+def test_preprocessing_matches_the_checkpoint_image_processor(
+        preprocessing_checkpoints, checkpoint_name, frame_name):
+    captioner = make_captioner(preprocessing_checkpoints[checkpoint_name])
+    assert captioner.fast_preprocessing, 'these settings must take the fast path under test'
+    image_processor = captioner.processor.image_processor
+    size = captioner.image_size[0]
+    frame = PREPROCESSING_FRAMES[frame_name](size)
+
+    fast = captioner.preprocess([frame])
+    reference = image_processor([frame], return_tensors='pt')['pixel_values']
+
+    assert fast.shape == reference.shape == (1, 3, size, size)
+    assert fast.dtype == torch.float32
+    difference = (fast - reference).abs()
+    assert levels(difference.max().item(), image_processor) <= PIXEL_TOLERANCE_LEVELS + 1e-3
+    assert levels(difference.mean().item(), image_processor) <= MEAN_TOLERANCE_LEVELS
+    if frame_name == 'random-model-size':
+        # No resize: only the folded rescale-and-normalise, exact to float rounding.
+        assert difference.max().item() < 1e-5
+
+
+@pytest.mark.parametrize('height, width', [(640, 480), (104, 77), (300, 100)])
+def test_preprocessing_of_tall_frames(preprocessing_checkpoints, height, width):
+    # Pillow 13 resizes some tall images vertically first, the fast path (like Pillow before
+    # it and torchvision) horizontally first. The order changes where bicubic overshoot gets
+    # clipped: on smooth content that is a level or two, on noise up to 25 levels, so tall
+    # frames are checked on smooth content, with a bound that still catches swapped axes.
+    captioner = make_captioner(preprocessing_checkpoints['opt-64'])
+    image_processor = captioner.processor.image_processor
+    frame = smooth_frame(height, width)
+    difference = (captioner.preprocess([frame])
+                  - image_processor([frame], return_tensors='pt')['pixel_values']).abs()
+    assert levels(difference.max().item(), image_processor) <= 2 + 1e-3
+    assert levels(difference.mean().item(), image_processor) <= 0.05
+
+
+@pytest.mark.parametrize('height, width, size', [
+    (31, 17, 64), (48, 64, 64), (480, 640, 64), (1080, 1920, 224), (104, 77, 64),
+    (300, 100, 224), (10, 300, 64), (48, 64, 224)])
+@pytest.mark.parametrize('mode', ['bicubic', 'bilinear'])
+def test_float_resize_used_on_gpus_matches_the_uint8_resize(height, width, size, mode):
+    # GPUs have no uint8 antialiased kernel, so there the image is resized in float. Run that
+    # code on the CPU and hold it to the uint8 kernel: at most one level apart, except two
+    # when upscaling more than 3x, where the uint8 kernel's fixed-point weights round
+    # differently (measured: bilinear 48x64 to 224x224, 6% of values one level off).
+    image = torch.from_numpy(random_frame(7, height, width)).permute(2, 0, 1).unsqueeze(0)
+    by_uint8 = resize_like_pil(image, (size, size), mode)
+    by_float = resize_like_pil(image.float(), (size, size), mode)
+    assert by_uint8.dtype == torch.uint8 and by_float.dtype == torch.float32
+    assert torch.equal(by_float, by_float.round())
+    difference = (by_float - by_uint8.float()).abs()
+    large_upscale = max(size / height, size / width) > 3
+    assert difference.max().item() <= (2 if large_upscale else 1)
+    assert difference.mean().item() <= (0.1 if large_upscale else 0.02)
+
+
+def test_preprocessing_takes_views_and_batches_frames_of_different_sizes(tiny_opt_checkpoint):
+    captioner = make_captioner(tiny_opt_checkpoint)
+    bgr = random_frame(5, 48, 64)
+    rgb_view = bgr[..., ::-1]
+    assert not rgb_view.flags['C_CONTIGUOUS']
+    small, large = random_frame(6, 30, 40), random_frame(7, 480, 640)
+
+    batch = captioner.preprocess([rgb_view, small, large])
+
+    assert batch.shape == (3, 3, 64, 64)
+    assert torch.equal(batch[0], captioner.preprocess([np.ascontiguousarray(rgb_view)])[0])
+    assert torch.equal(batch[1], captioner.preprocess([small])[0])
+    assert torch.equal(batch[2], captioner.preprocess([large])[0])
+
+
+@pytest.mark.parametrize('bad_frame', [
+    np.zeros((48, 64), np.uint8), np.zeros((48, 64, 4), np.uint8),
+    np.zeros((48, 64, 3), np.float32)], ids=['grey', 'rgba', 'float'])
+def test_preprocessing_rejects_frames_that_are_not_uint8_rgb(tiny_opt_checkpoint, bad_frame):
+    captioner = make_captioner(tiny_opt_checkpoint)
+    with pytest.raises(ValueError, match='HxWx3 uint8'):
+        captioner.preprocess([bad_frame])
+
+
+def test_settings_outside_the_fast_path_use_the_image_processor_itself(tmp_path):
+    folder = build_tiny_blip2(tmp_path / 'lanczos', language_model='opt', image_size=32)
+    save_processor_variant(folder, resample=1)  # PIL LANCZOS: no torch equivalent
+    captioner = make_captioner(folder)
+    assert not captioner.fast_preprocessing
+    frame = random_frame(8, 48, 64)
+    reference = captioner.processor.image_processor([frame], return_tensors='pt')
+    assert torch.equal(captioner.preprocess([frame]), reference['pixel_values'])
+    assert len(captioner.caption([frame], max_new_tokens=3)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions against the reference path
+
+
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+@pytest.mark.parametrize('prompt', ['', VQA_PROMPT], ids=['no-prompt', 'vqa-prompt'])
+def test_captions_match_the_reference_path(lively_checkpoints, language_model, prompt):
+    folder = lively_checkpoints[language_model]
+    captioner = make_captioner(folder, max_new_tokens=8)
+    frames = model_size_frames(4)
+
+    single = captioner.caption(frames[:1], prompt=prompt)
+    batch = captioner.caption(frames, prompt=prompt)
+
+    encoder_decoder = language_model == 't5'
+    assert single == reference_captions(folder, frames[:1], [prompt], 8, encoder_decoder)
+    assert batch == reference_captions(folder, frames, [prompt] * 4, 8, encoder_decoder)
+    assert batch[0] == single[0]
+    assert len(set(batch)) > 1, 'the model must tell the frames apart for this to mean anything'
+
+
+def test_prompt_changes_the_caption(lively_checkpoints):
+    captioner = make_captioner(lively_checkpoints['opt'], max_new_tokens=8)
+    frames = model_size_frames(3)
+    assert captioner.caption(frames, prompt='') != captioner.caption(frames, prompt=VQA_PROMPT)
+    captioner.config.prompt = VQA_PROMPT
+    assert captioner.caption(frames) == captioner.caption(frames, prompt=VQA_PROMPT)
+
+
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_batched_different_prompts_equal_captioning_each_frame_alone(
+        lively_checkpoints, language_model):
+    folder = lively_checkpoints[language_model]
+    captioner = make_captioner(folder, max_new_tokens=8)
+    frames = model_size_frames(len(MIXED_PROMPTS))
+
+    batched = captioner.caption(frames, prompt=MIXED_PROMPTS)
+    alone = [captioner.caption([frame], prompt=prompt)[0]
+             for frame, prompt in zip(frames, MIXED_PROMPTS)]
+
+    assert batched == alone
+    assert batched == reference_captions(folder, frames, MIXED_PROMPTS, 8,
+                                         language_model == 't5')
+    assert captioner.processor.tokenizer.padding_side == (
+        'right' if language_model == 't5' else 'left')
+
+
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_padding_on_the_wrong_side_would_be_caught(lively_checkpoints, language_model):
+    # Guards the test above: on these checkpoints, padding on the wrong side does change
+    # captions, so equality there proves the side is right.
+    captioner = make_captioner(lively_checkpoints[language_model], max_new_tokens=8)
+    tokenizer = captioner.processor.tokenizer
+    tokenizer.padding_side = 'left' if tokenizer.padding_side == 'right' else 'right'
+    frames = model_size_frames(len(MIXED_PROMPTS))
+    alone = [captioner.caption([frame], prompt=prompt)[0]
+             for frame, prompt in zip(frames, MIXED_PROMPTS)]
+    assert captioner.caption(frames, prompt=MIXED_PROMPTS) != alone
+
+
+def test_prompt_count_must_match_frame_count(tiny_opt_checkpoint):
+    captioner = make_captioner(tiny_opt_checkpoint)
+    with pytest.raises(ValueError, match='2 prompts for 3 frames'):
+        captioner.caption(model_size_frames(3), prompt=['a', 'b'])
+
+
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_greedy_decoding_is_deterministic_and_position_independent(
+        lively_checkpoints, language_model):
+    captioner = make_captioner(lively_checkpoints[language_model], max_new_tokens=8)
+    frames = model_size_frames(3) + [random_frame(9, 480, 640)]
+    first = captioner.caption(frames)
+    assert captioner.caption(frames) == first
+    assert captioner.caption(frames[::-1]) == first[::-1]
+
+
+@pytest.mark.parametrize('count', [0, 1, 5])
+def test_a_batch_of_n_frames_gives_n_captions(tiny_t5_checkpoint, count):
+    captioner = make_captioner(tiny_t5_checkpoint, max_new_tokens=4)
+    captions = captioner.caption(model_size_frames(count))
+    assert len(captions) == count
+    assert all(isinstance(caption, str) for caption in captions)
+
+
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_max_new_tokens_is_respected(lively_checkpoints, language_model):
+    # The word-level tokenizer decodes one token to one space-separated word. Suppressing the
+    # special tokens (end of sequence included) makes generation run to the limit, so the
+    # count must be exact; without that, it is an upper bound.
+    captioner = make_captioner(lively_checkpoints[language_model], max_new_tokens=5)
+    frames = model_size_frames(3)
+    special = captioner.processor.tokenizer.all_special_ids
+    for limit in (1, 3, 7):
+        forced = captioner.caption(frames, max_new_tokens=limit, suppress_tokens=special)
+        assert [len(caption.split()) for caption in forced] == [limit] * 3
+        free = captioner.caption(frames, max_new_tokens=limit)
+        assert all(len(caption.split()) <= limit for caption in free)
+    by_config = captioner.caption(frames, suppress_tokens=special)
+    assert [len(caption.split()) for caption in by_config] == [5] * 3
+
+
+def test_static_cache_gives_the_same_captions(lively_checkpoints):
+    frames = model_size_frames(3)
+    dynamic = make_captioner(lively_checkpoints['opt'], max_new_tokens=6).caption(frames)
+    static = make_captioner(lively_checkpoints['opt'], max_new_tokens=6,
+                            cache='static').caption(frames)
+    assert static == dynamic
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def assert_one_line(error, *fragments):
+    message = str(error.value)
+    assert '\n' not in message and message.strip() == message
+    for fragment in fragments:
+        assert fragment in message, f'{fragment!r} not in {message!r}'
+
+
+def test_loads_a_local_folder_on_cpu_as_float32(tiny_opt_checkpoint):
+    captioner = make_captioner(tiny_opt_checkpoint, dtype='auto')
+    assert isinstance(captioner.model, Blip2ForConditionalGeneration)
+    assert captioner.device == torch.device('cpu')
+    assert captioner.dtype == torch.float32
+    assert all(parameter.dtype == torch.float32 for parameter in captioner.model.parameters())
+    assert not captioner.model.training
+    assert captioner.preprocess(model_size_frames(1)).dtype == torch.float32
+
+
+def test_bfloat16_on_cpu_when_asked(lively_checkpoints):
+    captioner = make_captioner(lively_checkpoints['opt'], dtype='bfloat16', max_new_tokens=4)
+    assert captioner.dtype == torch.bfloat16
+    assert next(captioner.model.parameters()).dtype == torch.bfloat16
+    assert captioner.preprocess(model_size_frames(1)).dtype == torch.bfloat16
+    assert len(captioner.caption(model_size_frames(2))) == 2
+
+
+def test_hub_id_missing_from_the_local_cache_is_one_clear_line():
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner('acme-robotics/blip2-does-not-exist', local_files_only=True)
+    assert_one_line(error, "'acme-robotics/blip2-does-not-exist'", 'local_files_only')
+
+
+def test_missing_folder_is_one_clear_line(tmp_path):
+    missing = tmp_path / 'no-such-checkpoint'
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(missing)
+    assert_one_line(error, str(missing), 'no such folder')
+
+
+def test_folder_without_a_config_is_refused(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(tmp_path / 'empty')
+    assert_one_line(error, str(tmp_path / 'empty'))
+
+
+@pytest.fixture(scope='module')
+def pickle_only_checkpoint(lively_checkpoints, tmp_path_factory):
+    """Copy the lively OPT checkpoint with its weights in pytorch_model.bin (a pickle) only."""
+    # transformers 5 ignores safe_serialization=False, so write the legacy file by hand.
+    folder = tmp_path_factory.mktemp('pickle') / 'opt-bin'
+    shutil.copytree(lively_checkpoints['opt'], folder)
+    weights = load_file(folder / 'model.safetensors')
+    os.remove(folder / 'model.safetensors')
+    torch.save(weights, folder / 'pytorch_model.bin')
+    return folder
+
+
+def test_pickle_weights_are_refused_unless_allowed(pickle_only_checkpoint, lively_checkpoints):
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(pickle_only_checkpoint)
+    assert_one_line(error, str(pickle_only_checkpoint), 'allow_pickle')
+
+    frames = model_size_frames(3)
+    from_pickle = make_captioner(pickle_only_checkpoint, allow_pickle=True, max_new_tokens=6)
+    from_safetensors = make_captioner(lively_checkpoints['opt'], max_new_tokens=6)
+    assert from_pickle.caption(frames) == from_safetensors.caption(frames)
+
+
+def test_allow_pickle_still_loads_safetensors_checkpoints(lively_checkpoints):
+    captioner = make_captioner(lively_checkpoints['opt'], allow_pickle=True)
+    assert len(captioner.caption(model_size_frames(1))) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the error on a machine without GPU')
+def test_cuda_without_a_gpu_is_refused(tiny_opt_checkpoint):
+    with pytest.raises(ModelLoadError) as error:
+        Blip2Captioner(CaptionerConfig(model=str(tiny_opt_checkpoint), device='cuda'))
+    assert_one_line(error, "'cuda'", 'cpu')
+
+
+@pytest.mark.parametrize('device', ['gpu', 'cuda:x', f'cuda:{torch.cuda.device_count()}'])
+def test_unknown_or_absent_devices_are_refused(tiny_opt_checkpoint, device):
+    with pytest.raises(ModelLoadError) as error:
+        Blip2Captioner(CaptionerConfig(model=str(tiny_opt_checkpoint), device=device))
+    assert_one_line(error, f"'{device}'")
+
+
+def test_unknown_dtype_is_refused(tiny_opt_checkpoint):
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(tiny_opt_checkpoint, dtype='fp8')
+    assert_one_line(error, "'fp8'", 'bfloat16', 'float32')
+
+
+def test_float16_is_refused_for_flan_t5(tiny_t5_checkpoint):
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(tiny_t5_checkpoint, dtype='float16')
+    assert_one_line(error, 'float16', 'bfloat16')
+
+
+def test_a_model_that_is_not_blip2_is_refused(tmp_path):
+    folder = tmp_path / 'plain-opt'
+    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                             num_attention_heads=2, word_embed_proj_dim=16,
+                             max_position_embeddings=32)).save_pretrained(folder)
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(folder)
+    assert_one_line(error, str(folder), "'opt'", 'not BLIP-2')
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters
+
+
+def perturb_lora(model, seed=3):
+    """Give the LoRA B matrices, which start at zero (a no-op adapter), values that matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if 'lora_B' in name:
+                parameter.normal_(0.0, 0.5, generator=generator)
+
+
+def forward_logits(model, processor, frames, prompt=''):
+    inputs = processor(images=frames, text=[prompt] * len(frames), padding=True,
+                       return_tensors='pt')
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(scope='module')
+def adapters(lively_checkpoints, tmp_path_factory):
+    """
+    Save LoRA adapters in both forms; return each folder with the model it was saved from.
+
+    'language_model': get_peft_model on the language model alone; its keys have no
+    ``language_model.`` prefix. 'whole_model': get_peft_model on Blip2ForConditionalGeneration
+    with target_modules restricted to the language model's attention, as the training tools do.
+    """
+    from peft import get_peft_model, LoraConfig
+    root = tmp_path_factory.mktemp('adapters')
+    base = lively_checkpoints['opt']
+    result = {}
+
+    language_only = Blip2ForConditionalGeneration.from_pretrained(base).eval()
+    peft_language_model = get_peft_model(
+        language_only.language_model, LoraConfig(r=4, target_modules=['q_proj', 'v_proj']))
+    perturb_lora(peft_language_model, seed=3)
+    peft_language_model.save_pretrained(root / 'language_model')
+    # get_peft_model injected the LoRA layers into language_only in place.
+    result['language_model'] = (root / 'language_model', language_only)
+
+    whole = Blip2ForConditionalGeneration.from_pretrained(base).eval()
+    peft_whole = get_peft_model(whole, LoraConfig(
+        r=4, target_modules=r'.*language_model.*\.(q_proj|v_proj)'))
+    perturb_lora(peft_whole, seed=4)
+    peft_whole.save_pretrained(root / 'whole_model')
+    result['whole_model'] = (root / 'whole_model', peft_whole)
+    return result
+
+
+def test_whole_model_adapter_keys_sit_under_language_model(adapters):
+    keys = list(load_file(adapters['whole_model'][0] / 'adapter_model.safetensors'))
+    assert keys and all(key.startswith('base_model.model.language_model.') for key in keys)
+    keys = list(load_file(adapters['language_model'][0] / 'adapter_model.safetensors'))
+    assert keys and all(key.startswith('base_model.model.model.decoder.') for key in keys)
+
+
+@pytest.mark.parametrize('form', ['language_model', 'whole_model'])
+def test_adapter_gives_the_peft_model_outputs(lively_checkpoints, adapters, form):
+    folder, peft_model = adapters[form]
+    base = make_captioner(lively_checkpoints['opt'], max_new_tokens=8)
+    adapted = make_captioner(lively_checkpoints['opt'], adapter=str(folder), max_new_tokens=8)
+    processor = adapted.processor
+    frames = model_size_frames(4)
+
+    expected = forward_logits(peft_model, processor, frames)
+    merged = forward_logits(adapted.model, processor, frames)
+    assert torch.allclose(merged, expected, atol=1e-4, rtol=1e-4)
+    assert (merged - forward_logits(base.model, processor, frames)).abs().max() > 0.1
+
+    inputs = processor(images=frames, text=[''] * 4, padding=True, return_tensors='pt')
+    with torch.no_grad():
+        output = peft_model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    output = output[:, inputs['input_ids'].shape[1]:]
+    expected_captions = [text.strip() for text in
+                         processor.batch_decode(output, skip_special_tokens=True)]
+    captions = adapted.caption(frames)
+    assert captions == expected_captions
+    assert captions != base.caption(frames)
+
+
+def test_adapter_weights_that_fit_no_layer_are_refused(lively_checkpoints, adapters, tmp_path):
+    # peft only warns about such an adapter and runs the base model; a robot must not.
+    folder = tmp_path / 'shifted'
+    shutil.copytree(adapters['whole_model'][0], folder)
+    weights = load_file(folder / 'adapter_model.safetensors')
+    weights = {key.replace('layers.1.', 'layers.7.'): value for key, value in weights.items()}
+    save_file(weights, folder / 'adapter_model.safetensors')
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(lively_checkpoints['opt'], adapter=str(folder))
+    assert_one_line(error, str(folder), 'does not fit')
+
+
+def test_adapter_for_another_architecture_is_refused(lively_checkpoints, adapters):
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(lively_checkpoints['t5'], adapter=str(adapters['whole_model'][0]))
+    assert_one_line(error, str(adapters['whole_model'][0]))
+
+
+def test_pickle_adapter_is_refused_unless_allowed(lively_checkpoints, adapters, tmp_path):
+    source, peft_model = adapters['whole_model']
+    folder = tmp_path / 'pickle-adapter'
+    shutil.copytree(source, folder)
+    torch.save(load_file(folder / 'adapter_model.safetensors'), folder / 'adapter_model.bin')
+    os.remove(folder / 'adapter_model.safetensors')
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(lively_checkpoints['opt'], adapter=str(folder))
+    assert_one_line(error, str(folder), 'allow_pickle')
+
+    adapted = make_captioner(lively_checkpoints['opt'], adapter=str(folder), allow_pickle=True)
+    frames = model_size_frames(2)
+    assert torch.allclose(forward_logits(adapted.model, adapted.processor, frames),
+                          forward_logits(peft_model, adapted.processor, frames),
+                          atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_learning_adapter_is_refused(lively_checkpoints, tmp_path):
+    from peft import get_peft_model, PromptTuningConfig
+    model = Blip2ForConditionalGeneration.from_pretrained(lively_checkpoints['opt'])
+    prompt_tuning = get_peft_model(model.language_model, PromptTuningConfig(
+        task_type='CAUSAL_LM', num_virtual_tokens=4))
+    prompt_tuning.save_pretrained(tmp_path / 'prompt-tuning')
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(lively_checkpoints['opt'], adapter=str(tmp_path / 'prompt-tuning'))
+    assert_one_line(error, 'prompt-learning', 'LoRA')
+    assert 'cannot apply' not in str(error.value)
+
+
+@pytest.mark.parametrize('layout', ['missing', 'empty'])
+def test_adapter_folder_without_an_adapter_is_refused(tiny_opt_checkpoint, tmp_path, layout):
+    folder = tmp_path / 'adapter'
+    if layout == 'empty':
+        folder.mkdir()
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(tiny_opt_checkpoint, adapter=str(folder))
+    assert_one_line(error, str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU (skipped on the CPU-only CI machines; run by hand where a GPU is at hand)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+@needs_cuda
+@pytest.mark.parametrize('frame_name', sorted(PREPROCESSING_FRAMES))
+def test_gpu_preprocessing_matches_the_image_processor(tiny_opt_checkpoint, frame_name):
+    captioner = make_captioner(tiny_opt_checkpoint)
+    captioner_gpu = Blip2Captioner(CaptionerConfig(
+        model=str(tiny_opt_checkpoint), device='cuda', dtype='float32'))
+    image_processor = captioner.processor.image_processor
+    frame = PREPROCESSING_FRAMES[frame_name](64)
+    reference = image_processor([frame], return_tensors='pt')['pixel_values']
+    difference = (captioner_gpu.preprocess([frame]).cpu() - reference).abs()
+    assert levels(difference.max().item(), image_processor) <= PIXEL_TOLERANCE_LEVELS + 1e-3
+    assert levels(difference.mean().item(), image_processor) <= MEAN_TOLERANCE_LEVELS
+
+
+@needs_cuda
+def test_gpu_auto_dtype_is_a_16_bit_float_and_captions(lively_checkpoints):
+    gpu = Blip2Captioner(CaptionerConfig(model=str(lively_checkpoints['opt']), device='auto',
+                                         max_new_tokens=8))
+    assert gpu.device.type == 'cuda'
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert gpu.dtype == expected
+    assert next(gpu.model.parameters()).dtype == expected
+    frames = model_size_frames(4) + [random_frame(10, 1080, 1920)]
+    captions = gpu.caption(frames, prompt=MIXED_PROMPTS + [''])
+    assert len(captions) == 5 and all(isinstance(caption, str) for caption in captions)
+
+
+@pytest.fixture
+def exact_cuda_float32():
+    """Turn TF32 off (cuDNN convolutions use it by default) so CPU and GPU can be compared."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@needs_cuda
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_gpu_float32_captions_equal_cpu_captions(lively_checkpoints, exact_cuda_float32,
+                                                 language_model):
+    folder = str(lively_checkpoints[language_model])
+    frames = model_size_frames(len(MIXED_PROMPTS))
+    cpu = make_captioner(folder, max_new_tokens=8).caption(frames, prompt=MIXED_PROMPTS)
+    gpu = Blip2Captioner(CaptionerConfig(model=folder, device='cuda', dtype='float32',
+                                         max_new_tokens=8))
+    assert gpu.caption(frames, prompt=MIXED_PROMPTS) == cpu
