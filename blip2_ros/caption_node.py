@@ -22,17 +22,16 @@ are faster than the model.
 """
 
 from collections import deque
-from dataclasses import dataclass
 import json
 import threading
 import time
 
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, DEFAULT_MODEL, ModelLoadError
 from blip2_ros.image_conversion import ImageConversionError, message_to_rgb
+from blip2_ros.parameters import declare, markdown_table, ParameterSpec
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 import numpy as np
-from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
-                                SetParametersResult)
+from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -44,18 +43,6 @@ from std_srvs.srv import SetBool, Trigger
 import torch
 
 NODE_NAME = 'blip2_caption'
-
-
-@dataclass(frozen=True)
-class ParameterSpec:
-    """One node parameter: its default, what it means, and whether it can change at run time."""
-
-    name: str
-    default: object
-    description: str
-    read_only: bool = True
-    integer_range: tuple = None
-    float_range: tuple = None
 
 
 # The single list of parameters: the node declares these, config/caption_node.yaml holds the same
@@ -106,13 +93,7 @@ LATENCY_WINDOW = 200
 
 def parameters_markdown():
     """Return the README's parameter table, generated from PARAMETERS."""
-    rows = ['| name | default | changes at run time | what it does |', '|---|---|---|---|']
-    for spec in PARAMETERS:
-        default = spec.default if isinstance(spec.default, str) else json.dumps(spec.default)
-        default = default or "''"
-        runtime = 'no' if spec.read_only else 'yes'
-        rows.append(f'| `{spec.name}` | `{default}` | {runtime} | {spec.description} |')
-    return '\n'.join(rows)
+    return markdown_table(PARAMETERS)
 
 
 class RateMeter:
@@ -230,16 +211,7 @@ class CaptionNode(Node):
     # Parameters ----------------------------------------------------------------------------
 
     def _declare_parameters(self):
-        for spec in PARAMETERS:
-            descriptor = ParameterDescriptor(description=spec.description,
-                                             read_only=spec.read_only)
-            if spec.integer_range:
-                descriptor.integer_range = [IntegerRange(
-                    from_value=spec.integer_range[0], to_value=spec.integer_range[1], step=1)]
-            if spec.float_range:
-                descriptor.floating_point_range = [FloatingPointRange(
-                    from_value=spec.float_range[0], to_value=spec.float_range[1], step=0.0)]
-            self.declare_parameter(spec.name, spec.default, descriptor)
+        declare(self, PARAMETERS)
         reliability = self.get_parameter('reliability').value
         if reliability not in ('best_effort', 'reliable'):
             raise ModelLoadError(

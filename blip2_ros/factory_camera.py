@@ -31,14 +31,13 @@ that many frames are out.
 """
 
 import array
-from dataclasses import dataclass
 import json
 import sys
 import threading
 
+from blip2_ros.parameters import declare, ParameterSpec
 from blip2_ros.synthetic_factory import COLOURS, COUNT_WORDS, KINDS, scene_at, SceneSpec
 import cv2
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 import rclpy
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
@@ -56,18 +55,6 @@ MAX_INT32 = 2 ** 31 - 1
 
 class FactoryCameraError(ValueError):
     """A parameter value the camera cannot use; the message is one line."""
-
-
-@dataclass(frozen=True)
-class ParameterSpec:
-    """One node parameter: its default and what it means (same fields as the caption node's)."""
-
-    name: str
-    default: object
-    description: str
-    read_only: bool = True
-    integer_range: tuple = None
-    float_range: tuple = None
 
 
 # The camera's parameters, declared from this one list; a README table can be generated from it.
@@ -103,17 +90,6 @@ PARAMETERS = (
     ParameterSpec('kinds', list(KINDS), f'Item kinds scenes draw from (subset of '
                   f'{", ".join(KINDS)}).'),
 )
-
-
-def _descriptor(spec):
-    descriptor = ParameterDescriptor(description=spec.description, read_only=spec.read_only)
-    if spec.integer_range:
-        descriptor.integer_range = [IntegerRange(
-            from_value=spec.integer_range[0], to_value=spec.integer_range[1], step=1)]
-    if spec.float_range:
-        descriptor.floating_point_range = [FloatingPointRange(
-            from_value=spec.float_range[0], to_value=spec.float_range[1], step=0.0)]
-    return descriptor
 
 
 def image_message(frame, stamp, frame_id):
@@ -155,8 +131,7 @@ class FactoryCamera(Node):
     def __init__(self, **node_options):
         """Declare parameters, create publishers and start the frame timer."""
         super().__init__('factory_camera', **node_options)
-        self.declare_parameters(
-            '', [(spec.name, spec.default, _descriptor(spec)) for spec in PARAMETERS])
+        declare(self, PARAMETERS)
         value = self._value
         reliability = value('reliability')
         if reliability not in RELIABILITY:
