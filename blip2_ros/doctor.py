@@ -165,16 +165,14 @@ def check_messages():
 
 def check_cv_bridge():
     """cv_bridge is optional: the node converts images itself where it is absent."""
-    try:
-        import cv_bridge  # noqa: F401
-    except Exception as error:
-        reason = 'not installed' if isinstance(error, ModuleNotFoundError) else (
-            f'installed but broken ({_one_line(error)})')
-        return Check(WARN, f'cv_bridge {reason}: the node converts images with '
-                           'blip2_ros.image_conversion (numpy/OpenCV, same encodings) instead',
-                     'nothing needed; on a ROS 2 install, apt install ros-<distro>-cv-bridge '
-                     'adds it (the PyPI package named cv-bridge is a ROS 1 port: do not use it)')
-    return Check(OK, 'cv_bridge present')
+    # Decided the way the node decides, so PyPI's broken ROS 1 port is never imported here.
+    from blip2_ros.image_conversion import cv_bridge_in_use
+    if cv_bridge_in_use():
+        return Check(OK, 'cv_bridge from the ROS 2 install converts raw images')
+    return Check(WARN, 'no ROS 2 cv_bridge: the node converts images with '
+                       'blip2_ros.image_conversion (numpy/OpenCV, same encodings) instead',
+                 'nothing needed; on a ROS 2 install, apt install ros-<distro>-cv-bridge '
+                 'adds it (the PyPI package named cv-bridge is a ROS 1 port: do not use it)')
 
 
 def check_java():

@@ -24,6 +24,22 @@ returned as a view of the message buffer (read-only when that buffer is, as with
 messages), so copy the result before changing it in place or keeping it longer than the
 message. Every other encoding produces a fresh array.
 
+Where the ROS 2 distribution provides cv_bridge, raw rclpy ``sensor_msgs/Image`` messages
+are converted with ``CvBridge().imgmsg_to_cv2(msg, desired_encoding='rgb8')``, after the same
+validation (so a bad frame fails with the same ``reason`` either way). cv_bridge counts as
+provided only when the ament index (``AMENT_PREFIX_PATH``) lists a ``cv_bridge`` package and
+the ``cv_bridge`` module Python would import lives under that package's prefix; any other
+(such as the PyPI package named ``cv-bridge``, a ROS 1 port that breaks on numpy 2) is never
+imported. The numpy path below converts everything else:
+
+* messages deserialized by ``rosbags`` (the bag converter never uses cv_bridge);
+* ``rgb8`` already is the target encoding (it stays a zero-copy view);
+* ``8UC1``/``8UC3``/``8UC4`` and ``16UC1``, which cv_bridge refuses to colour-convert (and
+  ``16UC1`` is min-max stretched here, see below);
+* big-endian messages (cv_bridge byte-swaps with ``ndarray.newbyteorder``, gone in numpy 2)
+  and padded rows (older cv_bridge ignores ``step``, newer rounds it down to whole pixels);
+* any frame that cv_bridge fails to convert: its failure rejects nothing.
+
 YUV 4:2:2 is converted with BT.601 video-range coefficients (OpenCV's, as cv_bridge uses).
 
 16-bit images become 8 bit in one of two ways, chosen by what the encoding means:
@@ -41,7 +57,10 @@ nothing), so ``max_pixels`` rejects a decompression bomb before any pixel is dec
 are rejected as unsupported.
 """
 
+import functools
+import importlib.util
 import io
+import os
 import warnings
 
 import cv2
@@ -52,6 +71,7 @@ __all__ = [
     'ImageConversionError',
     'SUPPORTED_ENCODINGS',
     'compressed_to_rgb',
+    'cv_bridge_in_use',
     'image_to_rgb',
     'message_to_rgb',
 ]
@@ -124,6 +144,14 @@ _LAYOUTS = {
 
 SUPPORTED_ENCODINGS = tuple(sorted(_LAYOUTS))
 
+# Encodings for which cv_bridge's conversion to rgb8 means the same as ours (same OpenCV
+# colour codes, same fixed 16-to-8-bit scale). Spelled as ROS spells them.
+_CV_BRIDGE_ENCODINGS = frozenset([
+    'bgr8', 'rgba8', 'bgra8', 'mono8', 'mono16', 'rgb16', 'bgr16', 'rgba16', 'bgra16',
+    'bayer_rggb8', 'bayer_bggr8', 'bayer_gbrg8', 'bayer_grbg8',
+    'yuv422', 'uyvy', 'yuv422_yuy2', 'yuyv',
+])
+
 
 def message_to_rgb(msg, max_pixels=None):
     """
@@ -175,6 +203,12 @@ def image_to_rgb(msg, max_pixels=None):
     if layout.channels == 2 and width % 2:
         raise ImageConversionError(
             'bad_size', f'{encoding} packs two pixels per sample, but the width {width} is odd')
+
+    if (encoding in _CV_BRIDGE_ENCODINGS and not msg.is_bigendian and step == row_bytes
+            and _is_rclpy_image(msg)):
+        converted = _convert_with_cv_bridge(msg, height, width)
+        if converted is not None:
+            return converted
 
     rows = data.reshape(height, step)[:, :row_bytes]
     if layout.bytes_per_channel == 2:
@@ -240,6 +274,55 @@ def compressed_to_rgb(msg, max_pixels=None):
         return cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGB)
     raise ImageConversionError(
         'undecodable', f"compressed image '{fmt}' decodes to {channels} channels")
+
+
+def cv_bridge_in_use():
+    """Return True when raw rclpy Image messages are converted with ROS 2's cv_bridge."""
+    return _ros_cv_bridge() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _ros_cv_bridge():
+    """Return a CvBridge from the ROS 2 install, or None where the distribution has none."""
+    try:
+        from ament_index_python.packages import get_package_prefix
+        prefix = os.path.abspath(get_package_prefix('cv_bridge'))
+        spec = importlib.util.find_spec('cv_bridge')
+    except (ImportError, LookupError, OSError, ValueError):
+        return None
+    # Located before it is imported, so a cv_bridge from elsewhere (PyPI's ROS 1 port) never
+    # runs. abspath, not resolve: a colcon --symlink-install links out of the prefix.
+    origin = os.path.abspath(spec.origin) if spec is not None and spec.origin else ''
+    if not origin or os.path.commonpath([origin, prefix]) != prefix:
+        return None
+    try:
+        from cv_bridge import CvBridge
+        return CvBridge()
+    except Exception:
+        # A half-installed cv_bridge fails in many ways; none of them is fatal here.
+        return None
+
+
+def _is_rclpy_image(msg):
+    message_type = type(msg)
+    return message_type.__name__ == 'Image' and message_type.__module__.startswith(
+        'sensor_msgs.msg')
+
+
+def _convert_with_cv_bridge(msg, height, width):
+    """Return cv_bridge's rgb8 conversion, or None to leave the frame to the numpy path."""
+    bridge = _ros_cv_bridge()
+    if bridge is None:
+        return None
+    try:
+        converted = bridge.imgmsg_to_cv2(msg, desired_encoding='rgb8')
+    except Exception:
+        # The frame passed our validation, so a cv_bridge failure is cv_bridge's to own.
+        return None
+    if (not isinstance(converted, np.ndarray) or converted.dtype != np.uint8
+            or converted.shape != (height, width, 3)):
+        return None
+    return np.ascontiguousarray(converted)
 
 
 def _as_bytes_array(data):
