@@ -115,7 +115,8 @@ def check_cuda():
     checks = []
     for index in range(torch.cuda.device_count()):
         properties = torch.cuda.get_device_properties(index)
-        bf16 = 'bf16' if torch.cuda.is_bf16_supported() else 'no bf16 (float16 is used)'
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        bf16 = 'bf16' if native_bf16 else 'no bf16 (float16 is used)'
         checks.append(Check(OK, f'CUDA GPU {index}: {properties.name}, '
                                 f'{properties.total_memory / GIB:.1f} GiB, compute capability '
                                 f'{properties.major}.{properties.minor}, {bf16} '
@@ -277,7 +278,8 @@ def _fits(parameters):
         import torch
         if torch.cuda.is_available():
             total = torch.cuda.get_device_properties(0).total_memory
-            dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            dtype = 'bfloat16' if native_bf16 else 'float16'
             where = f'GPU 0 ({total / GIB:.1f} GiB)'
         else:
             total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')

@@ -1,0 +1,244 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""training.evaluate: COCO caption scores, published numbers, fallbacks, model comparison."""
+
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+from training import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+COCO_CAPTION = REPO.parent / 'shared' / 'realdata' / 'coco_caption'
+FAKECAP_RESULTS = COCO_CAPTION / 'captions_val2014_fakecap_results.json'
+TOKENIZED_REFS = COCO_CAPTION / 'tmp0vywi_73'
+# cocoEvalCapDemo.ipynb in tylin/coco-caption (see SOURCES.md), printed to 3 decimals.
+PUBLISHED = {'Bleu_1': 0.579, 'Bleu_2': 0.404, 'Bleu_3': 0.279, 'Bleu_4': 0.191,
+             'METEOR': 0.195, 'ROUGE_L': 0.396, 'CIDEr': 0.600}
+
+# Hand-made: case, punctuation and a contraction, so tokenization matters.
+REFERENCES = {
+    1: ['Two red boxes on the conveyor.', 'A conveyor carrying two red boxes!'],
+    2: ['One blue gear, on the belt.', "The robot's arm above one blue gear"],
+    3: ['three yellow bottles on the conveyor', 'Three yellow bottles standing in a row.'],
+}
+PREDICTIONS = {1: 'two red boxes on the conveyor', 2: 'one green gear on the belt',
+               3: 'Three yellow bottles on the conveyor.'}
+
+
+def write_hand_made(folder):
+    """Write REFERENCES as COCO annotations and PREDICTIONS as a COCO results file."""
+    annotations = {'images': [{'id': key} for key in REFERENCES], 'annotations': []}
+    for key, texts in REFERENCES.items():
+        for text in texts:
+            annotations['annotations'].append(
+                {'id': len(annotations['annotations']) + 1, 'image_id': key, 'caption': text})
+    results = [{'image_id': key, 'caption': text} for key, text in PREDICTIONS.items()]
+    annotations_path, results_path = folder / 'annotations.json', folder / 'results.json'
+    annotations_path.write_text(json.dumps(annotations))
+    results_path.write_text(json.dumps(results))
+    return results_path, annotations_path
+
+
+def direct_scores(gts, res):
+    """Score already-tokenized captions with pycocoevalcap's scorers, no project code."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    scores = {}
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    scores.update({f'Bleu_{order}': value for order, value in enumerate(bleu, start=1)})
+    if evaluate.java_available():
+        scores['METEOR'], _ = Meteor().compute_score(gts, res)
+    scores['ROUGE_L'], _ = Rouge().compute_score(gts, res)
+    scores['CIDEr'], _ = Cider().compute_score(gts, res)
+    return scores
+
+
+def test_published_coco_scores_are_reproduced(tmp_path):
+    """The fakecap results scored against the COCO references give the published numbers."""
+    references = json.loads(TOKENIZED_REFS.read_text())
+    annotations = {'images': [{'id': entry['image_id']} for entry in references],
+                   'annotations': []}
+    for entry in references:
+        for text in entry['refs']:
+            annotations['annotations'].append({'id': len(annotations['annotations']) + 1,
+                                               'image_id': entry['image_id'],
+                                               'caption': text})
+    annotations_path = tmp_path / 'captions_val2014_refs.json'
+    annotations_path.write_text(json.dumps(annotations))
+    out = tmp_path / 'scores'
+
+    assert evaluate.main(['--results', str(FAKECAP_RESULTS), '--annotations',
+                          str(annotations_path), '--out', str(out)]) == 0
+
+    report = json.loads((out / 'metrics.json').read_text())['models']['results']
+    assert report['images'] == 1000
+    assert report['tokenizer'] == 'ptb'
+    for name, published in PUBLISHED.items():
+        assert abs(report['scores'][name] - published) <= 0.0005, (name, report['scores'][name])
+    # SPICE needs models that are downloaded at first use: reported, not fatal.
+    assert 'SPICE' in report['unavailable']
+
+
+def test_scores_match_pycocoevalcap_called_directly(tmp_path):
+    """score_captions gives exactly what PTBTokenizer + the pycocoevalcap scorers give."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    result = evaluate.score_captions(REFERENCES, PREDICTIONS)
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({key: [{'caption': text} for text in texts]
+                              for key, texts in REFERENCES.items()})
+    res = tokenizer.tokenize({key: [{'caption': text}] for key, text in PREDICTIONS.items()})
+    expected = direct_scores(gts, res)
+    assert result.tokenizer == 'ptb'
+    assert set(expected) <= set(result.scores)
+    for name, value in expected.items():
+        assert result.scores[name] == pytest.approx(value, abs=1e-12), name
+    # Images 1 and 3 equal a reference once case and punctuation are normalised; 2 does not.
+    assert result.scores['exact_match'] == pytest.approx(2 / 3)
+
+
+def test_simple_tokenizer_looks_like_ptb_output():
+    """The Java-free tokenizer lower-cases and drops the punctuation PTB drops."""
+    assert evaluate.simple_tokenize('Two RED boxes, on the conveyor!') == \
+        'two red boxes on the conveyor'
+    assert evaluate.simple_tokenize("The robot's arm -- above.") == "the robot's arm above"
+
+
+def test_without_java_the_simple_tokenizer_is_used_and_meteor_is_unavailable(tmp_path):
+    """With no java on the PATH, BLEU/ROUGE/CIDEr are still computed and METEOR is reported."""
+    results_path, annotations_path = write_hand_made(tmp_path)
+    out = tmp_path / 'scores'
+    environment = dict(os.environ, PATH=os.path.dirname(sys.executable),
+                       PYTHONPATH=str(REPO))
+    completed = subprocess.run(
+        [sys.executable, '-m', 'training.evaluate', '--results', str(results_path),
+         '--annotations', str(annotations_path), '--out', str(out)],
+        capture_output=True, text=True, env=environment, cwd=REPO, timeout=120)
+
+    assert completed.returncode == 0, completed.stderr
+    assert 'java not found' in completed.stderr
+    assert 'METEOR unavailable for results: needs Java' in completed.stdout
+    report = json.loads((out / 'metrics.json').read_text())['models']['results']
+    assert report['tokenizer'] == 'simple'
+    assert set(report['unavailable']) == {'METEOR', 'SPICE'}
+    gts = {key: [evaluate.simple_tokenize(text) for text in texts]
+           for key, texts in REFERENCES.items()}
+    res = {key: [evaluate.simple_tokenize(text)] for key, text in PREDICTIONS.items()}
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    assert report['scores']['Bleu_4'] == pytest.approx(bleu[3], abs=1e-12)
+    assert report['scores']['ROUGE_L'] == pytest.approx(
+        Rouge().compute_score(gts, res)[0], abs=1e-12)
+    assert report['scores']['CIDEr'] == pytest.approx(
+        Cider().compute_score(gts, res)[0], abs=1e-12)
+
+
+def test_bad_results_file_is_one_line_error(tmp_path):
+    """A result for an image the annotations do not have is refused with one line."""
+    results_path, annotations_path = write_hand_made(tmp_path)
+    results_path.write_text(json.dumps([{'image_id': 99, 'caption': 'a box'}]))
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main(['--results', str(results_path), '--annotations', str(annotations_path)])
+    message = str(raised.value)
+    assert message.startswith('error: ') and '\n' not in message
+    assert 'image 99' in message
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main(['--results', str(results_path)])
+    assert '--results and --annotations go together' in str(raised.value)
+
+
+def make_dataset(folder, captions):
+    """Write a dataset folder whose val split holds one 64x64 image per caption."""
+    (folder / 'images').mkdir(parents=True)
+    annotations = {'info': {}, 'licenses': [], 'images': [], 'annotations': []}
+    lines = []
+    rng = np.random.default_rng(0)
+    for index, caption in enumerate(captions, start=1):
+        name = f'frame_{index:03d}.png'
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+            folder / 'images' / name)
+        annotations['images'].append({'id': index, 'file_name': name, 'width': 64,
+                                      'height': 64})
+        annotations['annotations'].append({'id': index, 'image_id': index, 'caption': caption})
+        lines.append(json.dumps({'image_id': index, 'file_name': name, 'captions': [caption]}))
+    (folder / 'annotations.json').write_text(json.dumps(annotations))
+    (folder / 'val_split.jsonl').write_text('\n'.join(lines) + '\n')
+    return folder
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test's tiny-model generation on one thread: much faster on a busy CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_model_mode_and_comparison(tmp_path, tiny_opt_checkpoint, capsys, one_torch_thread):
+    """Captions come from Blip2Captioner with the saved prompt; base and model share a table."""
+    from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+    from training.data import load_rgb
+
+    data = make_dataset(tmp_path / 'data', ['one red box', 'two blue boxes', 'a robot arm'])
+    # A "fine-tuned" model: the base weights saved with a training prompt next to them.
+    tuned = tmp_path / 'tuned'
+    Blip2Captioner(CaptionerConfig(model=str(tiny_opt_checkpoint))).model.save_pretrained(tuned)
+    for name in os.listdir(tiny_opt_checkpoint):
+        if name.startswith(('tokenizer', 'processor', 'special_tokens')):
+            (tuned / name).write_bytes((tiny_opt_checkpoint / name).read_bytes())
+    (tuned / evaluate.TRAINING_INFO_FILE).write_text(json.dumps({'prompt': 'a photo of'}))
+    out = tmp_path / 'eval'
+
+    assert evaluate.main(['--model', str(tuned), '--compare', str(tiny_opt_checkpoint),
+                          '--data', str(data), '--out', str(out), '--max_new_tokens', '6',
+                          '--tokenizer', 'simple']) == 0
+
+    table = capsys.readouterr().out
+    assert 'baseline' in table and 'change' in table and 'CIDEr' in table
+    report = json.loads((out / 'metrics.json').read_text())
+    assert report['prompt'] == 'a photo of'
+    assert set(report['models']) == {'baseline', 'model'}
+    frames = [load_rgb(data / 'images' / f'frame_{index:03d}.png') for index in (1, 2, 3)]
+    captioner = Blip2Captioner(CaptionerConfig(model=str(tuned), prompt='a photo of',
+                                               max_new_tokens=6))
+    expected = captioner.caption(frames)
+    results = json.loads((out / 'results_model.json').read_text())
+    assert [entry['image_id'] for entry in results] == [1, 2, 3]
+    assert [entry['caption'] for entry in results] == expected
+    for title in ('baseline', 'model'):
+        scores = report['models'][title]['scores']
+        assert {'Bleu_4', 'ROUGE_L', 'CIDEr', 'exact_match'} <= set(scores)
+
+
+def test_model_mode_needs_model_data_and_out():
+    """Missing arguments are named in one line."""
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main(['--model', 'x'])
+    assert '--data, --out required' in str(raised.value)

@@ -1,0 +1,447 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""training.train on tiny BLIP-2 checkpoints: methods, labels, resume, signals, torchrun."""
+
+import json
+import os
+from pathlib import Path
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+from blip2_ros.synthetic_factory import iter_scenes, SceneSpec
+import numpy as np
+from PIL import Image
+import pytest
+from safetensors.torch import load_file
+import torch
+from training import train
+from training.data import CaptionCollator, IGNORE_INDEX, load_rgb
+
+REPO = Path(__file__).resolve().parents[1]
+# Captions whose every word is in the tiny checkpoints' base vocabulary ('two red boxes on the
+# conveyor'), so no caption token is <unk>.
+BOX_SPEC = SceneSpec(kinds=('box',))
+LEARNING_STEPS = 600
+# One thread: tiny models train many times faster on a busy CPU (see --cpu_threads).
+FAST = ['--cpu_threads', '1', '--report_to', 'none', '--disable_tqdm', 'true',
+        '--per_device_train_batch_size', '4',
+        '--logging_steps', '1', '--eval_strategy', 'no', '--save_steps', '1000',
+        '--dataloader_pin_memory', 'false']
+
+
+def write_dataset(folder, train_count, val_count, seed=0, spec=BOX_SPEC):
+    """Write synthetic factory frames as a dataset folder with train and val splits."""
+    (folder / 'images').mkdir(parents=True)
+    coco = {'info': {}, 'licenses': [], 'images': [], 'annotations': []}
+    splits = {'train': [], 'val': []}
+    for index, scene in enumerate(iter_scenes(train_count + val_count, seed=seed, spec=spec)):
+        name = f'frame_{index:05d}.png'
+        Image.fromarray(scene.image).save(folder / 'images' / name)
+        height, width = scene.image.shape[:2]
+        coco['images'].append({'id': index + 1, 'file_name': name, 'width': width,
+                               'height': height})
+        coco['annotations'].append({'id': index + 1, 'image_id': index + 1,
+                                    'caption': scene.caption})
+        split = 'train' if index < train_count else 'val'
+        splits[split].append({'image_id': index + 1, 'file_name': name,
+                              'captions': [scene.caption]})
+    (folder / 'annotations.json').write_text(json.dumps(coco))
+    for split, rows in splits.items():
+        (folder / f'{split}_split.jsonl').write_text(
+            ''.join(json.dumps(row) + '\n' for row in rows))
+    return folder
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    """32 training and 8 validation frames of the synthetic factory."""
+    return write_dataset(tmp_path_factory.mktemp('factory'), 32, 8)
+
+
+def run_train(model, data, output_dir, method, *extra):
+    """Call train.main in this process; return its exit status."""
+    return train.main(['--model', str(model), '--data', str(data), '--output_dir',
+                       str(output_dir), '--method', method, *FAST, *extra])
+
+
+def expected_trainable(names, method, language_model):
+    """Return the parameter names that ``method`` must train, from first principles."""
+    if method == 'full':
+        return set(names)
+    if method == 'qformer':
+        return {name for name in names
+                if name.startswith(('qformer.', 'query_tokens', 'language_projection.'))}
+    projections = r'(q_proj|v_proj)' if language_model == 'opt' else r'(q|v)'
+    pattern = re.compile(r'base_model\.model\.language_model\..*\.' + projections
+                         + r'\.lora_[AB]\.default\.weight')
+    return {name for name in names if pattern.fullmatch(name)}
+
+
+def load_weights(folder):
+    """Return the tensors of a saved model folder."""
+    return load_file(os.path.join(folder, 'model.safetensors'))
+
+
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+@pytest.mark.parametrize('method', ['qformer', 'lora', 'full'])
+def test_method_trains_exactly_its_parameters_and_output_loads(
+        request, tmp_path, dataset, language_model, method):
+    """Each method sets the right parameters trainable, changes only those, and loads back."""
+    base = request.getfixturevalue(f'tiny_{language_model}_checkpoint')
+    parsed = train.parse_arguments(['--model', str(base), '--data', str(dataset),
+                                    '--output_dir', str(tmp_path / 'unused'),
+                                    '--method', method, '--use_cpu', 'true'])
+    model, _ = train.load_model(parsed[0], parsed[2])
+    model = train.apply_method(model, parsed[0])
+    names = [name for name, _ in model.named_parameters()]
+    trainable = {name for name, parameter in model.named_parameters()
+                 if parameter.requires_grad}
+    assert trainable == expected_trainable(names, method, language_model)
+    assert trainable  # a method that trains nothing is a bug
+
+    output = tmp_path / 'out'
+    assert run_train(base, dataset, output, method, '--max_steps', '3',
+                     '--learning_rate', '1e-3', '--prompt', 'a photo of') == 0
+    info = json.loads((output / train.TRAINING_INFO_FILE).read_text())
+    assert info['prompt'] == 'a photo of' and info['method'] == method
+    before = load_weights(base)
+    frame = load_rgb(dataset / 'images' / 'frame_00000.png')
+
+    if method == 'lora':
+        adapter = load_file(output / 'adapter_model.safetensors')
+        assert adapter and all('lora_' in key and '.language_model.' in key for key in adapter)
+        assert all(adapter[key].abs().sum() > 0 for key in adapter if 'lora_B' in key)
+        captioner = Blip2Captioner(CaptionerConfig(model=str(base), adapter=str(output),
+                                                   max_new_tokens=5))
+        merged = captioner.model.state_dict()
+        adapted = expected_trainable(names, method, language_model)
+        adapted_weights = {re.sub(r'^base_model\.model\.|\.lora_[AB]\.default', '', name)
+                           for name in adapted}
+        for name, tensor in before.items():
+            if name in adapted_weights:
+                assert not torch.equal(merged[name], tensor), name
+            else:
+                assert torch.equal(merged[name], tensor), name
+    else:
+        after = load_weights(output)
+        changed = {name for name in before if not torch.equal(before[name], after[name])}
+        assert changed <= trainable
+        # Frozen weights are bit-identical; the trained groups all moved.
+        groups = {name.split('.')[0] for name in changed}
+        wanted = {'qformer', 'query_tokens', 'language_projection'}
+        if method == 'full':
+            wanted |= {'vision_model', 'language_model'}
+        assert groups == wanted
+        captioner = Blip2Captioner(CaptionerConfig(model=str(output), max_new_tokens=5))
+        assert torch.equal(captioner.model.language_projection.weight,
+                           after['language_projection.weight'])
+    captions = captioner.caption([frame], prompt='a photo of')
+    assert len(captions) == 1 and isinstance(captions[0], str)
+
+
+@pytest.mark.parametrize('language_model,method', [('opt', 'full'), ('t5', 'qformer')])
+def test_loss_goes_down(request, tmp_path, dataset, language_model, method):
+    """Training steps lower the loss on the synthetic captions."""
+    base = request.getfixturevalue(f'tiny_{language_model}_checkpoint')
+    output = tmp_path / 'out'
+    assert run_train(base, dataset, output, method, '--max_steps', '30',
+                     '--learning_rate', '2e-3', '--per_device_train_batch_size', '8') == 0
+    history = json.loads((output / 'trainer_state.json').read_text())['log_history']
+    losses = [entry['loss'] for entry in history if 'loss' in entry]
+    assert len(losses) == 30
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < 0.8 * first, (first, last)
+
+
+def test_collator_masks_image_prompt_and_padding(tiny_opt_checkpoint, tiny_t5_checkpoint):
+    """Labels are -100 on placeholders, prompt and padding; inputs match the inference core."""
+    items = [{'image': np.zeros((64, 64, 3), np.uint8), 'caption': 'two red boxes'},
+             {'image': np.full((48, 80, 3), 200, np.uint8), 'caption': 'one box'}]
+    for base in (tiny_opt_checkpoint, tiny_t5_checkpoint):
+        captioner = Blip2Captioner(CaptionerConfig(model=str(base), prompt='a photo of'))
+        config = captioner.model.config
+        tokenizer = captioner.processor.tokenizer
+        collator = CaptionCollator(captioner.processor, config.image_token_id,
+                                   config.num_query_tokens, captioner.is_encoder_decoder,
+                                   prompt='a photo of')
+        batch = collator(items)
+        prefix = captioner._encode_prompts(['a photo of'])[0][0].tolist()
+        queries = config.num_query_tokens
+        assert prefix[:queries] == [config.image_token_id] * queries
+        eos = tokenizer.eos_token_id
+        captions = [tokenizer('two red boxes', add_special_tokens=False)['input_ids'] + [eos],
+                    tokenizer('one box', add_special_tokens=False)['input_ids'] + [eos]]
+        assert batch['pixel_values'].shape == (2, 3, 64, 64)
+        for row, caption in enumerate(captions):
+            ids = batch['input_ids'][row].tolist()
+            labels = batch['labels'][row].tolist()
+            mask = batch['attention_mask'][row].tolist()
+            length = sum(mask)
+            assert mask == [1] * length + [0] * (len(mask) - length)
+            assert ids[length:] == [tokenizer.pad_token_id] * (len(ids) - length)
+            if captioner.is_encoder_decoder:
+                # The encoder reads what the captioner feeds it; the decoder learns the caption.
+                assert ids[:length] == prefix
+                assert labels == caption + [IGNORE_INDEX] * (len(labels) - len(caption))
+            else:
+                assert ids[:length] == prefix + caption
+                assert labels == ([IGNORE_INDEX] * len(prefix) + caption
+                                  + [IGNORE_INDEX] * (len(labels) - length))
+        assert batch['labels'].shape[1] == (
+            max(map(len, captions)) if captioner.is_encoder_decoder
+            else batch['input_ids'].shape[1])
+
+
+def _trained_tensors(folder):
+    return load_weights(folder)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(
+        tmp_path, dataset, tiny_opt_checkpoint, caplog):
+    """Stop after 3 of 6 steps, resume past two broken checkpoints: same weights as one run."""
+    common = ['--max_steps', '6', '--save_steps', '3', '--learning_rate', '1e-3',
+              '--seed', '7']
+    straight = tmp_path / 'straight'
+    assert run_train(tiny_opt_checkpoint, dataset, straight, 'full', *common) == 0
+
+    resumed = tmp_path / 'resumed'
+    assert run_train(tiny_opt_checkpoint, dataset, resumed, 'full', *common,
+                     '--stop_after_steps', '3') == 0
+    assert not (resumed / 'model.safetensors').exists()
+    assert train.checkpoint_problem(resumed / 'checkpoint-3') == ''
+    # A checkpoint cut off before its marker, and one whose weights were truncated later.
+    shutil.copytree(resumed / 'checkpoint-3', resumed / 'checkpoint-4')
+    (resumed / 'checkpoint-4' / train.CHECKPOINT_MARKER).unlink()
+    shutil.copytree(resumed / 'checkpoint-3', resumed / 'checkpoint-5')
+    weights = resumed / 'checkpoint-5' / 'model.safetensors'
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+    with pytest.raises(SystemExit, match='--resume'):
+        run_train(tiny_opt_checkpoint, dataset, resumed, 'full', *common)
+    assert run_train(tiny_opt_checkpoint, dataset, resumed, 'full', *common, '--resume') == 0
+
+    skipped = [record.getMessage() for record in caplog.records
+               if 'skipping incomplete checkpoint' in record.getMessage()]
+    assert any('checkpoint-5' in message and 'model.safetensors' in message
+               for message in skipped)
+    assert any('checkpoint-4' in message and train.CHECKPOINT_MARKER in message
+               for message in skipped)
+    expected, actual = _trained_tensors(straight), _trained_tensors(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    assert not torch.equal(expected['language_projection.weight'],
+                           load_weights(tiny_opt_checkpoint)['language_projection.weight'])
+
+
+def _subprocess_environment():
+    return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, dataset, tiny_opt_checkpoint):
+    """SIGTERM mid-run: a complete checkpoint at the step it stopped, exit 143, no traceback."""
+    output = tmp_path / 'out'
+    command = [sys.executable, '-m', 'training.train', '--model', str(tiny_opt_checkpoint),
+               '--data', str(dataset), '--output_dir', str(output), '--method', 'qformer',
+               '--max_steps', '100000', *FAST]
+    stderr_path = tmp_path / 'stderr.txt'
+    with open(stderr_path, 'w') as stderr_file:
+        # stderr goes to a file so a chatty library can never fill a pipe and stall the run.
+        process = subprocess.Popen(command, cwd=REPO, env=_subprocess_environment(),
+                                   stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            for line in process.stdout:
+                if "'loss'" in line:
+                    break
+                assert time.monotonic() < deadline, 'training never logged a step'
+            process.send_signal(signal.SIGTERM)
+            stdout, _ = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    stderr = stderr_path.read_text()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert 'SIGTERM received' in stderr
+    assert 'Traceback' not in stderr
+    match = re.search(r'stopped by SIGTERM at step (\d+)', stdout)
+    assert match, stdout[-2000:]
+    step = int(match.group(1))
+    assert train.checkpoint_problem(output / f'checkpoint-{step}') == ''
+    assert [folder for _, folder in train.list_checkpoints(output)] == [
+        str(output / f'checkpoint-{step}')]
+
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', '--max_steps', '100000',
+                     '--resume', '--stop_after_steps', '2') == 0
+    state = json.loads((output / f'checkpoint-{step + 2}' / 'trainer_state.json').read_text())
+    assert state['global_step'] == step + 2
+
+
+def test_two_process_torchrun_completes(tmp_path, dataset, tiny_opt_checkpoint):
+    """Two processes under torchrun on the CPU (gloo) train, evaluate and save."""
+    output = tmp_path / 'out'
+    fast = list(FAST)
+    fast[fast.index('--eval_strategy') + 1] = 'steps'
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+               '--nproc_per_node=2', '-m', 'training.train', '--model', str(tiny_opt_checkpoint),
+               '--data', str(dataset), '--output_dir', str(output), '--method', 'qformer',
+               '--max_steps', '4', *fast, '--save_steps', '2', '--eval_steps', '2',
+               '--caption_eval_images', '2']
+    completed = subprocess.run(command, cwd=REPO, env=_subprocess_environment(),
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for step in (2, 4):
+        checkpoint = output / f'checkpoint-{step}'
+        assert train.checkpoint_problem(checkpoint) == ''
+        # One RNG state per process: both ranks took part.
+        assert (checkpoint / 'rng_state_0.pth').exists()
+        assert (checkpoint / 'rng_state_1.pth').exists()
+    assert (output / 'model.safetensors').exists()
+    evaluation = json.loads((output / 'eval_results.json').read_text())
+    assert {'eval_loss', 'eval_CIDEr', 'eval_exact_match'} <= set(evaluation)
+    state = json.loads((output / 'trainer_state.json').read_text())
+    assert state['global_step'] == 4
+    assert completed.stdout.count('saved model to') == 1
+
+
+def test_tensorboard_gets_losses_metrics_images_and_captions(
+        tmp_path, dataset, tiny_opt_checkpoint):
+    """The default report target logs train/eval loss, lr, caption metrics, images and text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = tmp_path / 'out'
+    assert train.main(['--model', str(tiny_opt_checkpoint), '--data', str(dataset),
+                       '--output_dir', str(output), '--method', 'lora', '--max_steps', '2',
+                       '--eval_steps', '2', '--save_steps', '2', '--logging_steps', '1',
+                       '--per_device_train_batch_size', '4', '--disable_tqdm', 'true',
+                       '--caption_eval_images', '4', '--logged_images', '2']) == 0
+    (run_dir,) = (output / 'runs').iterdir()
+    events = EventAccumulator(str(run_dir), size_guidance={'images': 0, 'tensors': 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {'train/loss', 'train/learning_rate', 'eval/loss', 'eval/CIDEr', 'eval/Bleu_4',
+            'eval/exact_match'} <= set(tags['scalars'])
+    assert {'val_images/0', 'val_images/1'} == set(tags['images'])
+    assert 'val_captions/text_summary' in tags['tensors']
+    text = events.Tensors('val_captions/text_summary')[-1].tensor_proto.string_val[0].decode()
+    assert 'predicted' in text and 'on the conveyor' in text
+
+
+def test_invalid_dataset_is_refused_before_the_model_loads(tmp_path, dataset):
+    """A dataset that training.validate rejects stops training before any model is read."""
+    broken = tmp_path / 'broken'
+    shutil.copytree(dataset, broken)
+    (broken / 'images' / 'frame_00003.png').unlink()
+    with pytest.raises(SystemExit) as raised:
+        run_train(tmp_path / 'no-such-model', broken, tmp_path / 'out', 'qformer')
+    message = str(raised.value)
+    assert 'frame_00003.png' in message and 'training.validate' in message
+    assert 'cannot load' not in message and '\n' not in message
+    assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').iterdir())
+
+
+@pytest.mark.parametrize('arguments,fragment', [
+    (['--method', 'qformer', '--merge_lora'], '--merge_lora only applies to --method lora'),
+    (['--method', 'lora', '--load_in_4bit'], 'need'),
+    (['--method', 'full', '--weights_dtype', 'bfloat16'], 'keeps float32 weights'),
+    (['--method', 'sideways'], 'invalid choice'),
+])
+def test_bad_arguments_say_how_to_fix_them(tmp_path, dataset, arguments, fragment, capsys):
+    """__post_init__ checks give one line that says what to change."""
+    with pytest.raises(SystemExit) as raised:
+        train.main(['--model', 'x', '--data', str(dataset), '--output_dir',
+                    str(tmp_path / 'out'), *arguments])
+    message = str(raised.value) + capsys.readouterr().err
+    assert fragment in message
+
+
+def test_config_file_gives_the_same_arguments(tmp_path, dataset):
+    """A YAML file passed as the only argument parses like the flags."""
+    config = tmp_path / 'train.yaml'
+    config.write_text(f'model: some/model\ndata: {dataset}\noutput_dir: {tmp_path / "out"}\n'
+                      'method: lora\nlora_r: 4\nprompt: a photo of\nlearning_rate: 0.0005\n'
+                      'max_steps: 7\n')
+    model_args, data_args, training_args = train.parse_arguments([str(config)])
+    assert (model_args.model, model_args.method, model_args.lora_r) == ('some/model', 'lora', 4)
+    assert data_args.prompt == 'a photo of'
+    assert (training_args.learning_rate, training_args.max_steps) == (0.0005, 7)
+    assert training_args.report_to == ['tensorboard']
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_captions_from_scratch(tmp_path, capsys):
+    """
+    From random weights, --method full learns what the frames show, far above chance.
+
+    Captions are '<count> <colour> <kind>s on the conveyor' with 3 x 4 x 4 = 48 equally likely
+    values, so guessing scores 1/48 (2.1%); the most common training caption is the best
+    blind guess and is measured on the held-out frames too.
+    """
+    from blip2_ros.synthetic_factory import DEFAULT_SPEC
+    from training import evaluate
+    from training.tiny_blip2 import build_tiny_blip2
+
+    data = write_dataset(tmp_path / 'data', 1500, 200, seed=3, spec=DEFAULT_SPEC)
+    base = build_tiny_blip2(tmp_path / 'init', 'opt', seed=0, words=DEFAULT_SPEC.vocabulary())
+    output = tmp_path / 'out'
+    started = time.monotonic()
+    assert train.main(['--model', str(base), '--data', str(data), '--output_dir', str(output),
+                       '--method', 'full', '--max_steps', str(LEARNING_STEPS),
+                       '--learning_rate', '5e-4', '--warmup_steps', '100',
+                       '--per_device_train_batch_size', '32', '--cache_images', 'true',
+                       '--eval_strategy', 'no', '--save_strategy', 'no',
+                       '--logging_steps', '50', '--report_to', 'none', '--cpu_threads', '1',
+                       '--disable_tqdm', 'true', '--dataloader_pin_memory', 'false']) == 0
+    train_seconds = time.monotonic() - started
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert evaluate.main(['--model', str(output), '--data', str(data), '--split', 'val',
+                              '--out', str(tmp_path / 'eval'), '--tokenizer', 'simple']) == 0
+    finally:
+        torch.set_num_threads(threads)
+    scores = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
+    exact = scores['models']['model']['scores']['exact_match']
+
+    train_captions = [json.loads(line)['captions'][0]
+                      for line in (data / 'train_split.jsonl').read_text().splitlines()]
+    val_captions = [json.loads(line)['captions'][0]
+                    for line in (data / 'val_split.jsonl').read_text().splitlines()]
+    blind_guess = max(set(train_captions), key=train_captions.count)
+    blind_rate = val_captions.count(blind_guess) / len(val_captions)
+    chance = DEFAULT_SPEC.chance_level
+    with capsys.disabled():
+        print(f'\nexact match {exact:.1%} on {len(val_captions)} held-out frames after '
+              f'{LEARNING_STEPS} steps ({train_seconds:.0f} s); chance {chance:.1%}, '
+              f'best blind guess {blind_rate:.1%}')
+    assert exact >= 5 * max(chance, blind_rate)
+
+
+def test_16_bit_frozen_weights_train_with_autocast(tmp_path, dataset, tiny_opt_checkpoint):
+    """bfloat16 frozen weights (the GPU default for qformer/lora) train beside float32 ones."""
+    output = tmp_path / 'out'
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', '--max_steps', '2',
+                     '--weights_dtype', 'bfloat16') == 0
+    after = load_weights(output)
+    assert after['language_model.model.decoder.layers.0.fc1.weight'].dtype == torch.bfloat16
+    assert after['language_projection.weight'].dtype == torch.float32
+    before = load_weights(tiny_opt_checkpoint)
+    assert not torch.equal(after['language_projection.weight'],
+                           before['language_projection.weight'])

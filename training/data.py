@@ -1,0 +1,245 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+Caption datasets for training: a COCO caption folder and its split files -> model inputs.
+
+A dataset folder holds ``images/``, ``annotations.json`` (COCO captions) and, after
+``training.split``, ``train_split.jsonl`` / ``val_split.jsonl`` with one image per line. The
+collator builds the same token layout that :mod:`blip2_ros.captioner` builds at inference
+(query-token placeholders, then the prompt, then the caption), so what is trained is what runs.
+"""
+
+from dataclasses import dataclass
+import json
+import os
+
+import numpy as np
+from PIL import Image
+import torch
+
+from training.coco import ANNOTATIONS_FILE, DatasetError, image_path, read_annotations
+
+IGNORE_INDEX = -100
+ALL_SPLIT = 'all'
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One image of a split with every caption it has."""
+
+    image_id: int
+    file_name: str
+    captions: tuple
+
+
+def split_path(folder, split):
+    """Return the path of ``<split>_split.jsonl`` inside a dataset folder."""
+    return os.path.join(folder, f'{split}_split.jsonl')
+
+
+def _record(entry, where):
+    try:
+        image_id = entry['image_id']
+        file_name = entry['file_name']
+        captions = entry['captions']
+    except (KeyError, TypeError) as error:
+        raise DatasetError(
+            f'{where}: entry lacks {error}; each line needs image_id, file_name and captions '
+            '(re-run python -m training.split)') from error
+    if isinstance(captions, str):
+        captions = [captions]
+    captions = tuple(str(caption).strip() for caption in captions if str(caption).strip())
+    return CaptionRecord(int(image_id), str(file_name), captions)
+
+
+def _records_from_annotations(folder):
+    path = os.path.join(folder, ANNOTATIONS_FILE)
+    coco = read_annotations(folder)
+    captions = {}
+    for annotation in coco.get('annotations', []):
+        captions.setdefault(annotation['image_id'], []).append(annotation['caption'])
+    return [_record({'image_id': image['id'], 'file_name': image['file_name'],
+                     'captions': captions.get(image['id'], [])}, path)
+            for image in coco.get('images', [])]
+
+
+def load_split(folder, split):
+    """
+    Read the images and captions of one split of a dataset folder.
+
+    ``split`` names ``<split>_split.jsonl`` (e.g. 'train', 'val'); 'all' reads every image of
+    ``annotations.json``. Raises :class:`DatasetError` with a fix-it message.
+    """
+    if split == ALL_SPLIT:
+        return _records_from_annotations(folder)
+    path = split_path(folder, split)
+    if not os.path.isfile(path):
+        raise DatasetError(
+            f'{path} does not exist: run python -m training.split {folder} first, '
+            f"or use split '{ALL_SPLIT}' for every image of {ANNOTATIONS_FILE}")
+    records = []
+    with open(path, encoding='utf-8') as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError as error:
+                raise DatasetError(f'{path} line {number} is not JSON: {error}') from error
+            records.append(_record(entry, f'{path} line {number}'))
+    return records
+
+
+def load_rgb(path):
+    """Read an image file as an HxWx3 uint8 RGB array."""
+    with Image.open(path) as image:
+        return np.array(image.convert('RGB'))
+
+
+class CaptionPairs(torch.utils.data.Dataset):
+    """
+    One item per (image, caption) pair of a split.
+
+    Images are decoded when an item is read; ``cache_images`` keeps the decoded frames in memory,
+    which pays off for small images read every epoch (the synthetic demo) and costs
+    height * width * 3 bytes per image.
+    """
+
+    def __init__(self, folder, records, cache_images=False):
+        """Index the pairs of ``records`` (images under ``folder``/images)."""
+        self.folder = folder
+        self.records = list(records)
+        self.pairs = [(index, caption) for index, record in enumerate(self.records)
+                      for caption in record.captions]
+        self.cache_images = cache_images
+        self._cache = {}
+
+    def __len__(self):
+        """Return the number of (image, caption) pairs."""
+        return len(self.pairs)
+
+    def image(self, record_index):
+        """Return the decoded RGB frame of ``self.records[record_index]``."""
+        frame = self._cache.get(record_index)
+        if frame is None:
+            record = self.records[record_index]
+            frame = load_rgb(image_path(self.folder, record.file_name))
+            if self.cache_images:
+                self._cache[record_index] = frame
+        return frame
+
+    def __getitem__(self, index):
+        """Return ``{'image', 'caption', 'image_id'}`` for pair ``index``."""
+        record_index, caption = self.pairs[index]
+        return {'image': self.image(record_index), 'caption': caption,
+                'image_id': self.records[record_index].image_id}
+
+
+def prompt_token_ids(tokenizer, prompt):
+    """Tokenize a prompt exactly as the inference core does (special tokens included)."""
+    return tokenizer(prompt, add_special_tokens=True)['input_ids']
+
+
+class CaptionCollator:
+    """
+    Turn dataset items into ``pixel_values``, ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Decoder-only models (OPT) read ``[image placeholders] [BOS] prompt caption EOS`` and learn
+    only the caption and EOS. Encoder-decoder models (T5) read ``[image placeholders] prompt EOS``
+    in the encoder and learn ``caption EOS`` as decoder labels. Placeholders, prompt and padding
+    are -100 in the labels.
+    """
+
+    def __init__(self, processor, image_token_id, num_query_tokens, is_encoder_decoder,
+                 prompt='', max_caption_tokens=40):
+        """Store the processor and the token layout settings of the model."""
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = int(image_token_id)
+        self.num_query_tokens = int(num_query_tokens)
+        self.is_encoder_decoder = bool(is_encoder_decoder)
+        self.prompt = prompt
+        self.max_caption_tokens = int(max_caption_tokens)
+        if self.tokenizer.pad_token_id is None:
+            raise DatasetError('the checkpoint tokenizer has no pad token; set one in its '
+                               'tokenizer_config.json')
+        self.prompt_ids = prompt_token_ids(self.tokenizer, prompt)
+
+    def caption_ids(self, caption):
+        """Tokenize a caption (no special tokens) cut to max_caption_tokens, then append EOS."""
+        if self.prompt and not self.is_encoder_decoder:
+            # BPE tokenizers mark word starts with the space: after a prompt the caption is a
+            # new word, as it is when the model generates it.
+            caption = ' ' + caption
+        ids = self.tokenizer(caption, add_special_tokens=False)['input_ids']
+        return ids[:self.max_caption_tokens] + [self.tokenizer.eos_token_id]
+
+    def pixel_values(self, images):
+        """Preprocess frames with the checkpoint's own image processor."""
+        return self.processor.image_processor(list(images), return_tensors='pt')['pixel_values']
+
+    def __call__(self, items):
+        """Collate items from :class:`CaptionPairs` into one padded batch."""
+        placeholders = [self.image_token_id] * self.num_query_tokens
+        captions = [self.caption_ids(item['caption']) for item in items]
+        if self.is_encoder_decoder:
+            inputs = [placeholders + self.prompt_ids] * len(items)
+            labels = captions
+        else:
+            inputs = [placeholders + self.prompt_ids + caption for caption in captions]
+            labels = [[IGNORE_INDEX] * (len(placeholders) + len(self.prompt_ids)) + caption
+                      for caption in captions]
+        batch = {'pixel_values': self.pixel_values(item['image'] for item in items)}
+        batch['input_ids'], batch['attention_mask'] = _pad(inputs, self.tokenizer.pad_token_id)
+        batch['labels'], _ = _pad(labels, IGNORE_INDEX)
+        return batch
+
+
+def _pad(sequences, value):
+    """Right-pad lists of ids into a LongTensor and its attention mask."""
+    length = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), length), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, :len(sequence)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_captions(model, processor, frames, prompt='', max_new_tokens=30):
+    """
+    Caption frames greedily with an in-memory model, laid out as the inference core does.
+
+    Used for caption metrics during training; evaluation of saved models goes through
+    :class:`blip2_ros.captioner.Blip2Captioner`.
+    """
+    config = model.config
+    device = next(model.parameters()).device
+    pixel_values = processor.image_processor(list(frames), return_tensors='pt')['pixel_values']
+    dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
+    ids = [config.image_token_id] * config.num_query_tokens + prompt_token_ids(
+        processor.tokenizer, prompt)
+    input_ids = torch.tensor([ids] * len(frames), dtype=torch.long, device=device)
+    output = model.generate(
+        pixel_values=pixel_values.to(device, dtype), input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+        do_sample=False, num_beams=1)
+    if not config.use_decoder_only_language_model:
+        texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)
+    else:
+        texts = processor.tokenizer.batch_decode(output[:, input_ids.shape[1]:],
+                                                 skip_special_tokens=True)
+    return [text.strip() for text in texts]

@@ -1,0 +1,415 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+Score BLIP-2 captions with the COCO caption metrics (pycocoevalcap).
+
+    python -m training.evaluate --model M [--adapter A] --data DIR [--split val] --out OUT
+    python -m training.evaluate --model M --compare BASE --data DIR --out OUT
+    python -m training.evaluate --results RESULTS.json --annotations ANNOTATIONS.json
+
+Captions come from :class:`blip2_ros.captioner.Blip2Captioner` with greedy decoding, so the
+numbers describe what the node will publish. Scores: BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE when
+its models are installed, and exact match (a prediction equal to one of the references after
+tokenization). METEOR and the PTB tokenizer need Java: without it METEOR is reported unavailable
+and a simple lower-case/punctuation tokenizer is used instead; a metric that fails never hides the
+others.
+"""
+
+import argparse
+import contextlib
+from dataclasses import dataclass, field
+import functools
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from training.coco import DatasetError, image_path
+
+LOGGER = logging.getLogger('training.evaluate')
+
+METRIC_ORDER = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE',
+                'exact_match')
+ALL_SCORERS = ('Bleu', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE')
+# What pycocoevalcap's PTBTokenizer drops after tokenizing.
+PUNCTUATION_TOKENS = {"''", "'", '``', '`', '-lrb-', '-rrb-', '-lcb-', '-rcb-', '.', '?', '!',
+                      ',', ':', '-', '--', '...', ';'}
+TRAINING_INFO_FILE = 'blip2_ros_training.json'
+
+
+class EvaluationError(RuntimeError):
+    """A problem the user can fix (files, arguments, model); the message is one line."""
+
+
+@dataclass
+class Scores:
+    """Metric values, metrics that could not run (name -> reason), and the tokenizer used."""
+
+    scores: dict = field(default_factory=dict)
+    unavailable: dict = field(default_factory=dict)
+    tokenizer: str = ''
+    images: int = 0
+
+
+@functools.lru_cache(maxsize=None)
+def java_available():
+    """Return True if a ``java`` that runs is on the PATH (PTB tokenizer, METEOR, SPICE)."""
+    java = shutil.which('java')
+    if java is None:
+        return False
+    try:
+        return subprocess.run([java, '-version'], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def simple_tokenize(text):
+    """Lower-case, split off punctuation and drop it, the way the PTB tokenizer's output looks."""
+    tokens = re.findall(r"\w+(?:'\w+)?|[^\w\s]+", text.lower())
+    return ' '.join(token for token in tokens if token not in PUNCTUATION_TOKENS)
+
+
+def tokenize(captions, tokenizer):
+    """Tokenize ``{image_id: [caption, ...]}`` with 'ptb' or 'simple'; same shape back."""
+    if tokenizer == 'simple':
+        return {key: [simple_tokenize(text) for text in texts] for key, texts in captions.items()}
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    return PTBTokenizer().tokenize(
+        {key: [{'caption': text} for text in texts] for key, texts in captions.items()})
+
+
+def spice_models_installed():
+    """Return True if SPICE's Stanford CoreNLP jar is there (it is downloaded at first use)."""
+    try:
+        from pycocoevalcap.spice import get_stanford_models
+    except ImportError:
+        return False
+    jar = os.path.join(get_stanford_models.SPICEDIR, get_stanford_models.SPICELIB,
+                       get_stanford_models.JAR + '.jar')
+    return os.path.isfile(jar)
+
+
+def _scorer(name):
+    if name == 'Bleu':
+        from pycocoevalcap.bleu.bleu import Bleu
+        return Bleu(4)
+    if name == 'METEOR':
+        from pycocoevalcap.meteor.meteor import Meteor
+        return Meteor()
+    if name == 'ROUGE_L':
+        from pycocoevalcap.rouge.rouge import Rouge
+        return Rouge()
+    if name == 'CIDEr':
+        from pycocoevalcap.cider.cider import Cider
+        return Cider()
+    from pycocoevalcap.spice.spice import Spice
+    return Spice()
+
+
+def _one_line(error):
+    text = ' '.join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + '...'
+
+
+def exact_match(references, predictions):
+    """Return the fraction of images whose prediction equals one of its references."""
+    if not predictions:
+        return 0.0
+    hits = sum(1 for key, texts in predictions.items() if texts[0] in references[key])
+    return hits / len(predictions)
+
+
+def score_captions(references, predictions, metrics=ALL_SCORERS, tokenizer='auto',
+                   spice='auto'):
+    """
+    Score ``{image_id: caption}`` predictions against ``{image_id: [reference, ...]}``.
+
+    ``tokenizer``: 'ptb' (pycocoevalcap's, needs Java), 'simple', or 'auto' (ptb when Java
+    runs). ``spice``: 'auto' runs SPICE only when its models are installed, 'always' lets it
+    try to download them, 'never' skips it. Returns :class:`Scores`.
+    """
+    missing = [key for key in predictions if key not in references]
+    if missing:
+        raise EvaluationError(f'{len(missing)} predicted image(s) have no references, '
+                              f'e.g. image {missing[0]}')
+    result = Scores(images=len(predictions))
+    has_java = java_available()
+    if tokenizer == 'auto':
+        tokenizer = 'ptb' if has_java else 'simple'
+        if not has_java:
+            LOGGER.warning('java not found: using a simple lower-case/punctuation tokenizer '
+                           'instead of the PTB tokenizer, and METEOR is unavailable '
+                           '(install a Java runtime for the official numbers)')
+    if tokenizer == 'ptb' and not has_java:
+        raise EvaluationError('the PTB tokenizer needs Java: install a Java runtime or use '
+                              'tokenizer simple')
+    result.tokenizer = tokenizer
+    gts = tokenize({key: list(references[key]) for key in predictions}, tokenizer)
+    res = tokenize({key: [predictions[key]] for key in predictions}, tokenizer)
+    if not res:
+        raise EvaluationError('no predictions to score')
+    for name in metrics:
+        if name in ('METEOR', 'SPICE') and not has_java:
+            result.unavailable[name] = 'needs Java'
+            continue
+        if name == 'SPICE' and spice != 'always' and (spice == 'never'
+                                                      or not spice_models_installed()):
+            result.unavailable[name] = ('needs the Stanford CoreNLP models, downloaded at '
+                                        'first use (pass --spice to try)')
+            continue
+        printed = io.StringIO()
+        try:
+            # pycocoevalcap prints its statistics; keep the caller's output to the table.
+            with contextlib.redirect_stdout(printed):
+                score, _ = _scorer(name).compute_score(gts, res)
+        except Exception as error:  # noqa: B902 - an optional metric must not sink the others
+            result.unavailable[name] = _one_line(error)
+            LOGGER.warning('%s unavailable: %s', name, result.unavailable[name])
+            continue
+        LOGGER.debug('%s: %s', name, printed.getvalue().strip())
+        if name == 'Bleu':
+            for order, value in enumerate(score, start=1):
+                result.scores[f'Bleu_{order}'] = float(value)
+        else:
+            result.scores[name] = float(score)
+    result.scores['exact_match'] = exact_match(gts, res)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _read_json(path, what):
+    try:
+        with open(path, encoding='utf-8') as stream:
+            return json.load(stream)
+    except FileNotFoundError:
+        raise EvaluationError(f'{what} file {path} does not exist') from None
+    except (OSError, ValueError) as error:
+        raise EvaluationError(f'cannot read {what} file {path}: {_one_line(error)}') from None
+
+
+def references_from_coco(annotations):
+    """Return ``{image_id: [caption, ...]}`` from a COCO captions dict."""
+    if not isinstance(annotations, dict) or not isinstance(annotations.get('annotations'), list):
+        raise EvaluationError('annotations must be a COCO captions object with an '
+                              '"annotations" list')
+    references = {}
+    for entry in annotations['annotations']:
+        references.setdefault(entry['image_id'], []).append(str(entry['caption']))
+    return references
+
+
+def predictions_from_results(results):
+    """Return ``{image_id: caption}`` from a COCO results list; one caption per image."""
+    if not isinstance(results, list):
+        raise EvaluationError('results must be a JSON list of {"image_id", "caption"}')
+    predictions = {}
+    for entry in results:
+        try:
+            image_id, caption = entry['image_id'], str(entry['caption'])
+        except (KeyError, TypeError):
+            raise EvaluationError('each result needs image_id and caption, got '
+                                  f'{_one_line(entry)}') from None
+        if image_id in predictions:
+            raise EvaluationError(f'results hold two captions for image {image_id}: keep one '
+                                  'per image')
+        predictions[image_id] = caption
+    return predictions
+
+
+def score_files(results_path, annotations_path, **options):
+    """Score a COCO results file against a COCO captions annotations file."""
+    predictions = predictions_from_results(_read_json(results_path, 'results'))
+    references = references_from_coco(_read_json(annotations_path, 'annotations'))
+    return score_captions(references, predictions, **options)
+
+
+def write_json(path, data):
+    """Write JSON with sorted keys (results and metrics files)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, 'w', encoding='utf-8') as stream:
+        json.dump(data, stream, indent=1, sort_keys=True, ensure_ascii=False)
+        stream.write('\n')
+
+
+def training_prompt(*folders):
+    """Return the prompt saved by training.train in the first folder that has one, else ''."""
+    for folder in folders:
+        path = os.path.join(folder or '', TRAINING_INFO_FILE)
+        if folder and os.path.isfile(path):
+            return str(_read_json(path, 'training info').get('prompt', ''))
+    return ''
+
+
+# ---------------------------------------------------------------------------------------------
+# Captioning a split
+
+
+def caption_split(model, adapter, folder, records, prompt, device='auto', dtype='auto',
+                  batch_size=16, max_new_tokens=30):
+    """Caption every image of ``records`` with Blip2Captioner; return ``{image_id: caption}``."""
+    from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, ModelLoadError
+    from training.data import load_rgb
+
+    try:
+        captioner = Blip2Captioner(CaptionerConfig(
+            model=model, adapter=adapter, device=device, dtype=dtype, prompt=prompt,
+            max_new_tokens=max_new_tokens))
+    except ModelLoadError as error:
+        raise EvaluationError(str(error)) from error
+    predictions = {}
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        frames = [load_rgb(image_path(folder, record.file_name)) for record in batch]
+        for record, caption in zip(batch, captioner.caption(frames)):
+            predictions[record.image_id] = caption
+        LOGGER.info('captioned %d/%d images', min(start + batch_size, len(records)),
+                    len(records))
+    return predictions
+
+
+def format_table(columns):
+    """Render ``[(title, Scores), ...]`` as a text table, one metric per row."""
+    names = [name for name in METRIC_ORDER
+             if any(name in scores.scores or name in scores.unavailable
+                    for _, scores in columns)]
+    titles = [title for title, _ in columns]
+    if len(columns) == 2:
+        titles.append('change')
+    width = max(12, *(len(title) + 2 for title in titles))
+    lines = ['metric'.ljust(12) + ''.join(title.rjust(width) for title in titles)]
+    for name in names:
+        cells = []
+        for _, scores in columns:
+            value = scores.scores.get(name)
+            cells.append(f'{value:.3f}' if value is not None else 'n/a')
+        if len(columns) == 2:
+            first, second = (scores.scores.get(name) for _, scores in columns)
+            cells.append(f'{second - first:+.3f}' if None not in (first, second) else '')
+        lines.append(name.ljust(12) + ''.join(cell.rjust(width) for cell in cells))
+    for title, scores in columns:
+        for name, reason in sorted(scores.unavailable.items()):
+            lines.append(f'{name} unavailable for {title}: {reason}')
+    tokenizers = sorted({scores.tokenizer for _, scores in columns})
+    lines.append(f"images: {columns[0][1].images}; tokenizer: {', '.join(tokenizers)}")
+    return '\n'.join(lines)
+
+
+def _scores_json(scores):
+    return {'scores': scores.scores, 'unavailable': scores.unavailable,
+            'tokenizer': scores.tokenizer, 'images': scores.images}
+
+
+def evaluate_models(args):
+    """Caption a split with the model (and the --compare baseline), score, write, print."""
+    from training.data import load_split
+
+    records = [record for record in load_split(args.data, args.split) if record.captions]
+    if args.max_images:
+        records = records[:args.max_images]
+    if not records:
+        raise EvaluationError(f"split '{args.split}' of {args.data} has no captioned image")
+    references = {record.image_id: list(record.captions) for record in records}
+    prompt = args.prompt
+    if prompt is None:
+        prompt = training_prompt(args.adapter, args.model)
+    runs = [('model', args.model, args.adapter)]
+    if args.compare:
+        runs.insert(0, ('baseline', args.compare, args.compare_adapter))
+    columns = []
+    report = {'split': args.split, 'data': args.data, 'prompt': prompt, 'models': {}}
+    for title, model, adapter in runs:
+        predictions = caption_split(model, adapter, args.data, records, prompt, args.device,
+                                    args.dtype, args.batch_size, args.max_new_tokens)
+        scores = score_captions(references, predictions, tokenizer=args.tokenizer,
+                                spice='always' if args.spice else 'auto')
+        write_json(os.path.join(args.out, f'results_{title}.json'),
+                   [{'image_id': key, 'caption': value} for key, value in predictions.items()])
+        report['models'][title] = {'model': model, 'adapter': adapter, **_scores_json(scores)}
+        columns.append((title, scores))
+    write_json(os.path.join(args.out, 'metrics.json'), report)
+    return columns
+
+
+def build_parser():
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog='python -m training.evaluate', description=__doc__.strip().splitlines()[0])
+    parser.add_argument('--model', help='BLIP-2 checkpoint (hub id or folder) to caption with')
+    parser.add_argument('--adapter', default='', help='LoRA adapter folder for --model')
+    parser.add_argument('--compare', default='',
+                        help='baseline checkpoint scored on the same split, shown beside it')
+    parser.add_argument('--compare_adapter', '--compare-adapter', default='',
+                        help='LoRA adapter folder for --compare')
+    parser.add_argument('--data', help='dataset folder (images/, annotations.json, splits)')
+    parser.add_argument('--split', default='val', help="split to score ('all': every image)")
+    parser.add_argument('--out', help='folder for results_*.json and metrics.json')
+    parser.add_argument('--prompt', default=None,
+                        help='prompt before each caption (default: the one saved by training)')
+    parser.add_argument('--max_new_tokens', '--max-new-tokens', type=int, default=30)
+    parser.add_argument('--batch_size', '--batch-size', type=int, default=16)
+    parser.add_argument('--max_images', '--max-images', type=int, default=0,
+                        help='score only the first N images of the split (0: all)')
+    parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
+    parser.add_argument('--dtype', default='auto', help='auto, float32, bfloat16, float16')
+    parser.add_argument('--results', help='score this COCO results file instead of a model')
+    parser.add_argument('--annotations', help='COCO captions file with the references')
+    parser.add_argument('--tokenizer', choices=('auto', 'ptb', 'simple'), default='auto',
+                        help='ptb needs Java; auto falls back to simple without it')
+    parser.add_argument('--spice', action='store_true',
+                        help='run SPICE even if its models must be downloaded first')
+    return parser
+
+
+def main(argv=None):
+    """Command line; prints the table, writes JSON; exits with a one-line message on errors."""
+    logging.basicConfig(format='%(levelname)s %(name)s: %(message)s', level=logging.INFO)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.results or args.annotations:
+            if not (args.results and args.annotations):
+                raise EvaluationError('--results and --annotations go together')
+            scores = score_files(args.results, args.annotations, tokenizer=args.tokenizer,
+                                 spice='always' if args.spice else 'auto')
+            columns = [('results', scores)]
+            if args.out:
+                write_json(os.path.join(args.out, 'metrics.json'),
+                           {'results': args.results, 'annotations': args.annotations,
+                            'models': {'results': _scores_json(scores)}})
+        else:
+            missing = [flag for flag, value in (('--model', args.model), ('--data', args.data),
+                                                ('--out', args.out)) if not value]
+            if missing:
+                raise EvaluationError(f"{', '.join(missing)} required (or --results with "
+                                      '--annotations)')
+            columns = evaluate_models(args)
+    except (EvaluationError, DatasetError, OSError) as error:
+        raise SystemExit(f'error: {_one_line(error)}') from None
+    print(format_table(columns))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

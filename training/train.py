@@ -1,0 +1,789 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+Fine-tune BLIP-2 on a COCO caption dataset folder.
+
+    python -m training.train --model Salesforce/blip2-opt-2.7b --data DIR --output_dir OUT
+        --method lora|qformer|full [any transformers TrainingArguments]
+    python -m training.train config.yaml
+
+Methods: ``qformer`` trains the Q-Former, the query tokens and the language projection (the
+BLIP-2 recipe; vision encoder and language model frozen); ``lora`` adds LoRA adapters to the
+language model's attention (optionally also trains the Q-Former); ``full`` trains everything.
+The output folder loads in :class:`blip2_ros.captioner.Blip2Captioner`: ``model=OUT`` for
+qformer/full, ``model=BASE, adapter=OUT`` for lora. Runs under ``torchrun`` / ``accelerate
+launch`` through the Trainer's own distributed support.
+"""
+
+from dataclasses import dataclass, field
+import json
+import logging
+import os
+import re
+import signal
+import sys
+
+import torch
+from training.coco import DatasetError, write_text_atomic
+from training.data import (CaptionCollator, CaptionPairs, generate_captions, load_split,
+                           split_path)
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import IntervalStrategy, set_seed
+
+LOGGER = logging.getLogger('training.train')
+
+METHODS = ('lora', 'qformer', 'full')
+# What each method trains, by parameter-name prefix of Blip2ForConditionalGeneration.
+QFORMER_PREFIXES = ('qformer.', 'query_tokens', 'language_projection.')
+# LoRA goes on the attention projections of the language model, named per architecture.
+LORA_TARGETS = {'opt': ('q_proj', 'v_proj'), 't5': ('q', 'v')}
+# Saved next to every trained model: the prompt it was trained with, for evaluate and the node.
+TRAINING_INFO_FILE = 'blip2_ros_training.json'
+CHECKPOINT_MARKER = 'checkpoint_complete.json'
+CHECKPOINT_PATTERN = re.compile(r'^checkpoint-(\d+)$')
+SUMMARY_METRICS = ('eval_loss', 'eval_exact_match', 'eval_Bleu_4', 'eval_CIDEr')
+WEIGHT_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16,
+                 'float16': torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """A problem the user can fix (arguments, dataset, checkpoint); the message is one line."""
+
+
+@dataclass
+class ModelArguments:
+    """Which checkpoint to start from and which parts of it to train."""
+
+    model: str = field(
+        default='Salesforce/blip2-opt-2.7b',
+        metadata={'help': 'BLIP-2 checkpoint to fine-tune: a hub id or a local folder.'})
+    method: str = field(
+        default='qformer',
+        metadata={'help': 'What to train: qformer (Q-Former, query tokens, projection), lora '
+                          '(LoRA on the language model attention), full (everything).',
+                  'choices': METHODS})
+    lora_r: int = field(default=16, metadata={'help': 'LoRA rank.'})
+    lora_alpha: int = field(default=32, metadata={'help': 'LoRA scaling numerator (alpha / r).'})
+    lora_dropout: float = field(default=0.05, metadata={'help': 'Dropout on the LoRA input.'})
+    lora_target_modules: str = field(
+        default='',
+        metadata={'help': 'Comma-separated attention projections of the language model to adapt '
+                          '(default: q_proj,v_proj for OPT, q,v for T5; OPT also has k_proj, '
+                          'out_proj; T5 also has k, o).'})
+    lora_qformer: bool = field(
+        default=False,
+        metadata={'help': 'With lora: also train the Q-Former and the language projection '
+                          '(saved inside the adapter).'})
+    merge_lora: bool = field(
+        default=False,
+        metadata={'help': 'With lora: also write a merged full model to OUTPUT_DIR/merged.'})
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={'help': 'With lora: 8-bit language model weights (needs bitsandbytes and a '
+                          'CUDA GPU).'})
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={'help': 'With lora: 4-bit NF4 language model weights, QLoRA (needs '
+                          'bitsandbytes and a CUDA GPU).'})
+    weights_dtype: str = field(
+        default='auto',
+        metadata={'help': 'dtype of the frozen weights: auto (bfloat16 on a GPU for lora and '
+                          'qformer, else float32), float32, bfloat16, float16. Trained weights '
+                          'stay float32; use --bf16/--fp16 for mixed precision.'})
+    allow_pickle: bool = field(
+        default=False,
+        metadata={'help': 'Allow loading .bin (pickle) weights; only for checkpoints you trust.'})
+
+    def __post_init__(self):
+        """Reject unusable combinations with a message that says what to change."""
+        if self.method not in METHODS:
+            raise TrainingError(f'--method {self.method} is unknown: use lora, qformer or full')
+        if self.lora_r < 1 or self.lora_alpha < 1:
+            raise TrainingError('--lora_r and --lora_alpha must be positive integers')
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise TrainingError('--lora_dropout must be in [0, 1)')
+        if self.weights_dtype != 'auto' and self.weights_dtype not in WEIGHT_DTYPES:
+            raise TrainingError(f'--weights_dtype {self.weights_dtype} is unknown: use auto, '
+                                f'{", ".join(WEIGHT_DTYPES)}')
+        if self.method == 'full' and self.weights_dtype in ('bfloat16', 'float16'):
+            raise TrainingError('--method full keeps float32 weights; for less memory use --bf16 '
+                                '(mixed precision), or --method lora / qformer')
+        lora_only = [name for name in ('lora_qformer', 'merge_lora', 'load_in_8bit',
+                                       'load_in_4bit') if getattr(self, name)]
+        if lora_only and self.method != 'lora':
+            raise TrainingError(f'--{lora_only[0]} only applies to --method lora')
+        if self.load_in_8bit and self.load_in_4bit:
+            raise TrainingError('choose one of --load_in_8bit and --load_in_4bit')
+        if self.load_in_8bit or self.load_in_4bit:
+            check_quantization_support()
+
+    @property
+    def quantized(self):
+        """Return True when the base language model is loaded in 8 or 4 bits."""
+        return self.load_in_8bit or self.load_in_4bit
+
+
+@dataclass
+class DataArguments:
+    """The dataset folder, its splits and how captions are laid out."""
+
+    data: str = field(
+        default='',
+        metadata={'help': 'Dataset folder from training.bag_to_coco + training.split (images/, '
+                          'annotations.json, train_split.jsonl, val_split.jsonl).'})
+    train_split: str = field(
+        default='train', metadata={'help': "Split to train on ('all': every image)."})
+    eval_split: str = field(
+        default='val',
+        metadata={'help': "Split for eval loss and caption metrics ('' for none)."})
+    prompt: str = field(
+        default='',
+        metadata={'help': 'Text before each caption, e.g. "a photo of". Saved with the model; '
+                          'give the node the same prompt parameter.'})
+    max_caption_tokens: int = field(
+        default=40, metadata={'help': 'Captions longer than this many tokens are cut.'})
+    cache_images: bool = field(
+        default=False,
+        metadata={'help': 'Keep decoded images in memory (small datasets, many epochs).'})
+    caption_eval_images: int = field(
+        default=16,
+        metadata={'help': 'Validation images captioned at each evaluation for BLEU/CIDEr/exact '
+                          'match in TensorBoard (0: eval loss only).'})
+    logged_images: int = field(
+        default=4,
+        metadata={'help': 'Of those, how many go to TensorBoard as pictures with predicted and '
+                          'reference captions.'})
+    caption_max_new_tokens: int = field(
+        default=30, metadata={'help': 'Longest caption generated at evaluation.'})
+
+    def __post_init__(self):
+        """Reject a missing dataset folder and negative counts."""
+        if not self.data:
+            raise TrainingError('--data is required: a dataset folder made by '
+                                'training.bag_to_coco and training.split')
+        if not os.path.isdir(self.data):
+            raise TrainingError(f'--data {self.data} is not a folder')
+        if self.max_caption_tokens < 1 or self.caption_max_new_tokens < 1:
+            raise TrainingError('--max_caption_tokens and --caption_max_new_tokens must be >= 1')
+        if self.caption_eval_images < 0 or self.logged_images < 0:
+            raise TrainingError('--caption_eval_images and --logged_images must be >= 0')
+
+
+@dataclass
+class CaptionTrainingArguments(TrainingArguments):
+    """transformers TrainingArguments with defaults for captioning and resume/stop controls."""
+
+    output_dir: str = field(
+        default=None, metadata={'help': 'Folder for checkpoints, logs and the trained model.'})
+    resume: bool = field(
+        default=False,
+        metadata={'help': 'Continue from the newest complete checkpoint in --output_dir '
+                          '(incomplete ones are skipped).'})
+    stop_after_steps: int = field(
+        default=0,
+        metadata={'help': 'Save a checkpoint and stop after this many optimizer steps in this '
+                          'run (0: no limit); the schedule still follows max_steps / epochs, '
+                          'so --resume continues it.'})
+    cpu_threads: int = field(
+        default=0,
+        metadata={'help': 'torch CPU threads (0: torch default). 1 is several times faster for '
+                          'tiny models on a busy CPU, where spinning threads wait on each other.'})
+    learning_rate: float = field(default=1e-4, metadata={'help': 'Peak AdamW learning rate.'})
+    report_to: None | str | list[str] = field(
+        default='tensorboard',
+        metadata={'help': 'Where to log: tensorboard (OUTPUT_DIR/runs), none, or other '
+                          'integrations.'})
+    logging_steps: float = field(default=10, metadata={'help': 'Log every N steps.'})
+    logging_first_step: bool = field(default=True, metadata={'help': 'Log the first step.'})
+    save_steps: float = field(default=200, metadata={'help': 'Checkpoint every N steps.'})
+    save_total_limit: int | None = field(
+        default=3, metadata={'help': 'Keep at most this many checkpoints.'})
+    eval_strategy: IntervalStrategy | str = field(
+        default='steps',
+        metadata={'help': 'When to evaluate: steps, epoch or no (off without an eval split).'})
+    eval_steps: float | None = field(
+        default=None, metadata={'help': 'Evaluate every N steps (default: save_steps).'})
+    remove_unused_columns: bool = field(
+        default=False, metadata={'help': 'Keep False: the collator needs the raw columns.'})
+    prediction_loss_only: bool = field(
+        default=True, metadata={'help': 'Evaluation keeps only the loss, not the logits.'})
+
+    def __post_init__(self):
+        """Fill defaults that depend on the machine, then run the usual checks."""
+        if not self.output_dir:
+            raise TrainingError('--output_dir is required: where checkpoints and the model go')
+        if self.stop_after_steps < 0 or self.cpu_threads < 0:
+            raise TrainingError('--stop_after_steps and --cpu_threads must be >= 0')
+        if self.eval_steps is None:
+            self.eval_steps = self.save_steps
+        if not torch.cuda.is_available():
+            # bf16 autocast and torchrun both need the Trainer told it runs on the CPU (gloo).
+            self.use_cpu = True
+            if self.ddp_backend is None and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+                self.ddp_backend = 'gloo'
+        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
+            # Non-reentrant checkpointing works with frozen inputs (lora, qformer).
+            self.gradient_checkpointing_kwargs = {'use_reentrant': False}
+        if self.ddp_find_unused_parameters is None:
+            # The Q-Former's text-only feed-forward layers get no gradient when captioning.
+            self.ddp_find_unused_parameters = True
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            raise TrainingError(' '.join(str(error).split())) from error
+
+
+def check_quantization_support():
+    """Raise TrainingError unless bitsandbytes and a CUDA GPU are both there."""
+    if not torch.cuda.is_available():
+        raise TrainingError('8-bit / 4-bit weights need a CUDA GPU, and torch sees none; '
+                            'drop --load_in_8bit / --load_in_4bit to train in full precision')
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise TrainingError('8-bit / 4-bit weights need bitsandbytes: pip install bitsandbytes'
+                            ) from error
+
+
+def parse_arguments(argv=None):
+    """Parse command-line flags, or one .yaml/.json config file, into the three dataclasses."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, CaptionTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith(('.yaml', '.yml', '.json')):
+        path = os.path.abspath(argv[0])
+        if not os.path.isfile(path):
+            raise TrainingError(f'config file {argv[0]} does not exist')
+        if path.endswith('.json'):
+            return parser.parse_json_file(path)
+        return parser.parse_yaml_file(path)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: completion markers and resume
+
+
+def write_checkpoint_marker(folder, step):
+    """Record that ``folder`` was written completely: its files and their sizes."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name == CHECKPOINT_MARKER:
+                continue
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, folder)] = os.path.getsize(path)
+    write_text_atomic(os.path.join(folder, CHECKPOINT_MARKER),
+                      json.dumps({'step': step, 'files': files}, indent=1, sort_keys=True))
+
+
+def checkpoint_problem(folder):
+    """Return why ``folder`` is not a complete checkpoint, or '' if it is."""
+    marker = os.path.join(folder, CHECKPOINT_MARKER)
+    try:
+        with open(marker, encoding='utf-8') as stream:
+            files = json.load(stream)['files']
+    except FileNotFoundError:
+        return f'no {CHECKPOINT_MARKER} (cut off while saving?)'
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f'unreadable {CHECKPOINT_MARKER}: {error}'
+    for name, size in sorted(files.items()):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f'{name} is missing'
+        if os.path.getsize(path) != size:
+            return f'{name} has {os.path.getsize(path)} bytes, {size} were written'
+    return ''
+
+
+def list_checkpoints(output_dir):
+    """Return ``(step, folder)`` for every checkpoint-N folder in ``output_dir``, newest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def find_resume_checkpoint(output_dir):
+    """Return the newest complete checkpoint in ``output_dir`` (None if none), warning on skips."""
+    for _, folder in list_checkpoints(output_dir):
+        problem = checkpoint_problem(folder)
+        if not problem:
+            return folder
+        LOGGER.warning('skipping incomplete checkpoint %s: %s', folder, problem)
+    return None
+
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class CheckpointMarkerCallback(TrainerCallback):
+    """Write the completion marker once every process has finished writing a checkpoint."""
+
+    def on_save(self, args, state, control, **kwargs):
+        """Mark ``checkpoint-<step>`` complete (the Trainer calls this after saving it)."""
+        if _distributed():
+            # Every rank writes its own RNG state; the marker must come after all of them.
+            torch.distributed.barrier()
+        folder = os.path.join(args.output_dir, f'checkpoint-{state.global_step}')
+        if state.is_world_process_zero and os.path.isdir(folder):
+            write_checkpoint_marker(folder, state.global_step)
+
+
+class GracefulStopCallback(TrainerCallback):
+    """
+    Turn SIGINT/SIGTERM (or --stop_after_steps) into 'save a checkpoint, then stop'.
+
+    The signal handler only sets a flag; the stop happens at the end of the current optimizer
+    step, where the Trainer can save consistently. A second signal stops at once.
+    """
+
+    def __init__(self, stop_after_steps=0):
+        """Stop after ``stop_after_steps`` steps of this run (0: only on a signal)."""
+        self.stop_after_steps = stop_after_steps
+        self.steps_done = 0
+        self.signal_number = 0
+        self.reason = ''
+        self._previous_handlers = {}
+
+    def _handle(self, signal_number, frame):
+        if self.signal_number:
+            self._restore_handlers()
+            raise KeyboardInterrupt
+        self.signal_number = signal_number
+        LOGGER.warning('%s received: saving a checkpoint after this step, then stopping '
+                       '(send it again to stop at once, without saving)',
+                       signal.Signals(signal_number).name)
+
+    def _restore_handlers(self):
+        for signal_number, handler in self._previous_handlers.items():
+            signal.signal(signal_number, handler)
+        self._previous_handlers = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Install the handlers (only possible from the main thread)."""
+        try:
+            for signal_number in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[signal_number] = signal.signal(signal_number,
+                                                                       self._handle)
+        except ValueError:
+            LOGGER.warning('not in the main thread: SIGINT/SIGTERM will not save a checkpoint')
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Ask the Trainer to save and stop when a signal came or the step budget is spent."""
+        self.steps_done += 1
+        wanted = torch.tensor(
+            [self.signal_number,
+             int(bool(self.stop_after_steps) and self.steps_done >= self.stop_after_steps)],
+            device=args.device if args.device.type == 'cuda' else 'cpu')
+        if _distributed():
+            # All ranks must stop at the same step, or the next collective hangs.
+            torch.distributed.all_reduce(wanted, op=torch.distributed.ReduceOp.MAX)
+        signal_number, budget_spent = (int(value) for value in wanted.tolist())
+        if (signal_number or budget_spent) and not self.reason:
+            self.signal_number = self.signal_number or signal_number
+            self.reason = (signal.Signals(signal_number).name if signal_number
+                           else f'--stop_after_steps {self.stop_after_steps}')
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Give SIGINT/SIGTERM back to their previous handlers."""
+        self._restore_handlers()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def resolve_weights_dtype(model_args):
+    """Pick the dtype of the frozen weights (trained weights are always float32)."""
+    if model_args.weights_dtype != 'auto':
+        return WEIGHT_DTYPES[model_args.weights_dtype]
+    if (torch.cuda.is_available() and model_args.method in ('lora', 'qformer')
+            and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(model_args, training_args):
+    """Load the BLIP-2 checkpoint and its processor; raise TrainingError on failure."""
+    from transformers import AutoConfig, Blip2ForConditionalGeneration, Blip2Processor
+
+    where = f"BLIP-2 model '{model_args.model}'"
+    try:
+        config = AutoConfig.from_pretrained(model_args.model)
+    except (OSError, ValueError) as error:
+        raise TrainingError(f'cannot load {where}: {_one_line(error)}') from error
+    if getattr(config, 'model_type', '') != 'blip-2':
+        raise TrainingError(f"cannot load {where}: it is a '{config.model_type}' model, "
+                            'not BLIP-2')
+    dtype = resolve_weights_dtype(model_args)
+    load_args = {'dtype': dtype, 'use_safetensors': not model_args.allow_pickle,
+                 'trust_remote_code': False}
+    if model_args.quantized:
+        from transformers import BitsAndBytesConfig
+        # Only the language model is quantized; the vision tower and Q-Former stay as loaded.
+        load_args['quantization_config'] = BitsAndBytesConfig(
+            load_in_8bit=model_args.load_in_8bit, load_in_4bit=model_args.load_in_4bit,
+            bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=['vision_model', 'qformer', 'language_projection', 'lm_head'])
+        load_args['device_map'] = {'': training_args.local_process_index}
+    try:
+        processor = Blip2Processor.from_pretrained(model_args.model)
+        model = Blip2ForConditionalGeneration.from_pretrained(model_args.model, **load_args)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise TrainingError(f'cannot load {where}: {_one_line(error)}') from error
+    if model.config.text_config.is_encoder_decoder:
+        # T5 averages its loss itself; without this the Trainer would skip dividing it by the
+        # gradient accumulation steps.
+        model.accepts_loss_kwargs = False
+    return model, processor
+
+
+def lora_target_regex(model, model_args):
+    """Return a regex naming the language model's attention projections to adapt."""
+    architecture = model.config.text_config.model_type
+    if model_args.lora_target_modules:
+        names = [name.strip() for name in model_args.lora_target_modules.split(',')
+                 if name.strip()]
+    elif architecture in LORA_TARGETS:
+        names = LORA_TARGETS[architecture]
+    else:
+        raise TrainingError(f"no default LoRA targets for a '{architecture}' language model: "
+                            'name them with --lora_target_modules')
+    # Anchored under language_model so vision and Q-Former layers are never adapted.
+    return r'language_model\..*\.(' + '|'.join(re.escape(name) for name in names) + r')'
+
+
+def apply_method(model, model_args):
+    """Freeze and wrap ``model`` for the chosen method; return the model to train."""
+    if model_args.method == 'full':
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+    if model_args.method == 'qformer':
+        for name, parameter in model.named_parameters():
+            trainable = name.startswith(QFORMER_PREFIXES)
+            parameter.requires_grad_(trainable)
+            if trainable and parameter.dtype != torch.float32:
+                # Optimiser updates are lost in 16-bit weights; keep what is trained in float32.
+                parameter.data = parameter.data.float()
+        return model
+    from peft import get_peft_model, LoraConfig, prepare_model_for_kbit_training
+
+    if model_args.quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=False)
+    target = lora_target_regex(model, model_args)
+    matched = [name for name, _ in model.named_modules() if re.fullmatch(target, name)]
+    if not matched:
+        raise TrainingError(f'--lora_target_modules matched no module of the language model '
+                            f'({target}); check the names in the model')
+    config = LoraConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout, target_modules=target, bias='none',
+        modules_to_save=['qformer', 'language_projection'] if model_args.lora_qformer else None)
+    return get_peft_model(model, config)
+
+
+def match_mixed_precision(model_args, training_args):
+    """Turn on autocast when frozen weights are 16-bit, so float32 trained layers can meet them."""
+    dtype = resolve_weights_dtype(model_args)
+    if dtype == torch.float32 or training_args.bf16 or training_args.fp16:
+        return
+    LOGGER.info('frozen weights are %s: turning on %s mixed precision', dtype,
+                'bf16' if dtype == torch.bfloat16 else 'fp16')
+    if dtype == torch.bfloat16:
+        training_args.bf16 = True
+        training_args.mixed_precision = 'bf16'
+    else:
+        training_args.fp16 = True
+        training_args.mixed_precision = 'fp16'
+
+
+def count_parameters(model):
+    """Return ``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def unwrap_blip2(model):
+    """Return the Blip2ForConditionalGeneration inside a DDP and/or peft wrapper."""
+    model = getattr(model, 'module', model)
+    if hasattr(model, 'get_base_model'):
+        model = model.get_base_model()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer with caption metrics
+
+
+class CaptionTrainer(Trainer):
+    """A Trainer whose evaluation also captions a few validation images and scores them."""
+
+    def __init__(self, *args, caption_eval=None, **kwargs):
+        """``caption_eval``: dict with dataset, prompt, images, logged_images, max_new_tokens."""
+        super().__init__(*args, **kwargs)
+        self.caption_eval = caption_eval
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix='eval'):
+        """Compute the eval loss, then caption metrics, and log both."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.caption_eval is None or eval_dataset is not None:
+            return metrics
+        caption_metrics = [None]
+        if self.is_world_process_zero():
+            caption_metrics[0] = self._caption_metrics(metric_key_prefix)
+        if _distributed():
+            # Every rank returns the same metrics, so best-model tracking agrees everywhere.
+            torch.distributed.broadcast_object_list(caption_metrics, src=0)
+        metrics.update(caption_metrics[0])
+        self.log(caption_metrics[0])
+        return metrics
+
+    def _caption_metrics(self, prefix):
+        from training.evaluate import score_captions
+
+        settings = self.caption_eval
+        dataset = settings['dataset']
+        count = min(settings['images'], len(dataset.records))
+        frames = [dataset.image(index) for index in range(count)]
+        model = unwrap_blip2(self.model)
+        was_training = model.training
+        model.eval()
+        predictions = []
+        try:
+            with self.accelerator.autocast():
+                for start in range(0, count, 16):
+                    predictions += generate_captions(
+                        model, self.processing_class, frames[start:start + 16],
+                        settings['prompt'], settings['max_new_tokens'])
+        finally:
+            model.train(was_training)
+        references = {index: list(dataset.records[index].captions) for index in range(count)}
+        result = score_captions(references, dict(enumerate(predictions)),
+                                metrics=('Bleu', 'ROUGE_L', 'CIDEr'), tokenizer='simple')
+        self._log_examples(frames, predictions, references, settings['logged_images'])
+        return {f'{prefix}_{name}': value for name, value in result.scores.items()}
+
+    def _log_examples(self, frames, predictions, references, count):
+        writer = next((callback.tb_writer for callback in self.callback_handler.callbacks
+                       if isinstance(callback, TensorBoardCallback)
+                       and callback.tb_writer is not None), None)
+        if writer is None or count == 0:
+            return
+        step = self.state.global_step
+        rows = ['| image | predicted | reference |', '|---|---|---|']
+        for index in range(min(count, len(frames))):
+            writer.add_image(f'val_images/{index}', frames[index], step, dataformats='HWC')
+            rows.append(f'| {index} | {predictions[index]} | {references[index][0]} |')
+        writer.add_text('val_captions', '\n'.join(rows), step)
+        writer.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def _one_line(error):
+    text = ' '.join(str(error).split())
+    return text if len(text) <= 300 else text[:297] + '...'
+
+
+def validate_data(folder):
+    """Run training.validate on the dataset folder; raise DatasetError if anything is wrong."""
+    from training.validate import check_dataset
+
+    check_dataset(folder, require_captions=True)
+
+
+def logged_eval_metrics(state):
+    """Return the eval metrics the Trainer logged at the final step, if it evaluated there."""
+    metrics = {}
+    for entry in state.log_history:
+        if entry.get('step') == state.global_step and any(key.startswith('eval_')
+                                                          for key in entry):
+            metrics.update({key: value for key, value in entry.items()
+                            if key.startswith('eval_')})
+    return metrics
+
+
+def save_training_info(folder, model_args, data_args, model):
+    """Write the prompt and how the model was trained next to it."""
+    info = {
+        'prompt': data_args.prompt,
+        'method': model_args.method,
+        'base_model': model_args.model,
+        'language_model': model.config.text_config.model_type,
+        'max_caption_tokens': data_args.max_caption_tokens,
+    }
+    write_text_atomic(os.path.join(folder, TRAINING_INFO_FILE),
+                      json.dumps(info, indent=1, sort_keys=True) + '\n')
+
+
+def merge_lora(trainer, model_args, data_args, processor, output_dir):
+    """Write base + adapter merged into one full model under OUTPUT_DIR/merged."""
+    from peft import PeftModel
+    from transformers import Blip2ForConditionalGeneration
+
+    merged_dir = os.path.join(output_dir, 'merged')
+    if model_args.quantized:
+        # Merging into 8/4-bit weights rounds the update away: reload the base unquantized.
+        base = Blip2ForConditionalGeneration.from_pretrained(
+            model_args.model, dtype=torch.bfloat16,
+            use_safetensors=not model_args.allow_pickle)
+        model = PeftModel.from_pretrained(base, output_dir).merge_and_unload()
+    else:
+        model = trainer.model.merge_and_unload()
+    model.save_pretrained(merged_dir)
+    processor.save_pretrained(merged_dir)
+    save_training_info(merged_dir, model_args, data_args, model)
+    return merged_dir
+
+
+def main(argv=None):
+    """Fine-tune BLIP-2; return the exit status (raises SystemExit with a message on errors)."""
+    logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s',
+                        level=logging.INFO)
+    threads = torch.get_num_threads()
+    try:
+        return run(argv)
+    except (TrainingError, DatasetError) as error:
+        raise SystemExit(f'error: {error}') from None
+    finally:
+        # --cpu_threads is for this run only (tests and notebooks call main repeatedly).
+        torch.set_num_threads(threads)
+
+
+def run(argv=None):
+    """Do the work of :func:`main`; raises TrainingError / DatasetError."""
+    # 1. Parse arguments.
+    model_args, data_args, training_args = parse_arguments(argv)
+
+    # 2. Seed everything (model init, LoRA init, data order, dropout).
+    set_seed(training_args.seed)
+    if training_args.cpu_threads:
+        torch.set_num_threads(training_args.cpu_threads)
+    output_dir = training_args.output_dir
+
+    # 3. Find the checkpoint to resume from.
+    resume_from = training_args.resume_from_checkpoint
+    if training_args.resume and not resume_from:
+        resume_from = find_resume_checkpoint(output_dir)
+        if resume_from is None:
+            LOGGER.warning('--resume: no complete checkpoint in %s, starting from scratch',
+                           output_dir)
+        else:
+            LOGGER.info('resuming from %s', resume_from)
+    elif not resume_from and list_checkpoints(output_dir):
+        raise TrainingError(f'{output_dir} already holds checkpoints: add --resume to continue '
+                            'that run, or choose an empty --output_dir')
+
+    # 4. Data: validate before anything expensive, then read the splits.
+    validate_data(data_args.data)
+    train_records = load_split(data_args.data, data_args.train_split)
+    if not any(record.captions for record in train_records):
+        raise TrainingError(f"split '{data_args.train_split}' of {data_args.data} has no "
+                            'captioned image to train on')
+    train_dataset = CaptionPairs(data_args.data, train_records, data_args.cache_images)
+    eval_dataset = None
+    if data_args.eval_split and os.path.isfile(split_path(data_args.data,
+                                                          data_args.eval_split)):
+        eval_records = [record for record in load_split(data_args.data, data_args.eval_split)
+                        if record.captions]
+        if eval_records:
+            eval_dataset = CaptionPairs(data_args.data, eval_records, data_args.cache_images)
+    if eval_dataset is None and training_args.eval_strategy != IntervalStrategy.NO:
+        LOGGER.warning("no captioned images in eval split '%s': evaluation is off",
+                       data_args.eval_split)
+        training_args.eval_strategy = IntervalStrategy.NO
+    LOGGER.info('%d training pairs from %d images, %d eval pairs', len(train_dataset),
+                len(train_records), len(eval_dataset) if eval_dataset else 0)
+
+    # 5. Model: load, choose what trains, build the collator.
+    model, processor = load_model(model_args, training_args)
+    model = apply_method(model, model_args)
+    match_mixed_precision(model_args, training_args)
+    trainable, total = count_parameters(model)
+    LOGGER.info('method %s: trainable params: %d || all params: %d || trainable%%: %.4f',
+                model_args.method, trainable, total, 100.0 * trainable / total)
+    blip2 = unwrap_blip2(model)
+    collator = CaptionCollator(
+        processor, blip2.config.image_token_id, blip2.config.num_query_tokens,
+        blip2.config.text_config.is_encoder_decoder, data_args.prompt,
+        data_args.max_caption_tokens)
+    caption_eval = None
+    if eval_dataset is not None and data_args.caption_eval_images:
+        caption_eval = {'dataset': eval_dataset, 'prompt': data_args.prompt,
+                        'images': data_args.caption_eval_images,
+                        'logged_images': data_args.logged_images,
+                        'max_new_tokens': data_args.caption_max_new_tokens}
+    stopper = GracefulStopCallback(training_args.stop_after_steps)
+    trainer = CaptionTrainer(
+        model=model, args=training_args, train_dataset=train_dataset,
+        eval_dataset=eval_dataset, data_collator=collator, processing_class=processor,
+        callbacks=[CheckpointMarkerCallback(), stopper], caption_eval=caption_eval)
+
+    # 6. Train, then evaluate the final weights.
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    if stopper.reason:
+        checkpoint = os.path.join(output_dir, f'checkpoint-{trainer.state.global_step}')
+        if trainer.is_world_process_zero():
+            print(f'stopped by {stopper.reason} at step {trainer.state.global_step}; '
+                  f'checkpoint {checkpoint}; continue with the same command plus --resume')
+        return 128 + stopper.signal_number if stopper.signal_number else 0
+    metrics = dict(train_result.metrics)
+    eval_metrics = {}
+    if eval_dataset is not None and training_args.eval_strategy != IntervalStrategy.NO:
+        eval_metrics = logged_eval_metrics(trainer.state) or trainer.evaluate()
+
+    # 7. Save the model (or adapter) with its processor and training prompt.
+    trainer.save_model(output_dir)
+    merged_dir = ''
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output_dir)
+        save_training_info(output_dir, model_args, data_args, blip2)
+        if model_args.merge_lora:
+            merged_dir = merge_lora(trainer, model_args, data_args, processor, output_dir)
+
+    # 8. Save metrics.
+    trainer.save_metrics('train', metrics)
+    if eval_metrics:
+        trainer.save_metrics('eval', eval_metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        what = 'LoRA adapter' if model_args.method == 'lora' else 'model'
+        merged = f' (merged model: {merged_dir})' if merged_dir else ''
+        print(f'saved {what} to {output_dir}{merged}')
+        print(f"train loss {metrics.get('train_loss', float('nan')):.4f} after "
+              f'{trainer.state.global_step} steps'
+              + ''.join(f', {name} {eval_metrics[name]:.4f}' for name in SUMMARY_METRICS
+                        if name in eval_metrics))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
