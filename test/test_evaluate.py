@@ -17,6 +17,7 @@
 import json
 import os
 from pathlib import Path
+import shutil
 import subprocess
 import sys
 
@@ -201,40 +202,131 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def test_model_mode_and_comparison(tmp_path, tiny_opt_checkpoint, capsys, one_torch_thread):
-    """Captions come from Blip2Captioner with the saved prompt; base and model share a table."""
+# Metrics without Java start-up: model-mode tests are about captions, not METEOR.
+QUICK_METRICS = ['--metrics', 'Bleu,ROUGE_L,CIDEr,exact_match', '--tokenizer', 'simple']
+
+
+def captions_by_prompt(model, frames, prompts):
+    """Caption ``frames`` with Blip2Captioner once per prompt: ``{prompt: [caption, ...]}``."""
     from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+
+    captioner = Blip2Captioner(CaptionerConfig(model=str(model), max_new_tokens=6))
+    expected = {prompt: captioner.caption(frames, prompt=prompt) for prompt in prompts}
+    # Otherwise a wrong prompt could not show in the results.
+    assert len({tuple(captions) for captions in expected.values()}) == len(prompts), expected
+    return expected
+
+
+def copy_with_prompt(checkpoint, folder, prompt):
+    """Copy a checkpoint and save a training prompt beside it, as training.train does."""
+    shutil.copytree(checkpoint, folder)
+    (folder / evaluate.TRAINING_INFO_FILE).write_text(json.dumps({'prompt': prompt}))
+    return folder
+
+
+def result_captions(out, title):
+    """Return the captions of ``results_<title>.json`` in image order 1, 2, 3."""
+    results = json.loads((out / f'results_{title}.json').read_text())
+    assert [entry['image_id'] for entry in results] == [1, 2, 3]
+    return [entry['caption'] for entry in results]
+
+
+def test_model_mode_and_comparison_use_each_folders_prompt(
+        tmp_path, lively_opt_checkpoint, capsys, one_torch_thread):
+    """Model and baseline caption with their own saved prompts and share one table."""
     from training.data import load_rgb
 
     data = make_dataset(tmp_path / 'data', ['one red box', 'two blue boxes', 'a robot arm'])
-    # A "fine-tuned" model: the base weights saved with a training prompt next to them.
-    tuned = tmp_path / 'tuned'
-    Blip2Captioner(CaptionerConfig(model=str(tiny_opt_checkpoint))).model.save_pretrained(tuned)
-    for name in os.listdir(tiny_opt_checkpoint):
-        if name.startswith(('tokenizer', 'processor', 'special_tokens')):
-            (tuned / name).write_bytes((tiny_opt_checkpoint / name).read_bytes())
-    (tuned / evaluate.TRAINING_INFO_FILE).write_text(json.dumps({'prompt': 'a photo of'}))
+    frames = [load_rgb(data / 'images' / f'frame_{index:03d}.png') for index in (1, 2, 3)]
+    expected = captions_by_prompt(lively_opt_checkpoint, frames, ['a photo of', 'a picture of'])
+    # Same weights, different training prompts: only the prompt can tell their captions apart.
+    tuned = copy_with_prompt(lively_opt_checkpoint, tmp_path / 'tuned', 'a photo of')
+    baseline = copy_with_prompt(lively_opt_checkpoint, tmp_path / 'baseline', 'a picture of')
     out = tmp_path / 'eval'
 
-    assert evaluate.main(['--model', str(tuned), '--compare', str(tiny_opt_checkpoint),
-                          '--data', str(data), '--out', str(out), '--max_new_tokens', '6',
-                          '--tokenizer', 'simple']) == 0
+    assert evaluate.main(['--model', str(tuned), '--compare', str(baseline), '--data', str(data),
+                          '--out', str(out), '--max_new_tokens', '6', *QUICK_METRICS]) == 0
 
     table = capsys.readouterr().out
     assert 'baseline' in table and 'change' in table and 'CIDEr' in table
+    assert result_captions(out, 'model') == expected['a photo of']
+    assert result_captions(out, 'baseline') == expected['a picture of']
     report = json.loads((out / 'metrics.json').read_text())
     assert report['prompt'] == 'a photo of'
-    assert set(report['models']) == {'baseline', 'model'}
-    frames = [load_rgb(data / 'images' / f'frame_{index:03d}.png') for index in (1, 2, 3)]
-    captioner = Blip2Captioner(CaptionerConfig(model=str(tuned), prompt='a photo of',
-                                               max_new_tokens=6))
-    expected = captioner.caption(frames)
-    results = json.loads((out / 'results_model.json').read_text())
-    assert [entry['image_id'] for entry in results] == [1, 2, 3]
-    assert [entry['caption'] for entry in results] == expected
+    assert report['models']['model']['prompt'] == 'a photo of'
+    assert report['models']['baseline']['prompt'] == 'a picture of'
     for title in ('baseline', 'model'):
         scores = report['models'][title]['scores']
-        assert {'Bleu_4', 'ROUGE_L', 'CIDEr', 'exact_match'} <= set(scores)
+        assert {'Bleu_4', 'ROUGE_L', 'CIDEr', 'exact_match'} == set(scores) - {
+            'Bleu_1', 'Bleu_2', 'Bleu_3'}
+
+
+def test_explicit_prompt_is_for_both_and_a_baseline_without_one_gets_the_models(
+        tmp_path, lively_opt_checkpoint, one_torch_thread):
+    """--prompt overrides every saved prompt; a never-trained baseline borrows the model's."""
+    from training.data import load_rgb
+
+    data = make_dataset(tmp_path / 'data', ['one red box', 'two blue boxes', 'a robot arm'])
+    frames = [load_rgb(data / 'images' / f'frame_{index:03d}.png') for index in (1, 2, 3)]
+    expected = captions_by_prompt(lively_opt_checkpoint, frames,
+                                  ['a photo of', 'a picture of', 'an image of'])
+    tuned = copy_with_prompt(lively_opt_checkpoint, tmp_path / 'tuned', 'a photo of')
+    baseline = copy_with_prompt(lively_opt_checkpoint, tmp_path / 'baseline', 'a picture of')
+    common = ['--data', str(data), '--max_new_tokens', '6', '--max_images', '3',
+              *QUICK_METRICS]
+
+    explicit = tmp_path / 'explicit'
+    assert evaluate.main(['--model', str(tuned), '--compare', str(baseline), '--out',
+                          str(explicit), '--prompt', 'an image of', *common]) == 0
+    assert result_captions(explicit, 'model') == expected['an image of']
+    assert result_captions(explicit, 'baseline') == expected['an image of']
+
+    # The builder's folder has no training prompt, like a hub checkpoint.
+    assert not (lively_opt_checkpoint / evaluate.TRAINING_INFO_FILE).exists()
+    borrowed = tmp_path / 'borrowed'
+    assert evaluate.main(['--model', str(tuned), '--compare', str(lively_opt_checkpoint),
+                          '--out', str(borrowed), *common]) == 0
+    assert result_captions(borrowed, 'baseline') == expected['a photo of']
+    report = json.loads((borrowed / 'metrics.json').read_text())
+    assert report['models']['baseline']['prompt'] == 'a photo of'
+
+
+def test_metrics_option_computes_only_the_chosen_metrics(tmp_path, capsys):
+    """--metrics leaves the others out (METEOR too, so no Java start-up) with the same values."""
+    results_path, annotations_path = write_hand_made(tmp_path)
+    full = evaluate.score_captions(REFERENCES, PREDICTIONS, tokenizer='simple',
+                                   metrics=('Bleu', 'ROUGE_L', 'CIDEr', 'exact_match'))
+    out = tmp_path / 'scores'
+
+    assert evaluate.main(['--results', str(results_path), '--annotations',
+                          str(annotations_path), '--out', str(out), '--tokenizer', 'simple',
+                          '--metrics', 'bleu_4, CIDEr,exact_match']) == 0
+
+    table = capsys.readouterr().out
+    assert 'METEOR' not in table and 'ROUGE_L' not in table and 'SPICE' not in table
+    report = json.loads((out / 'metrics.json').read_text())['models']['results']
+    assert set(report['scores']) == {'Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'CIDEr',
+                                     'exact_match'}
+    assert report['unavailable'] == {}
+    for name, value in report['scores'].items():
+        assert value == pytest.approx(full.scores[name], abs=1e-12), name
+    assert report['scores']['exact_match'] == pytest.approx(2 / 3)
+
+    only_rouge = evaluate.score_captions(REFERENCES, PREDICTIONS, tokenizer='simple',
+                                         metrics=evaluate.parse_metrics('ROUGE_L'))
+    assert set(only_rouge.scores) == {'ROUGE_L'}
+    assert evaluate.parse_metrics('all') == evaluate.parse_metrics('') == evaluate.ALL_METRICS
+
+
+def test_unknown_metric_is_a_one_line_error(tmp_path):
+    """A misspelt metric name is refused before any scoring, with the names to choose from."""
+    results_path, annotations_path = write_hand_made(tmp_path)
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main(['--results', str(results_path), '--annotations',
+                       str(annotations_path), '--metrics', 'Bleu,WER'])
+    message = str(raised.value)
+    assert message.startswith("error: unknown metric 'WER'") and '\n' not in message
+    assert 'Bleu,METEOR,ROUGE_L,CIDEr,SPICE,exact_match' in message
 
 
 def test_model_mode_needs_model_data_and_out():

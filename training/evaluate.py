@@ -20,11 +20,12 @@ Score BLIP-2 captions with the COCO caption metrics (pycocoevalcap).
     python -m training.evaluate --results RESULTS.json --annotations ANNOTATIONS.json
 
 Captions come from :class:`blip2_ros.captioner.Blip2Captioner` with greedy decoding, so the
-numbers describe what the node will publish. Scores: BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE when
-its models are installed, and exact match (a prediction equal to one of the references after
-tokenization). METEOR and the PTB tokenizer need Java: without it METEOR is reported unavailable
-and a simple lower-case/punctuation tokenizer is used instead; a metric that fails never hides the
-others.
+numbers describe what the node will publish. Each model captions with the prompt saved by
+training in its own folder (``--prompt`` sets one for all). Scores: BLEU-1..4, METEOR, ROUGE-L,
+CIDEr, SPICE when its models are installed, and exact match (a prediction equal to one of the
+references after tokenization); ``--metrics`` picks some of them. METEOR and the PTB tokenizer
+need Java: without it METEOR is reported unavailable and a simple lower-case/punctuation
+tokenizer is used instead; a metric that fails never hides the others.
 """
 
 import argparse
@@ -46,7 +47,8 @@ LOGGER = logging.getLogger('training.evaluate')
 
 METRIC_ORDER = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE',
                 'exact_match')
-ALL_SCORERS = ('Bleu', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE')
+# What --metrics accepts; 'Bleu' gives Bleu_1..Bleu_4 together.
+ALL_METRICS = ('Bleu', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE', 'exact_match')
 # What pycocoevalcap's PTBTokenizer drops after tokenizing.
 PUNCTUATION_TOKENS = {"''", "'", '``', '`', '-lrb-', '-rrb-', '-lcb-', '-rcb-', '.', '?', '!',
                       ',', ':', '-', '--', '...', ';'}
@@ -129,6 +131,26 @@ def _one_line(error):
     return text if len(text) <= 200 else text[:197] + '...'
 
 
+def parse_metrics(text):
+    """
+    Return the metric names of a comma-separated list such as 'Bleu,ROUGE_L,CIDEr,exact_match'.
+
+    Names are matched without regard to case, and Bleu_1..Bleu_4 mean 'Bleu'; the result is in
+    the order of :data:`ALL_METRICS`. An empty text or 'all' means every metric.
+    """
+    known = {name.lower(): name for name in ALL_METRICS}
+    known.update({f'bleu_{order}': 'Bleu' for order in range(1, 5)})
+    requested = [part.strip() for part in (text or '').split(',') if part.strip()]
+    if not requested or [part.lower() for part in requested] == ['all']:
+        return ALL_METRICS
+    unknown = [part for part in requested if part.lower() not in known]
+    if unknown:
+        raise EvaluationError(f'unknown metric {unknown[0]!r}: choose from '
+                              f"{','.join(ALL_METRICS)} (comma-separated) or all")
+    chosen = {known[part.lower()] for part in requested}
+    return tuple(name for name in ALL_METRICS if name in chosen)
+
+
 def exact_match(references, predictions):
     """Return the fraction of images whose prediction equals one of its references."""
     if not predictions:
@@ -137,15 +159,20 @@ def exact_match(references, predictions):
     return hits / len(predictions)
 
 
-def score_captions(references, predictions, metrics=ALL_SCORERS, tokenizer='auto',
+def score_captions(references, predictions, metrics=ALL_METRICS, tokenizer='auto',
                    spice='auto'):
     """
     Score ``{image_id: caption}`` predictions against ``{image_id: [reference, ...]}``.
 
-    ``tokenizer``: 'ptb' (pycocoevalcap's, needs Java), 'simple', or 'auto' (ptb when Java
-    runs). ``spice``: 'auto' runs SPICE only when its models are installed, 'always' lets it
-    try to download them, 'never' skips it. Returns :class:`Scores`.
+    ``metrics``: names from :data:`ALL_METRICS`; the others are not computed. ``tokenizer``:
+    'ptb' (pycocoevalcap's, needs Java), 'simple', or 'auto' (ptb when Java runs). ``spice``:
+    'auto' runs SPICE only when its models are installed, 'always' lets it try to download
+    them, 'never' skips it. Returns :class:`Scores`.
     """
+    unknown = [name for name in metrics if name not in ALL_METRICS]
+    if unknown:
+        raise EvaluationError(f'unknown metric {unknown[0]!r}: choose from '
+                              f"{','.join(ALL_METRICS)}")
     missing = [key for key in predictions if key not in references]
     if missing:
         raise EvaluationError(f'{len(missing)} predicted image(s) have no references, '
@@ -156,8 +183,9 @@ def score_captions(references, predictions, metrics=ALL_SCORERS, tokenizer='auto
         tokenizer = 'ptb' if has_java else 'simple'
         if not has_java:
             LOGGER.warning('java not found: using a simple lower-case/punctuation tokenizer '
-                           'instead of the PTB tokenizer, and METEOR is unavailable '
-                           '(install a Java runtime for the official numbers)')
+                           'instead of the PTB tokenizer%s (install a Java runtime for the '
+                           'official numbers)',
+                           ', and METEOR is unavailable' if 'METEOR' in metrics else '')
     if tokenizer == 'ptb' and not has_java:
         raise EvaluationError('the PTB tokenizer needs Java: install a Java runtime or use '
                               'tokenizer simple')
@@ -167,6 +195,9 @@ def score_captions(references, predictions, metrics=ALL_SCORERS, tokenizer='auto
     if not res:
         raise EvaluationError('no predictions to score')
     for name in metrics:
+        if name == 'exact_match':
+            result.scores[name] = exact_match(gts, res)
+            continue
         if name in ('METEOR', 'SPICE') and not has_java:
             result.unavailable[name] = 'needs Java'
             continue
@@ -190,7 +221,6 @@ def score_captions(references, predictions, metrics=ALL_SCORERS, tokenizer='auto
                 result.scores[f'Bleu_{order}'] = float(value)
         else:
             result.scores[name] = float(score)
-    result.scores['exact_match'] = exact_match(gts, res)
     return result
 
 
@@ -253,13 +283,13 @@ def write_json(path, data):
         stream.write('\n')
 
 
-def training_prompt(*folders):
-    """Return the prompt saved by training.train in the first folder that has one, else ''."""
+def training_prompt(*folders, default=''):
+    """Return the prompt saved by training.train in the first folder that has one."""
     for folder in folders:
         path = os.path.join(folder or '', TRAINING_INFO_FILE)
         if folder and os.path.isfile(path):
             return str(_read_json(path, 'training info').get('prompt', ''))
-    return ''
+    return default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,22 +361,33 @@ def evaluate_models(args):
     if not records:
         raise EvaluationError(f"split '{args.split}' of {args.data} has no captioned image")
     references = {record.image_id: list(record.captions) for record in records}
+    metrics = parse_metrics(args.metrics)
     prompt = args.prompt
     if prompt is None:
         prompt = training_prompt(args.adapter, args.model)
-    runs = [('model', args.model, args.adapter)]
+    runs = [('model', args.model, args.adapter, prompt)]
     if args.compare:
-        runs.insert(0, ('baseline', args.compare, args.compare_adapter))
+        baseline_prompt = args.prompt
+        if baseline_prompt is None:
+            # A baseline trained with another prompt is judged with its own; a model that was
+            # never trained here (a hub checkpoint) gets the same prompt as the model.
+            baseline_prompt = training_prompt(args.compare_adapter, args.compare,
+                                              default=prompt)
+        runs.insert(0, ('baseline', args.compare, args.compare_adapter, baseline_prompt))
     columns = []
     report = {'split': args.split, 'data': args.data, 'prompt': prompt, 'models': {}}
-    for title, model, adapter in runs:
-        predictions = caption_split(model, adapter, args.data, records, prompt, args.device,
-                                    args.dtype, args.batch_size, args.max_new_tokens)
-        scores = score_captions(references, predictions, tokenizer=args.tokenizer,
+    for title, model, adapter, run_prompt in runs:
+        LOGGER.info('%s: captioning with prompt %r', title, run_prompt)
+        predictions = caption_split(model, adapter, args.data, records, run_prompt,
+                                    args.device, args.dtype, args.batch_size,
+                                    args.max_new_tokens)
+        scores = score_captions(references, predictions, metrics=metrics,
+                                tokenizer=args.tokenizer,
                                 spice='always' if args.spice else 'auto')
         write_json(os.path.join(args.out, f'results_{title}.json'),
                    [{'image_id': key, 'caption': value} for key, value in predictions.items()])
-        report['models'][title] = {'model': model, 'adapter': adapter, **_scores_json(scores)}
+        report['models'][title] = {'model': model, 'adapter': adapter, 'prompt': run_prompt,
+                                   **_scores_json(scores)}
         columns.append((title, scores))
     write_json(os.path.join(args.out, 'metrics.json'), report)
     return columns
@@ -366,7 +407,9 @@ def build_parser():
     parser.add_argument('--split', default='val', help="split to score ('all': every image)")
     parser.add_argument('--out', help='folder for results_*.json and metrics.json')
     parser.add_argument('--prompt', default=None,
-                        help='prompt before each caption (default: the one saved by training)')
+                        help='prompt before each caption, for the model and the baseline '
+                             "(default: each one's prompt saved by training; a baseline "
+                             "without one uses the model's)")
     parser.add_argument('--max_new_tokens', '--max-new-tokens', type=int, default=30)
     parser.add_argument('--batch_size', '--batch-size', type=int, default=16)
     parser.add_argument('--max_images', '--max-images', type=int, default=0,
@@ -377,6 +420,10 @@ def build_parser():
     parser.add_argument('--annotations', help='COCO captions file with the references')
     parser.add_argument('--tokenizer', choices=('auto', 'ptb', 'simple'), default='auto',
                         help='ptb needs Java; auto falls back to simple without it')
+    parser.add_argument('--metrics', default='all',
+                        help='comma-separated metrics to compute, e.g. '
+                             'Bleu,ROUGE_L,CIDEr,exact_match (skips the Java start-up of '
+                             f"METEOR); from {','.join(ALL_METRICS)} (default: all)")
     parser.add_argument('--spice', action='store_true',
                         help='run SPICE even if its models must be downloaded first')
     return parser
@@ -391,7 +438,8 @@ def main(argv=None):
         if args.results or args.annotations:
             if not (args.results and args.annotations):
                 raise EvaluationError('--results and --annotations go together')
-            scores = score_files(args.results, args.annotations, tokenizer=args.tokenizer,
+            scores = score_files(args.results, args.annotations,
+                                 metrics=parse_metrics(args.metrics), tokenizer=args.tokenizer,
                                  spice='always' if args.spice else 'auto')
             columns = [('results', scores)]
             if args.out:

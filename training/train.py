@@ -585,7 +585,8 @@ class CaptionTrainer(Trainer):
             model.train(was_training)
         references = {index: list(dataset.records[index].captions) for index in range(count)}
         result = score_captions(references, dict(enumerate(predictions)),
-                                metrics=('Bleu', 'ROUGE_L', 'CIDEr'), tokenizer='simple')
+                                metrics=('Bleu', 'ROUGE_L', 'CIDEr', 'exact_match'),
+                                tokenizer='simple')
         self._log_examples(frames, predictions, references, settings['logged_images'])
         return {f'{prefix}_{name}': value for name, value in result.scores.items()}
 
