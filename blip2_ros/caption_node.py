@@ -22,6 +22,8 @@ are faster than the model.
 """
 
 from collections import deque
+import ctypes
+import ctypes.util
 import json
 import threading
 import time
@@ -80,8 +82,12 @@ PARAMETERS = (
                   'before decoding.', integer_range=(1, 1 << 30)),
     ParameterSpec('cache', 'dynamic', 'KV cache of the decoder: dynamic, or static (fixed '
                   'shapes; pair with compile on a GPU).'),
-    ParameterSpec('torch_compile', False, 'torch.compile the language model at start-up (GPU; the '
-                  'first captions are slow while it compiles).'),
+    ParameterSpec('torch_compile', False, "Compile the decoder's per-token step with CUDA graphs "
+                  '(CUDA only; implies the static cache). The node compiles at start-up, before '
+                  'it subscribes, which takes tens of seconds.'),
+    ParameterSpec('torch_threads', 0, "CPU threads torch may use; 0 keeps torch's default. On "
+                  'a busy CPU-only machine 1 is often much faster (see docs/benchmarks.md).',
+                  integer_range=(0, 256)),
     ParameterSpec('diagnostics_period', 1.0, 'Seconds between /diagnostics messages.',
                   float_range=(0.1, 60.0)),
     ParameterSpec('stale_input_timeout', 5.0, 'Seconds without frames on a camera before '
@@ -146,6 +152,9 @@ class CaptionNode(Node):
         super().__init__(NODE_NAME, **kwargs)
         self._declare_parameters()
         self.model_name = self.get_parameter('model').value
+        torch_threads = self.get_parameter('torch_threads').value
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.captioner = Blip2Captioner(CaptionerConfig(
             model=self.model_name,
             adapter=self.get_parameter('adapter').value,
@@ -179,6 +188,14 @@ class CaptionNode(Node):
         self.caption_info_publisher = self.create_publisher(
             String, self.get_parameter('caption_info_topic').value, 10)
         self.diagnostics_publisher = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+
+        topics = list(dict.fromkeys(self.get_parameter('image_topics').value))
+        if self.captioner.compile_decode:
+            # Compile now, so that the first camera frames are not the ones that wait for it.
+            batch_sizes = range(1, min(len(topics), self.max_batch_size) + 1)
+            self.get_logger().info(f'compiling the decode step for batch sizes '
+                                   f'{list(batch_sizes)}; this takes a while')
+            self.captioner.warm_up(batch_sizes, prompt=self.get_parameter('prompt').value)
 
         self.cameras = {}
         camera_qos = self._camera_qos(self.get_parameter('reliability').value)
@@ -456,8 +473,28 @@ class CaptionNode(Node):
         return super().destroy_node()
 
 
+def keep_large_buffers_in_the_heap():
+    """
+    Stop glibc from mapping and unmapping memory for every image-sized buffer; return success.
+
+    Every raw frame makes rclpy allocate its pixel buffer (6 MB at 1080p) and free it again.
+    Above glibc's mmap threshold each allocation is a fresh mapping whose pages fault in one by
+    one and each free unmaps them: 15 to 20 ms per 1080p frame on a loaded 2-core machine
+    (benchmarks/bench_node_overhead.py). Served from the heap, the same pages are reused.
+    Process-wide, so call it from a program's entry point; a no-op without glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').mallopt
+    except (OSError, AttributeError):
+        return False
+    # malloc.h: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3. 32 MiB, the largest threshold glibc
+    # accepts on 64-bit, holds a 4K rgb8 frame; up to 64 MiB of freed heap is kept for reuse.
+    return bool(mallopt(-1, 64 << 20)) and bool(mallopt(-3, 32 << 20))
+
+
 def main(args=None):
     """Run the caption node until Ctrl-C or shutdown; exit 1 if the model cannot be loaded."""
+    keep_large_buffers_in_the_heap()
     rclpy.init(args=args)
     node = None
     exit_code = 0

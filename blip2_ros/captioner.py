@@ -34,8 +34,9 @@ DEVICE_HELP = "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 # PIL resample codes used by Hugging Face image processors -> torch interpolation modes.
 RESAMPLE_MODES = {2: 'bilinear', 3: 'bicubic'}
-# Static KV caches kept per batch shape (each one holds max length x batch keys and values).
-MAX_STATIC_CACHES = 4
+# Static KV caches kept, one per batch shape: enough for one per batch size a node with up to
+# 8 cameras sees, at two caption lengths (blip2-opt-2.7b: about 21 MB per frame of batch).
+MAX_STATIC_CACHES = 16
 STATIC_CACHE_ROUNDING = 16
 
 
@@ -86,7 +87,7 @@ def resolve_dtype(dtype, device, is_encoder_decoder):
     if dtype == 'auto':
         if device.type != 'cuda':
             return torch.float32
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
         return torch.float32 if is_encoder_decoder else torch.float16
     if dtype not in DTYPES:
@@ -397,6 +398,22 @@ class Blip2Captioner:
                 self._prompt_cache.clear()
             self._prompt_cache[key] = cached
         return cached
+
+    def warm_up(self, batch_sizes=(1,), prompt=None):
+        """
+        Caption a blank frame once per batch size, so that compiling happens now.
+
+        With torch_compile, the first batch size compiles the decode step and the second one
+        compiles it again for any batch size (tens of seconds each on a GPU); every later size
+        only records its CUDA graph. Call this at start-up with the batch sizes to expect, so
+        the first camera frames are not the ones that wait.
+        """
+        height, width = self.image_size if self.fast_preprocessing else (224, 224)
+        blank = np.zeros((height, width, 3), np.uint8)
+        max_new_tokens = self.config.max_new_tokens
+        for batch_size in batch_sizes:
+            # Run the decode loop to its end: all of its steps share one compiled shape.
+            self.caption([blank] * batch_size, prompt=prompt, min_new_tokens=max_new_tokens)
 
     def _static_cache_for(self, batch_size, input_length, max_new_tokens):
         """Return a reset static KV cache for this batch shape, allocated on first use."""
