@@ -645,3 +645,140 @@ def test_gpu_float32_captions_equal_cpu_captions(lively_checkpoints, exact_cuda_
     gpu = Blip2Captioner(CaptionerConfig(model=folder, device='cuda', dtype='float32',
                                          max_new_tokens=8))
     assert gpu.caption(frames, prompt=MIXED_PROMPTS) == cpu
+
+
+# ---------------------------------------------------------------------------------------------
+# Reused static cache, wrapping a model in memory, warm-up
+
+# Consecutive calls: batch sizes come and go, a shape comes back with another prompt (another
+# input length in the same rounded cache length) and then with new frames and the same prompt.
+STATIC_CACHE_CALLS = [
+    (1, ''), (2, 'a photo of'), (3, MIXED_PROMPTS[:3]), (1, VQA_PROMPT), (2, 'a photo of'),
+    (3, ['what is on the conveyor belt ?', '', 'a photo of']), (2, ''), (1, ''),
+]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run torch on one thread, as torch_threads=1 does in the node."""
+    # With other work on a 2-core machine, two-thread kernels wait for time slices: these
+    # tests took 100 s instead of 7 s beside a training run.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def static_caches(captioner):
+    """Return the identities of the static KV caches the captioner holds."""
+    return {id(cache) for cache in captioner._static_caches.values()}
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_reused_static_caches_give_the_dynamic_captions_call_after_call(
+        lively_checkpoints, language_model):
+    folder = lively_checkpoints[language_model]
+    dynamic = make_captioner(folder, max_new_tokens=6)
+    static = make_captioner(folder, max_new_tokens=6, cache='static')
+    captions = []
+    seen = set()
+    for call, (count, prompt) in enumerate(STATIC_CACHE_CALLS):
+        # New frames on every call, so a cache that kept the last call's keys and values
+        # (T5's cross-attention above all) would caption the wrong images.
+        frames = model_size_frames(count, first_seed=200 + 10 * call)
+        before = static_caches(static)
+        expected = dynamic.caption(frames, prompt=prompt)
+        assert static.caption(frames, prompt=prompt) == expected, f'call {call}'
+        captions += expected
+        if (count, str(prompt)) in seen:
+            assert static_caches(static) == before, f'call {call} allocated a cache again'
+        seen.add((count, str(prompt)))
+    assert len(set(captions)) > 3, 'captions must differ between calls to mean anything'
+    assert len(static._static_caches) >= 3 and len(dynamic._static_caches) == 0
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_a_batch_shape_reuses_its_static_cache(lively_checkpoints, language_model):
+    captioner = make_captioner(lively_checkpoints[language_model], max_new_tokens=6,
+                               cache='static')
+    captioner.caption(model_size_frames(2), prompt='a photo of')
+    first = static_caches(captioner)
+    assert len(first) == 1
+    captioner.caption(model_size_frames(2, first_seed=300), prompt='a photo of')
+    assert static_caches(captioner) == first
+    captioner.caption(model_size_frames(3), prompt='a photo of')
+    assert len(static_caches(captioner)) == 2 and first < static_caches(captioner)
+
+    cache = captioner._static_cache_for(2, 40, 6)
+    assert captioner._static_cache_for(2, 40, 6) is cache
+    assert captioner._static_cache_for(3, 40, 6) is not cache
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_from_model_captions_as_loading_the_folder_does(lively_checkpoints, language_model):
+    folder = lively_checkpoints[language_model]
+    frames = model_size_frames(len(MIXED_PROMPTS))
+    loaded = make_captioner(folder, max_new_tokens=8)
+    # A processor as from_pretrained gives it: its padding side is the tokenizer's default,
+    # which from_model must set for the model kind just as loading does.
+    model = Blip2ForConditionalGeneration.from_pretrained(folder)
+    wrapped = Blip2Captioner.from_model(model, Blip2Processor.from_pretrained(folder),
+                                        CaptionerConfig(max_new_tokens=8))
+    assert wrapped.model is model
+    assert (wrapped.device, wrapped.dtype) == (torch.device('cpu'), torch.float32)
+    assert wrapped.is_encoder_decoder == (language_model == 't5')
+    expected = loaded.caption(frames, prompt=MIXED_PROMPTS)
+    assert wrapped.caption(frames, prompt=MIXED_PROMPTS) == expected
+    assert len(set(expected)) > 1
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+def test_from_model_without_a_config_and_with_a_bad_cache(lively_checkpoints):
+    folder = lively_checkpoints['opt']
+    model = Blip2ForConditionalGeneration.from_pretrained(folder)
+    processor = Blip2Processor.from_pretrained(folder)
+    wrapped = Blip2Captioner.from_model(model, processor)
+    assert wrapped.config.model == str(folder)
+    assert wrapped.caption(model_size_frames(2), max_new_tokens=8) == make_captioner(
+        folder, max_new_tokens=8).caption(model_size_frames(2))
+    with pytest.raises(ModelLoadError) as error:
+        Blip2Captioner.from_model(model, processor, CaptionerConfig(cache='paged'))
+    assert_one_line(error, 'paged')
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_warm_up_leaves_later_captions_unchanged(lively_checkpoints, language_model):
+    folder = lively_checkpoints[language_model]
+    frames = model_size_frames(len(MIXED_PROMPTS))
+    fresh = make_captioner(folder, max_new_tokens=6, prompt=VQA_PROMPT)
+    expected_one = fresh.caption(frames[:1])
+    expected_two = fresh.caption(frames[1:3])
+    expected_mixed = fresh.caption(frames, prompt=MIXED_PROMPTS)
+    for cache in ('dynamic', 'static'):
+        captioner = make_captioner(folder, max_new_tokens=6, prompt=VQA_PROMPT, cache=cache)
+        captioner.warm_up([1, 2])
+        warmed = static_caches(captioner)
+        assert len(warmed) == (2 if cache == 'static' else 0)
+        assert captioner.caption(frames[:1]) == expected_one
+        assert captioner.caption(frames[1:3]) == expected_two
+        # The configured prompt and batch sizes were warmed up: their caches are the ones used.
+        assert static_caches(captioner) == warmed
+        assert captioner.caption(frames, prompt=MIXED_PROMPTS) == expected_mixed
+        assert captioner.config.max_new_tokens == 6 and captioner.config.prompt == VQA_PROMPT
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+def test_warm_up_with_a_prompt_prepares_that_prompt(lively_checkpoints):
+    captioner = make_captioner(lively_checkpoints['opt'], max_new_tokens=6, cache='static')
+    captioner.warm_up([2], prompt=VQA_PROMPT)
+    warmed = static_caches(captioner)
+    assert len(warmed) == 1
+    frames = model_size_frames(2)
+    captions = captioner.caption(frames, prompt=VQA_PROMPT)
+    assert static_caches(captioner) == warmed
+    assert captions == make_captioner(lively_checkpoints['opt'], max_new_tokens=6).caption(
+        frames, prompt=VQA_PROMPT)

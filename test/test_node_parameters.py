@@ -42,3 +42,10 @@ def test_launch_file_offers_model_topic_and_prompt_arguments():
                 if isinstance(node, ast.Call) and getattr(node.func, 'id', '') ==
                 'DeclareLaunchArgument'}
     assert {'model', 'image_topic', 'prompt', 'params_file'} <= declared
+
+
+def test_torch_threads_is_declared_with_its_range():
+    spec = {spec.name: spec for spec in PARAMETERS}['torch_threads']
+    assert spec.default == 0 and spec.read_only
+    (integer_range,) = spec.descriptor().integer_range
+    assert (integer_range.from_value, integer_range.to_value) == (0, 256)
