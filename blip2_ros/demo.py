@@ -1,0 +1,404 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""
+The demo: a synthetic factory camera and the caption node, captions printed next to the truth.
+
+    python -m blip2_ros.demo                  # 30 captions with the bundled demo model
+    python -m blip2_ros.demo --forever        # until Ctrl-C
+    python -m blip2_ros.demo --from-scratch   # record, convert, split, train, evaluate, then live
+
+Both nodes run as their own processes with the same parameter file the launch file uses, on
+localhost-only DDS in a domain of their own, so nothing leaves this machine and no other ROS
+graph is disturbed. The camera holds its first frame until the caption node has subscribed,
+and a listener here matches each caption to the true caption of the frame it describes (by
+the frame's stamp).
+"""
+
+import argparse
+from collections import OrderedDict
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+# The folder that holds the blip2_ros package: the source tree, or site-packages when installed.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_MODEL_NAME = 'factory-tiny'
+RECIPE_FILE = 'demo_recipe.json'
+CAMERA_TOPIC = '/camera/image_raw'
+TRUTH_TOPIC = '/factory/truth'
+INFO_TOPIC = '/blip2/caption_info'
+DEFAULT_SIZE = (160, 120)
+# Truths of frames whose captions never came (the node skips frames when busy) are dropped.
+MAX_PENDING_TRUTHS = 1000
+EXIT_ERROR = 2
+EXIT_BELOW_ACCURACY = 3
+
+
+class DemoError(RuntimeError):
+    """Something the user can fix; the message is one line."""
+
+
+def share_path(*parts):
+    """Find a file of the package: installed share/ folder first, else the source tree."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        candidate = os.path.join(get_package_share_directory('blip2_ros'), *parts)
+        if os.path.exists(candidate):
+            return candidate
+    except (ImportError, LookupError, OSError, ValueError):
+        pass
+    return os.path.join(PACKAGE_PARENT, *parts)
+
+
+def demo_model_path():
+    """Return the folder of the bundled demo model."""
+    return share_path('models', DEMO_MODEL_NAME)
+
+
+def default_work_dir():
+    """Return where --from-scratch works: demo_output/ in a source checkout, else in the cwd."""
+    if os.path.isfile(os.path.join(PACKAGE_PARENT, 'package.xml')):
+        return os.path.join(PACKAGE_PARENT, 'demo_output')
+    return os.path.abspath('demo_output')
+
+
+def recorded_frame_size(model):
+    """Return the (width, height) a demo model was trained on, or the default camera size."""
+    recipe = os.path.join(model, RECIPE_FILE)
+    if not os.path.isfile(recipe):
+        return DEFAULT_SIZE
+    try:
+        with open(recipe, encoding='utf-8') as stream:
+            width, height = json.load(stream)['size']
+        return int(width), int(height)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DemoError(f"{recipe} has no usable 'size' [width, height] ({error}); "
+                        'pass --size WIDTHxHEIGHT') from None
+
+
+def isolate_ros_environment():
+    """Keep DDS on loopback and in a domain of its own unless the user chose one."""
+    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
+    os.environ.setdefault('ROS_DOMAIN_ID', str(random.Random(os.getpid()).randint(30, 99)))
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+
+def _child_environment():
+    env = dict(os.environ)
+    # Children import blip2_ros from where this module came from, whatever their cwd.
+    env['PYTHONPATH'] = os.pathsep.join(
+        [PACKAGE_PARENT] + [path for path in env.get('PYTHONPATH', '').split(os.pathsep)
+                            if path])
+    env.setdefault('PYTHONUNBUFFERED', '1')
+    # Camera and captioner share the CPU; OpenMP threads that spin while they wait would
+    # starve the camera and slow every caption several times over.
+    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    return env
+
+
+class NodeProcess:
+    """A node running as a child process, in a session of its own so Ctrl-C reaches us first."""
+
+    def __init__(self, title, argv):
+        """Start ``python -m <argv>``; ``title`` names it in messages."""
+        self.title = title
+        self.process = subprocess.Popen([sys.executable, '-m', *argv], env=_child_environment(),
+                                        start_new_session=True)
+
+    def check(self):
+        """Raise DemoError if the process has exited."""
+        code = self.process.poll()
+        if code is not None:
+            raise DemoError(f'the {self.title} exited with code {code}; its message is above')
+
+    def stop(self):
+        """Ask the node to stop as Ctrl-C would, then make sure it has."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_nodes(model, width, height, rate_hz, seed, prompt):
+    """Start the camera node and the caption node; return both as NodeProcess."""
+    camera_args = [
+        'blip2_ros.factory_camera', '--ros-args',
+        '-p', f'topic:={CAMERA_TOPIC}', '-p', f'rate_hz:={float(rate_hz)}',
+        '-p', f'width:={width}', '-p', f'height:={height}', '-p', f'seed:={seed}',
+        '-p', f'truth_topic:={TRUTH_TOPIC}', '-p', 'reliability:=reliable',
+        # The first frames would go nowhere while the caption node loads its model.
+        '-p', 'wait_for_subscribers:=1', '--log-level', 'warn']
+    caption_args = [
+        'blip2_ros.caption_node', '--ros-args',
+        '--params-file', share_path('config', 'caption_node.yaml'),
+        '-p', f'model:={model}', '-p', f'image_topics:=[{CAMERA_TOPIC}]',
+        '-p', f'caption_info_topic:={INFO_TOPIC}', '-p', 'local_files_only:=true']
+    if prompt:
+        # A JSON string is a YAML string, so colons and question marks stay text.
+        caption_args += ['-p', f'prompt:={json.dumps(prompt)}']
+    nodes = []
+    try:
+        nodes.append(NodeProcess('camera node', camera_args))
+        nodes.append(NodeProcess('caption node', caption_args))
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
+
+
+class Scoreboard:
+    """Match captions to the truth of the frame they describe and keep the running score."""
+
+    def __init__(self, frames, out=sys.stdout):
+        """Stop after ``frames`` matched captions (0: never)."""
+        self.frames = frames
+        self.out = out
+        self.truth_by_stamp = OrderedDict()
+        self.matched = 0
+        self.correct = 0
+        self.latencies_ms = []
+        self.done = threading.Event()
+
+    def on_truth(self, message):
+        """Remember the true caption of a frame by its stamp."""
+        truth = json.loads(message.data)
+        stamp = (truth['stamp']['sec'], truth['stamp']['nanosec'])
+        self.truth_by_stamp[stamp] = truth['caption']
+        while len(self.truth_by_stamp) > MAX_PENDING_TRUTHS:
+            self.truth_by_stamp.popitem(last=False)
+
+    def on_caption(self, message):
+        """Score a caption against the truth of its frame and print one line."""
+        info = json.loads(message.data)
+        stamp = (info['stamp']['sec'], info['stamp']['nanosec'])
+        true_caption = self.truth_by_stamp.pop(stamp, None)
+        if true_caption is None or self.done.is_set():
+            return
+        # Stamps are the camera's wall-clock time on this same machine.
+        latency_ms = (time.time() - stamp[0] - stamp[1] * 1e-9) * 1000.0
+        caption = info['caption'].strip()
+        hit = caption == true_caption
+        self.matched += 1
+        self.correct += hit
+        self.latencies_ms.append(latency_ms)
+        self.out.write(
+            f"{self.matched:4d} {'ok  ' if hit else 'MISS'} caption: {caption:36} "
+            f'truth: {true_caption:36} accuracy {self.accuracy:6.1%}  '
+            f'latency {latency_ms:5.0f} ms\n')
+        self.out.flush()
+        if self.frames and self.matched >= self.frames:
+            self.done.set()
+
+    @property
+    def accuracy(self):
+        """Exact-match rate so far."""
+        return self.correct / self.matched if self.matched else 0.0
+
+    def latency_p50(self):
+        """Median frame-to-caption latency in ms (0 before any caption)."""
+        latencies = sorted(self.latencies_ms)
+        return latencies[len(latencies) // 2] if latencies else 0.0
+
+
+class Listener:
+    """A node in this process that feeds truths and captions to the scoreboard."""
+
+    def __init__(self, scoreboard):
+        """Subscribe before the nodes start, so no truth is published before we listen."""
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from rclpy.signals import SignalHandlerOptions
+        from std_msgs.msg import String
+
+        self.context = rclpy.Context()
+        # Ctrl-C stays a plain KeyboardInterrupt here; the nodes are stopped in order.
+        rclpy.init(context=self.context, signal_handler_options=SignalHandlerOptions.NO)
+        self.node = rclpy.create_node('blip2_demo_scoreboard', context=self.context)
+        qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        self.node.create_subscription(String, TRUTH_TOPIC, scoreboard.on_truth, qos)
+        self.node.create_subscription(String, INFO_TOPIC, scoreboard.on_caption, qos)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+
+    def spin_once(self, timeout_sec):
+        """Handle what has arrived, waiting at most ``timeout_sec``."""
+        self.executor.spin_once(timeout_sec=timeout_sec)
+
+    def close(self):
+        """Leave the ROS graph."""
+        import rclpy
+
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+def watch(scoreboard, listener, nodes, timeout):
+    """Listen until the scoreboard is done; DemoError when a node dies or time is up."""
+    deadline = time.monotonic() + timeout if timeout else None
+    while not scoreboard.done.is_set():
+        listener.spin_once(0.1)
+        for node in nodes:
+            node.check()
+        if deadline and time.monotonic() > deadline:
+            if not scoreboard.matched:
+                raise DemoError(f'no captions arrived in {timeout:g} s; check the messages of '
+                                'the nodes above, or raise --timeout on a slow machine')
+            raise DemoError(f'only {scoreboard.matched} of {scoreboard.frames} captions arrived '
+                            f'in {timeout:g} s; raise --timeout or lower --frames')
+
+
+def run_live(model, frames, rate_hz, width, height, seed, prompt, timeout, out=sys.stdout):
+    """Run the camera and caption nodes and print captions next to the truth."""
+    out.write(f'model: {model}\ncamera: {width}x{height} at {rate_hz:g} Hz on {CAMERA_TOPIC} '
+              f"(scene stream {seed}), ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, localhost "
+              'only\nwaiting for the caption node to load the model...\n')
+    out.flush()
+    scoreboard = Scoreboard(frames, out)
+    listener = Listener(scoreboard)
+    nodes = []
+    try:
+        nodes = start_nodes(model, width, height, rate_hz, seed, prompt)
+        watch(scoreboard, listener, nodes, timeout)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for node in nodes:
+            node.stop()
+        listener.close()
+        if scoreboard.matched:
+            out.write(f'\n{scoreboard.correct} of {scoreboard.matched} captions equal the truth '
+                      f'({scoreboard.accuracy:.1%}); frame-to-caption latency p50 '
+                      f'{scoreboard.latency_p50():.0f} ms\n')
+            out.flush()
+    return scoreboard
+
+
+def parse_args(argv):
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(
+        prog='python -m blip2_ros.demo', description=__doc__.strip().splitlines()[0])
+    parser.add_argument('--model', default='', help='BLIP-2 checkpoint (hub id or folder); '
+                        'default: the bundled demo model')
+    parser.add_argument('--frames', type=int, default=30,
+                        help='stop after this many captions (default 30)')
+    parser.add_argument('--forever', action='store_true', help='run until Ctrl-C')
+    parser.add_argument('--rate-hz', type=float, default=5.0,
+                        help='camera frame rate (default 5)')
+    parser.add_argument('--size', default='', help='camera frame size WIDTHxHEIGHT '
+                        '(default: what the demo model was trained on)')
+    parser.add_argument('--seed', type=int, default=2026, help='scene stream of the camera; '
+                        'the demo model never saw the default one')
+    parser.add_argument('--prompt', default='', help='caption prompt')
+    parser.add_argument('--timeout', type=float, default=300.0,
+                        help='give up if the captions have not arrived after this many seconds')
+    parser.add_argument('--min-accuracy', type=float, default=0.0,
+                        help=f'exit with status {EXIT_BELOW_ACCURACY} when the exact-match rate '
+                        'ends below this (0..1)')
+    parser.add_argument('--from-scratch', action='store_true',
+                        help='record a synthetic bag, convert, split, train and evaluate a new '
+                        'model, then caption live with it')
+    parser.add_argument('--work-dir', default='',
+                        help='where --from-scratch writes the bag, dataset and model '
+                        '(default: demo_output/)')
+    parser.add_argument('--train-frames', type=int, default=0,
+                        help='--from-scratch: frames to record (default: as the bundled model)')
+    args = parser.parse_args(argv)
+    if args.frames < 1:
+        parser.error('--frames must be at least 1')
+    if not 0.0 <= args.min_accuracy <= 1.0:
+        parser.error('--min-accuracy is a fraction between 0 and 1, e.g. 0.9')
+    return args
+
+
+def _frame_size(args, model):
+    if not args.size:
+        return recorded_frame_size(model)
+    try:
+        width, height = (int(value) for value in args.size.lower().split('x'))
+    except ValueError:
+        raise DemoError(f"--size must look like 160x120, not '{args.size}'") from None
+    if min(width, height) < 16:
+        raise DemoError(f'--size {args.size} is too small: both sides need 16 px or more')
+    return width, height
+
+
+def _choose_model(args):
+    if args.from_scratch:
+        if args.model:
+            raise DemoError('--from-scratch trains its own model: leave out --model')
+        # Only this mode needs the training package (and its extra dependencies).
+        try:
+            from training.demo_model import DemoModelError, reproduce
+        except ImportError as error:
+            raise DemoError(f'--from-scratch needs the training package and its dependencies '
+                            f'({error}); install requirements-ml.txt') from None
+        # The stages report through logging; show them, they take minutes.
+        logging.basicConfig(format='%(asctime)s %(name)s: %(message)s', level=logging.INFO)
+        try:
+            return reproduce(args.work_dir or default_work_dir(),
+                             frames=args.train_frames or None)
+        except DemoModelError as error:
+            raise DemoError(str(error)) from None
+    if args.model:
+        if os.path.isdir(args.model):
+            # The caption node runs in its own process; a relative folder must still resolve.
+            return os.path.abspath(args.model)
+        if args.model.startswith(('.', os.sep, '~')) or args.model.count('/') > 1:
+            raise DemoError(f"model folder '{args.model}' does not exist")
+        return args.model  # a hub id, loaded from the local cache
+    model = demo_model_path()
+    if not os.path.isfile(os.path.join(model, 'config.json')):
+        raise DemoError(f'the demo model is missing from {model}; run with --from-scratch to '
+                        'train one')
+    return model
+
+
+def main(argv=None):
+    """Run the demo; return the exit status."""
+    args = parse_args(argv)
+    isolate_ros_environment()
+    try:
+        model = _choose_model(args)
+        width, height = _frame_size(args, model)
+        scoreboard = run_live(model, 0 if args.forever else args.frames, args.rate_hz, width,
+                              height, args.seed, args.prompt, 0 if args.forever else args.timeout)
+    except DemoError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return EXIT_ERROR
+    if scoreboard.matched == 0:
+        print('error: no captions arrived', file=sys.stderr)
+        return EXIT_ERROR
+    if scoreboard.accuracy < args.min_accuracy:
+        print(f'error: exact match {scoreboard.accuracy:.1%} is below --min-accuracy '
+              f'{args.min_accuracy:.1%}', file=sys.stderr)
+        return EXIT_BELOW_ACCURACY
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

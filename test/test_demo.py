@@ -1,0 +1,215 @@
+# Copyright 2026 The blip2_ros Authors
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""The demo end to end, the committed demo model, and the command that reproduces it."""
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+from blip2_ros.demo import Scoreboard
+from blip2_ros.synthetic_factory import DEFAULT_SPEC, scene_at
+import pytest
+from std_msgs.msg import String
+from training.demo_model import (DemoModelError, DemoRecipe, main as demo_model_main,
+                                 prepare_work_dir, RECIPE_FILE, reproduce)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_MODEL = os.path.join(ROOT, 'models', 'factory-tiny')
+LINE = re.compile(r'^\s*(\d+) (ok  |MISS) caption: (.*?)\s+truth: (.*?)\s+accuracy\s+([\d.]+)%'
+                  r'\s+latency\s+(-?\d+) ms$')
+# Scene streams: 0 trained the committed model, 1 gave its fresh-frame score, 2026 is the demo
+# camera's; this one is used by nothing else.
+UNSEEN_SEED = 4242
+
+
+def run_demo(*args, timeout=300):
+    """Run the demo as a user would, from a folder other than the checkout."""
+    return subprocess.run(
+        [sys.executable, '-m', 'blip2_ros.demo', *args], cwd=os.path.dirname(ROOT),
+        env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True, timeout=timeout)
+
+
+def exact_match_on_unseen_frames(model, count=200, seed=UNSEEN_SEED):
+    """Caption frames of a scene stream no training used, at the model's recorded size."""
+    with open(os.path.join(model, RECIPE_FILE), encoding='utf-8') as stream:
+        width, height = json.load(stream)['size']
+    captioner = Blip2Captioner(CaptionerConfig(model=str(model), local_files_only=True))
+    scenes = [scene_at(seed, index, (height, width)) for index in range(count)]
+    captions = []
+    for start in range(0, count, 50):
+        captions += captioner.caption([scene.image for scene in scenes[start:start + 50]])
+    hits = sum(caption == scene.caption for caption, scene in zip(captions, scenes))
+    return hits / count, {scene.caption for scene in scenes}
+
+
+# The demo, end to end ---------------------------------------------------------------------
+
+
+@pytest.mark.ros
+def test_demo_prints_captions_next_to_the_truth_and_reaches_90_percent():
+    """The README's demo command in its short form: 30 captions, then a summary."""
+    result = run_demo('--min-accuracy', '0.9', '--timeout', '240')
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [match.groups() for match in map(LINE.match, result.stdout.splitlines()) if match]
+    assert [int(row[0]) for row in rows] == list(range(1, 31)), result.stdout
+    truths = set(DEFAULT_SPEC.captions())
+    correct = 0
+    for number, verdict, caption, truth, accuracy, latency in rows:
+        assert truth in truths
+        assert (verdict == 'ok  ') == (caption == truth)
+        correct += caption == truth
+        assert float(accuracy) == pytest.approx(100.0 * correct / int(number), abs=0.05)
+        assert 0 <= int(latency) < 60_000
+    # The truths are the camera's frames in order (scene stream 2026), a frame skipped here
+    # and there when the captioner was busy.
+    stream = iter(scene_at(2026, index).caption for index in range(200))
+    assert all(any(truth == expected for expected in stream) for truth in
+               (row[3] for row in rows))
+    assert len({row[3] for row in rows}) >= 10
+    assert correct >= 27
+    assert f'{correct} of 30 captions equal the truth' in result.stdout
+
+
+@pytest.mark.ros
+def test_demo_fails_with_one_line_when_the_caption_node_dies(tmp_path):
+    not_a_model = tmp_path / 'not-a-model'
+    not_a_model.mkdir()
+    (not_a_model / 'config.json').write_text('{"model_type": "bert"}')
+    result = run_demo('--model', str(not_a_model), '--frames', '3', '--timeout', '120')
+    assert result.returncode == 2, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == 'error: the caption node exited with code 1; its message is above'
+
+
+@pytest.mark.ros
+def test_demo_gives_up_with_one_line_when_no_caption_arrives_in_time():
+    result = run_demo('--frames', '3', '--timeout', '0.5')
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        'error: no captions arrived in 0.5 s')
+
+
+def test_demo_rejects_a_missing_model_folder_without_starting_anything(tmp_path):
+    result = run_demo('--model', str(tmp_path / 'nowhere'), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: model folder '{tmp_path / 'nowhere'}' does not exist"
+
+
+def test_scoreboard_matches_captions_to_frames_by_stamp():
+    out = io.StringIO()
+    board = Scoreboard(frames=2, out=out)
+
+    def truth(sec, caption):
+        return String(data=json.dumps({'stamp': {'sec': sec, 'nanosec': 5}, 'caption': caption}))
+
+    def caption(sec, text):
+        return String(data=json.dumps({'stamp': {'sec': sec, 'nanosec': 5}, 'caption': text}))
+
+    board.on_truth(truth(1, 'one red box on the conveyor'))
+    board.on_truth(truth(2, 'two blue gears on the conveyor'))
+    board.on_caption(caption(3, 'one red box on the conveyor'))  # a frame we never saw
+    assert board.matched == 0
+    board.on_caption(caption(2, 'two blue gears on the conveyor'))
+    board.on_caption(caption(1, 'one red bolt on the conveyor'))
+    assert (board.matched, board.correct, board.done.is_set()) == (2, 1, True)
+    lines = out.getvalue().splitlines()
+    assert LINE.match(lines[0]).group(2, 3, 5) == ('ok  ', 'two blue gears on the conveyor',
+                                                   '100.0')
+    assert LINE.match(lines[1]).group(2, 3, 4, 5) == (
+        'MISS', 'one red bolt on the conveyor', 'one red box on the conveyor', '50.0')
+
+
+# The committed demo model -----------------------------------------------------------------
+
+
+def test_committed_demo_model_is_small_safetensors_and_documented():
+    names = sorted(os.listdir(DEMO_MODEL))
+    assert 'model.safetensors' in names
+    assert not [name for name in names if name.endswith(('.bin', '.pt', '.pth', '.pkl'))]
+    size = sum(os.path.getsize(os.path.join(DEMO_MODEL, name)) for name in names)
+    assert size <= 20 * 1024 * 1024
+    with open(os.path.join(DEMO_MODEL, RECIPE_FILE), encoding='utf-8') as stream:
+        recipe = json.load(stream)
+    assert recipe['command'] == 'python -m training.demo_model --out models/factory-tiny'
+    assert recipe['size'] == [DemoRecipe().width, DemoRecipe().height]
+    assert recipe['recipe'] == dict(vars(DemoRecipe()))
+    assert recipe['results']['val_exact_match'] >= 0.9
+    assert recipe['results']['fresh_exact_match'] >= 0.9
+    with open(os.path.join(DEMO_MODEL, 'README.md'), encoding='utf-8') as stream:
+        readme = stream.read()
+    assert recipe['command'] in readme and '1/48' in readme
+
+
+def test_committed_demo_model_captions_unseen_frames():
+    accuracy, truths = exact_match_on_unseen_frames(DEMO_MODEL)
+    assert len(truths) >= 40  # the frames cover nearly all 48 captions
+    assert accuracy >= 0.9
+
+
+# Reproducing it ---------------------------------------------------------------------------
+
+
+def test_recipe_and_work_folder_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(DemoModelError, match='must differ'):
+        DemoRecipe(seed=3, fresh_seed=3)
+    (tmp_path / 'mine.txt').write_text('keep me')
+    with pytest.raises(DemoModelError, match='holds other files'):
+        prepare_work_dir(str(tmp_path))
+    assert (tmp_path / 'mine.txt').read_text() == 'keep me'
+    assert demo_model_main(['--out', str(tmp_path / 'model'), '--frames', '10']) == 1
+    assert capsys.readouterr().err == ('demo_model: error: --frames 10 is too few: use at '
+                                       'least 100\n')
+
+
+def test_reproduce_runs_the_whole_loop_into_a_model_folder(tmp_path):
+    """Every stage on a short recording; quality is the slow test's business."""
+    recipe = DemoRecipe(frames=120, max_steps=4, warmup_steps=1, fresh_frames=8)
+    out = reproduce(tmp_path / 'work', out=tmp_path / 'model', recipe=recipe)
+    assert out == str(tmp_path / 'model')
+    assert sorted(os.listdir(tmp_path / 'work')) == [
+        '.demo_model_work', 'bag', 'dataset', 'eval', 'fresh_bag', 'fresh_dataset',
+        'fresh_eval', 'init_model', 'train']
+    names = set(os.listdir(out))
+    assert {'model.safetensors', 'config.json', 'tokenizer.json', RECIPE_FILE,
+            'README.md'} <= names
+    assert not [name for name in names if name.endswith('.bin')]
+    with open(os.path.join(out, RECIPE_FILE), encoding='utf-8') as stream:
+        written = json.load(stream)
+    assert written['size'] == [160, 120]
+    assert written['command'] == (f'python -m training.demo_model --out {out} --frames 120 '
+                                  '--max-steps 4 --warmup-steps 1 --fresh-frames 8')
+    results = written['results']
+    assert results['val_images'] > 0 and results['fresh_frames'] == 8
+    assert results['chance_level'] == pytest.approx(1 / 48)
+    assert set(results['stage_seconds']) == {'record', 'convert', 'split', 'train',
+                                             'evaluate'}
+    # A second run in the same work folder replaces what the first one left.
+    reproduce(tmp_path / 'work', out=tmp_path / 'model', recipe=recipe)
+
+
+@pytest.mark.slow
+def test_reproduction_reaches_the_quality_of_the_committed_model(tmp_path):
+    """The documented command, from scratch: at least 90% exact match on held-out frames."""
+    out = reproduce(tmp_path / 'work', out=tmp_path / 'factory-tiny')
+    with open(os.path.join(out, RECIPE_FILE), encoding='utf-8') as stream:
+        results = json.load(stream)['results']
+    assert results['val_exact_match'] >= 0.9
+    assert results['fresh_exact_match'] >= 0.9
+    accuracy, _ = exact_match_on_unseen_frames(out)
+    assert accuracy >= 0.9
