@@ -7,4 +7,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$("$ROOT/scripts/setup_env.sh")"
 cd "$ROOT"
+# Idle OpenMP threads otherwise spin and slow every other process of the suite on a small CPU.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
