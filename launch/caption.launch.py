@@ -32,23 +32,16 @@ from launch_ros.actions import Node
 
 
 def _caption_node(context):
+    # Launch arguments left empty keep the parameter file's value.
     overrides = {}
-    model = LaunchConfiguration('model').perform(context)
-    if model:
-        overrides['model'] = model
-    adapter = LaunchConfiguration('adapter').perform(context)
-    if adapter:
-        overrides['adapter'] = adapter
+    for name in ('model', 'adapter', 'prompt', 'device'):
+        value = LaunchConfiguration(name).perform(context)
+        if value:
+            overrides[name] = value
     topics = LaunchConfiguration('image_topic').perform(context)
     if topics:
         # Several cameras: image_topic:='/left/image_raw,/right/image_raw/compressed'
         overrides['image_topics'] = [topic.strip() for topic in topics.split(',') if topic.strip()]
-    prompt = LaunchConfiguration('prompt').perform(context)
-    if prompt:
-        overrides['prompt'] = prompt
-    device = LaunchConfiguration('device').perform(context)
-    if device:
-        overrides['device'] = device
     return [Node(
         package='blip2_ros', executable='caption_node', name='blip2_caption', output='screen',
         parameters=[LaunchConfiguration('params_file').perform(context), overrides])]
