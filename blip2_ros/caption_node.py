@@ -80,11 +80,13 @@ PARAMETERS = (
                   'camera at most).', integer_range=(1, 64)),
     ParameterSpec('max_pixels', 3840 * 2160, 'Frames with more pixels than this are rejected '
                   'before decoding.', integer_range=(1, 1 << 30)),
-    ParameterSpec('cache', 'dynamic', 'KV cache of the decoder: dynamic, or static (fixed '
-                  'shapes; pair with compile on a GPU).'),
-    ParameterSpec('torch_compile', False, "Compile the decoder's per-token step with CUDA graphs "
-                  '(CUDA only; implies the static cache). The node compiles at start-up, before '
-                  'it subscribes, which takes tens of seconds.'),
+    ParameterSpec('cache', 'dynamic', "KV cache of the decoder: dynamic (transformers' "
+                  'generate), or static: fixed shapes, and greedy captions come from a decode '
+                  'loop that keeps the tokens on the device. Same captions either way.'),
+    ParameterSpec('torch_compile', False, "Compile the decoder's per-token step: a CUDA graph "
+                  'on a GPU, C++ code on a CPU (needs a C++ compiler). Implies the static '
+                  'cache. The node compiles at start-up, before it subscribes, which takes tens '
+                  'of seconds; if compiling fails it logs why and decodes uncompiled.'),
     ParameterSpec('torch_threads', 0, "CPU threads torch may use; 0 keeps torch's default. On "
                   'a busy CPU-only machine 1 is often much faster (see docs/benchmarks.md).',
                   integer_range=(0, 256)),

@@ -38,6 +38,19 @@ RESAMPLE_MODES = {2: 'bilinear', 3: 'bicubic'}
 # 8 cameras sees, at two caption lengths (blip2-opt-2.7b: about 21 MB per frame of batch).
 MAX_STATIC_CACHES = 16
 STATIC_CACHE_ROUNDING = 16
+# The decode loop asks the GPU whether every caption has ended only every few tokens: asking
+# waits for the GPU, and the CPU should stay ahead of it, queueing the next steps.
+EOS_CHECK_INTERVAL = 4
+# Generation settings that change greedy decoding and that the decode loop does not implement,
+# with their neutral values. A checkpoint whose generation config sets one decodes through
+# generate(), which honours them.
+LOGITS_PROCESSING_SETTINGS = {
+    'repetition_penalty': 1.0, 'encoder_repetition_penalty': 1.0, 'no_repeat_ngram_size': 0,
+    'encoder_no_repeat_ngram_size': 0, 'bad_words_ids': None, 'sequence_bias': None,
+    'suppress_tokens': None, 'begin_suppress_tokens': None, 'forced_bos_token_id': None,
+    'forced_eos_token_id': None, 'min_length': 0, 'min_new_tokens': None,
+    'exponential_decay_length_penalty': None, 'renormalize_logits': False,
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -301,15 +314,48 @@ class Blip2Captioner:
         self._prompt_cache = {}
         self._set_up_preprocessing()
         # Compiling the decode step pays off only with fixed shapes, so it implies the static
-        # cache. generate() compiles it itself (CUDA graphs) once a static cache is in use.
+        # cache.
         self.static_cache = self.config.cache == 'static' or self.config.torch_compile
-        self.compile_decode = self.config.torch_compile and self.device.type == 'cuda'
-        if self.config.torch_compile and not self.compile_decode:
-            LOGGER.warning('torch_compile has an effect on CUDA devices only; decoding on %s '
-                           'runs uncompiled with the static cache', self.device)
+        self.compile_decode = self.config.torch_compile
         # One static cache per batch shape, reused: the compiled step and its CUDA graph are
         # tied to the cache's buffers, so a fresh cache for every call would re-record it.
         self._static_caches = {}
+        self._set_up_decode_loop()
+
+    def _set_up_decode_loop(self):
+        """
+        Decide whether greedy captions come from this module's decode loop or from generate().
+
+        The loop runs the language model on the static cache one token at a time with
+        everything on the device: no logits processors, no per-token host synchronisation, and
+        with torch_compile one compiled step (a CUDA graph on GPUs). It gives the captions
+        generate() gives; settings it does not implement send decoding back to generate().
+        """
+        language_model = self.model.language_model
+        settings = language_model.generation_config
+        unsupported = [name for name, neutral in LOGITS_PROCESSING_SETTINGS.items()
+                       if getattr(settings, name, neutral) not in (neutral, None)]
+        self.decode_loop = self.static_cache and self.config.num_beams == 1 and not unsupported
+        if self.static_cache and unsupported:
+            LOGGER.info('the checkpoint sets %s; decoding with generate()', unsupported[0])
+        eos = settings.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self._eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
+        pad = settings.pad_token_id
+        self._pad_id = eos[0] if pad is None and eos else int(pad or 0)
+        self._decoder_start_id = settings.decoder_start_token_id
+        if self._decoder_start_id is None:
+            self._decoder_start_id = getattr(
+                self.model.config.text_config, 'decoder_start_token_id', None)
+        self._decode_step_fn = self._decode_step
+        if self.compile_decode and self.decode_loop:
+            # fullgraph: a graph break would silently split the step and lose the CUDA graph.
+            mode = 'reduce-overhead' if self.device.type == 'cuda' else None
+            self._decode_step_fn = torch.compile(self._decode_step, mode=mode, fullgraph=True)
+        elif self.compile_decode:
+            LOGGER.warning('torch_compile needs greedy decoding without logits processors; '
+                           'decoding runs uncompiled')
+            self.compile_decode = False
 
     def _set_up_preprocessing(self):
         image_processor = self.processor.image_processor
@@ -442,7 +488,7 @@ class Blip2Captioner:
         else:
             cache.reset()
         self._static_caches[key] = cache  # most recently used last
-        return cache
+        return cache, decoder_length
 
     @torch.inference_mode()
     def caption(self, frames, prompt=None, max_new_tokens=None, **generate_kwargs):
@@ -462,6 +508,11 @@ class Blip2Captioner:
             raise ValueError(f'{len(prompts)} prompts for {len(frames)} frames')
         pixel_values = self.preprocess(frames)
         input_ids, attention_mask = self._encode_prompts(prompts)
+        if self.decode_loop and set(generate_kwargs) <= {'min_new_tokens'}:
+            output = self._decode(pixel_values, input_ids, attention_mask,
+                                  max_new_tokens or self.config.max_new_tokens,
+                                  generate_kwargs.get('min_new_tokens') or 0)
+            return self._texts(output)
         options = {
             'max_new_tokens': max_new_tokens or self.config.max_new_tokens,
             'do_sample': False, 'num_beams': self.config.num_beams,
@@ -472,15 +523,132 @@ class Blip2Captioner:
                 # Beam search reorders the cache out of place, so nothing is gained by reuse.
                 options.setdefault('cache_implementation', 'static')
             elif 'cache_implementation' not in options:
-                options['past_key_values'] = self._static_cache_for(
+                options['past_key_values'], _ = self._static_cache_for(
                     len(frames), input_ids.shape[1], options['max_new_tokens'])
-        if not self.compile_decode:
-            options.setdefault('disable_compile', True)
+        # generate() would compile its own step on a static cache; the decode loop is the
+        # compiled path here.
+        options.setdefault('disable_compile', True)
         output = self.model.generate(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
             **options)
         if not self.is_encoder_decoder:
             # Decoder-only generate returns the prompt too.
             output = output[:, input_ids.shape[1]:]
-        texts = self.processor.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return self._texts(output)
+
+    def _texts(self, token_ids):
+        texts = self.processor.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         return [text.strip() for text in texts]
+
+    def _embed(self, pixel_values, input_ids):
+        """Put the Q-Former's image queries into the prompt's embeddings, as generate() does."""
+        model = self.model
+        image_embeds = model.vision_model(pixel_values, return_dict=True).last_hidden_state
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long,
+                                device=image_embeds.device)
+        query_output = model.qformer(
+            query_embeds=model.query_tokens.expand(image_embeds.shape[0], -1, -1),
+            encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
+            return_dict=True).last_hidden_state
+        image_features = model.language_projection(query_output.to(image_embeds.dtype))
+        embeds = model.get_input_embeddings()(input_ids)
+        placeholders = (input_ids == self.image_token_id).unsqueeze(-1)
+        return embeds.masked_scatter(placeholders, image_features.to(embeds.dtype))
+
+    def _decode(self, pixel_values, input_ids, attention_mask, max_new_tokens, min_new_tokens):
+        """
+        Greedy decoding on the static cache; returns the new token ids, padded after EOS.
+
+        Before ``min_new_tokens`` tokens, end-of-sequence tokens are ruled out, as generate()
+        does for its ``min_new_tokens``.
+
+        The prompt (and for T5 the encoder and the first decoder token) runs as usual; every
+        later token comes from ``_decode_step``, whose shapes never change, so with torch_compile
+        it is one compiled graph replayed per token. Tokens stay on the device, and the host
+        asks whether all captions have ended only every EOS_CHECK_INTERVAL tokens.
+        """
+        language_model = self.model.language_model
+        batch_size, prompt_length = input_ids.shape
+        cache, cache_length = self._static_cache_for(batch_size, prompt_length, max_new_tokens)
+        embeds = self._embed(pixel_values, input_ids)
+        if self.is_encoder_decoder:
+            encoder_states = language_model.get_encoder()(
+                inputs_embeds=embeds, attention_mask=attention_mask,
+                return_dict=True).last_hidden_state
+            context = (encoder_states, attention_mask)
+            positions = None
+            start = torch.full((batch_size, 1), self._decoder_start_id, device=self.device)
+            logits = language_model(
+                encoder_outputs=(encoder_states,), attention_mask=attention_mask,
+                decoder_input_ids=start, past_key_values=cache, use_cache=True).logits
+        else:
+            # The mask covers the whole cache: slots not written yet are hidden by causality.
+            mask = torch.ones((batch_size, cache_length), dtype=attention_mask.dtype,
+                              device=self.device)
+            mask[:, :prompt_length] = attention_mask
+            # Left padding: each row counts its positions from its own first real token.
+            positions = (attention_mask.cumsum(1) - 1).clamp_(min=0)
+            logits = language_model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True).logits
+            context = (mask,)
+            positions = positions[:, -1:]
+        # Added to the scores: 0 everywhere, or -inf on the end tokens while they are ruled out.
+        eos_bias = torch.zeros(logits.shape[-1], device=self.device)
+        eos_ban = eos_bias.index_fill(0, self._eos_ids, float('-inf'))
+        tokens = (logits[:, -1] + (eos_ban if min_new_tokens > 0 else eos_bias)).argmax(-1)
+        unfinished = ~torch.isin(tokens, self._eos_ids)
+        output = torch.full((batch_size, max_new_tokens), self._pad_id, device=self.device)
+        output[:, 0] = tokens
+        cuda_graphs = self.compile_decode and self.device.type == 'cuda'
+        check_interval = EOS_CHECK_INTERVAL if self.device.type == 'cuda' else 1
+        length = 1
+        while length < max_new_tokens:
+            if (length >= min_new_tokens and (length - 1) % check_interval == 0
+                    and not bool(unfinished.any())):
+                break
+            if cuda_graphs:
+                # The step's outputs live in the CUDA graph's memory until its next replay.
+                torch.compiler.cudagraph_mark_step_begin()
+            tokens, unfinished, positions = self._step(
+                cache, context, tokens, unfinished, positions,
+                eos_ban if length < min_new_tokens else eos_bias)
+            output[:, length] = tokens
+            if cuda_graphs:
+                tokens, unfinished = tokens.clone(), unfinished.clone()
+                positions = positions if positions is None else positions.clone()
+            length += 1
+        return output[:, :length]
+
+    def _step(self, *args):
+        """Run the compiled decode step; if it cannot be compiled here, say why and run eager."""
+        if self._decode_step_fn is self._decode_step:
+            return self._decode_step(*args)
+        try:
+            return self._decode_step_fn(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: B902 - compilers fail in many ways, all handled alike
+            # Compiling fails before the step runs, so the cache is as it was.
+            LOGGER.error('compiling the decode step failed, decoding uncompiled from now on: %s',
+                         _one_line(error))
+            self._decode_step_fn = self._decode_step
+            self.compile_decode = False
+            return self._decode_step(*args)
+
+    def _decode_step(self, cache, context, tokens, unfinished, positions, eos_bias):
+        """Feed each caption's last token, pick the next one; finished captions get padding."""
+        language_model = self.model.language_model
+        if self.is_encoder_decoder:
+            encoder_states, encoder_mask = context
+            logits = language_model(
+                encoder_outputs=(encoder_states,), attention_mask=encoder_mask,
+                decoder_input_ids=tokens[:, None], past_key_values=cache, use_cache=True).logits
+        else:
+            positions = positions + 1
+            logits = language_model(
+                input_ids=tokens[:, None], attention_mask=context[0], position_ids=positions,
+                past_key_values=cache, use_cache=True).logits
+        tokens = torch.where(unfinished, (logits[:, -1] + eos_bias).argmax(-1), self._pad_id)
+        unfinished = unfinished & ~torch.isin(tokens, self._eos_ids)
+        return tokens, unfinished, positions

@@ -342,6 +342,118 @@ def test_static_cache_gives_the_same_captions(lively_checkpoints):
 
 
 # ---------------------------------------------------------------------------------------------
+# The decode loop on the static cache, and its compiled step
+
+
+def wrap(folder, model=None, **settings):
+    """Return a captioner around ``model`` (default: the folder's), on the CPU."""
+    model = model or Blip2ForConditionalGeneration.from_pretrained(folder)
+    return Blip2Captioner.from_model(model, Blip2Processor.from_pretrained(folder),
+                                     CaptionerConfig(**settings))
+
+
+def refuse_generate(captioner):
+    def generate(*args, **kwargs):
+        raise AssertionError('generate() was called')
+    captioner.model.generate = generate
+    return captioner
+
+
+def word_id(folder, caption):
+    """Return the token id of the caption's most frequent word."""
+    words = caption.split()
+    tokenizer = Blip2Processor.from_pretrained(folder).tokenizer
+    return tokenizer.convert_tokens_to_ids(max(set(words), key=words.count))
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_the_decode_loop_ends_each_caption_at_its_own_end_token(
+        lively_checkpoints, language_model):
+    folder = lively_checkpoints[language_model]
+    frames = model_size_frames(len(MIXED_PROMPTS), first_seed=400)
+    free = make_captioner(folder, max_new_tokens=10).caption(frames, prompt=MIXED_PROMPTS)
+    # A word the captions use becomes the end token, so captions in one batch end at
+    # different steps and the loop must pad the finished ones while the others go on.
+    end = word_id(folder, ' '.join(free))
+    models = []
+    for _ in range(2):
+        model = Blip2ForConditionalGeneration.from_pretrained(folder)
+        model.language_model.generation_config.eos_token_id = end
+        models.append(model)
+    by_generate = wrap(folder, models[0], max_new_tokens=10)
+    by_loop = refuse_generate(wrap(folder, models[1], max_new_tokens=10, cache='static'))
+    assert by_loop.decode_loop and not by_generate.decode_loop
+    ended = by_generate.caption(frames, prompt=MIXED_PROMPTS)
+    assert by_loop.caption(frames, prompt=MIXED_PROMPTS) == ended
+    lengths = {len(caption.split()) for caption in ended}
+    assert len(lengths) > 1 and min(lengths) < 10, ended
+    # min_new_tokens rules the end token out for that many tokens, as in generate().
+    longer = by_generate.caption(frames, prompt=MIXED_PROMPTS, min_new_tokens=7)
+    assert by_loop.caption(frames, prompt=MIXED_PROMPTS, min_new_tokens=7) == longer
+    assert sum(map(len, longer)) > sum(map(len, ended)), (ended, longer)
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+def test_generation_settings_the_loop_lacks_send_decoding_to_generate(lively_checkpoints):
+    folder = lively_checkpoints['opt']
+    frames = model_size_frames(3, first_seed=420)
+    model = Blip2ForConditionalGeneration.from_pretrained(folder)
+    model.language_model.generation_config.repetition_penalty = 3.0
+    captioner = wrap(folder, model, max_new_tokens=10, cache='static')
+    assert not captioner.decode_loop
+    captions = captioner.caption(frames)
+    assert captions == wrap(folder, max_new_tokens=10).caption(frames, repetition_penalty=3.0)
+    assert captions != wrap(folder, max_new_tokens=10).caption(frames)
+    assert not make_captioner(folder, cache='static', num_beams=2).decode_loop
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_the_compiled_decode_step_gives_generates_captions(lively_checkpoints, language_model):
+    folder = lively_checkpoints[language_model]
+    frames = model_size_frames(len(MIXED_PROMPTS), first_seed=440)
+    reference = make_captioner(folder, max_new_tokens=8)
+    compiled = refuse_generate(make_captioner(folder, max_new_tokens=8, torch_compile=True))
+    assert compiled.static_cache and compiled.decode_loop and compiled.compile_decode
+    graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
+    compiled.warm_up([1, len(frames)])
+    # One graph, the whole step (fullgraph: a graph break would raise): compiled, not eager.
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] > graphs
+    assert compiled.compile_decode
+    for prompt in ('', MIXED_PROMPTS, VQA_PROMPT):
+        expected = reference.caption(frames, prompt=prompt)
+        assert compiled.caption(frames, prompt=prompt) == expected
+        assert compiled.caption(frames[:1], prompt=prompt if isinstance(prompt, str)
+                                else prompt[0]) == expected[:1]
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+def test_a_step_that_cannot_be_compiled_runs_uncompiled_and_says_why(
+        lively_checkpoints, monkeypatch, tmp_path, caplog):
+    import torch._inductor.config
+    # A machine without a C++ compiler: inductor cannot build the CPU step. A fresh compile
+    # cache, so nothing compiled earlier is found instead.
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path))
+    monkeypatch.setattr(torch._inductor.config.cpp, 'cxx', (str(tmp_path / 'no-such-c++'),))
+    monkeypatch.setattr(torch._inductor.config, 'fx_graph_cache', False)
+    torch._dynamo.reset()
+    folder = lively_checkpoints['opt']
+    frames = model_size_frames(2, first_seed=460)
+    captioner = make_captioner(folder, max_new_tokens=8, torch_compile=True)
+    with caplog.at_level('ERROR', logger='blip2_ros.captioner'):
+        captions = captioner.caption(frames, min_new_tokens=8)
+    assert not captioner.compile_decode
+    errors = [record.getMessage() for record in caplog.records
+              if record.name == 'blip2_ros.captioner']
+    assert len(errors) == 1 and 'decoding uncompiled' in errors[0] and '\n' not in errors[0]
+    assert 'compiler' in errors[0].lower(), errors[0]
+    assert captions == make_captioner(folder, max_new_tokens=8).caption(
+        frames, min_new_tokens=8)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -647,6 +759,24 @@ def test_gpu_float32_captions_equal_cpu_captions(lively_checkpoints, exact_cuda_
     assert gpu.caption(frames, prompt=MIXED_PROMPTS) == cpu
 
 
+@needs_cuda
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_gpu_cuda_graph_decode_loop_captions_equal_cpu_captions(
+        lively_checkpoints, exact_cuda_float32, language_model):
+    folder = str(lively_checkpoints[language_model])
+    frames = model_size_frames(len(MIXED_PROMPTS), first_seed=480)
+    cpu = make_captioner(folder, max_new_tokens=8)
+    gpu = refuse_generate(Blip2Captioner(CaptionerConfig(
+        model=folder, device='cuda', dtype='float32', max_new_tokens=8, torch_compile=True)))
+    gpu.warm_up([1, len(frames)])
+    assert gpu.compile_decode, 'the decode step fell back to eager'
+    # Calls after calls: a caption must not read a CUDA graph output the next replay overwrote.
+    for prompt in (MIXED_PROMPTS, '', VQA_PROMPT, MIXED_PROMPTS):
+        expected = cpu.caption(frames, prompt=prompt)
+        assert gpu.caption(frames, prompt=prompt) == expected
+        assert gpu.caption(frames[1:2], prompt='') == cpu.caption(frames[1:2], prompt='')
+
+
 # ---------------------------------------------------------------------------------------------
 # Reused static cache, wrapping a model in memory, warm-up
 
@@ -711,9 +841,13 @@ def test_a_batch_shape_reuses_its_static_cache(lively_checkpoints, language_mode
     captioner.caption(model_size_frames(3), prompt='a photo of')
     assert len(static_caches(captioner)) == 2 and first < static_caches(captioner)
 
-    cache = captioner._static_cache_for(2, 40, 6)
-    assert captioner._static_cache_for(2, 40, 6) is cache
-    assert captioner._static_cache_for(3, 40, 6) is not cache
+    cache, length = captioner._static_cache_for(2, 40, 6)
+    assert captioner._static_cache_for(2, 40, 6) == (cache, length)
+    assert captioner._static_cache_for(3, 40, 6)[0] is not cache
+    # Rounded up, so that a slightly longer prompt reuses the same cache.
+    assert length % 16 == 0 and length >= (6 + 1 if language_model == 't5' else 40 + 6)
+    # T5's cross-attention cache holds exactly the encoder's input.
+    assert (captioner._static_cache_for(2, 41, 6)[0] is cache) == (language_model == 'opt')
 
 
 @pytest.mark.usefixtures('one_torch_thread')
