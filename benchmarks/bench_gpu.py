@@ -30,6 +30,7 @@ Per model and batch size (1, 4, 8): latency, captions per second and peak GPU me
   compiling its own decode step into a CUDA graph; the loop around that step, with its logits
   processors and a host synchronisation per token, is transformers'. The fast path before the
   project had a decode loop of its own, kept as the baseline for that loop;
+* ``loop eager`` (opt, batch 1): the captioner's decode loop on the static cache, uncompiled;
 * ``fast``: Blip2Captioner in bfloat16 with ``torch_compile``: static KV cache reused across
   calls, GPU preprocessing, and the captioner's decode loop replaying one compiled step (a
   CUDA graph) per token, tokens kept on the GPU. Its first call per batch size compiles; the
@@ -430,7 +431,7 @@ def measure_captioner(run, captioner, entry, variant, batches, repeats, warmup,
     """Time Blip2Captioner.caption for each batch size."""
     device = run.device
     for batch in batches:
-        if variant == 'bf16 eager':
+        if variant in ('bf16 eager', 'loop eager'):
             kind = 'eager'
         else:
             kind = 'batch' if entry.get(f'compiled_{variant}') else 'compile'
@@ -481,7 +482,7 @@ def add_floor_and_ratios(entry, bandwidth, prompt_length, model):
         row['speedup_vs_naive'] = (naive[batch] / row['latency_ms_p50']
                                    if batch in naive else None)
         baseline = by_generate.get(batch)
-        if row['variant'] == 'fast' and baseline:
+        if row['variant'] in ('fast', 'loop eager') and baseline:
             row['speedup_vs_generate'] = baseline['latency_ms_p50'] / row['latency_ms_p50']
             row['decode_speedup_vs_generate'] = (baseline['decode_ms_per_token']
                                                  / row['decode_ms_per_token'])
@@ -530,10 +531,15 @@ def benchmark_model(run, language_model, name, bandwidth, keep_for_training):
         model=name, max_new_tokens=NEW_TOKENS, cache='static', torch_compile=True))
     if language_model == 'opt':
         # Any option besides min_new_tokens sends the captioner to generate(); this one lets
-        # generate() compile its step as it does by default.
+        # generate() compile its step as it does by default (on CUDA; elsewhere it runs eager).
         run.section('compile', f'{name} generate compiled', measure_captioner, run, fast,
                     entry, 'generate compiled', (1,), repeats, 3, disable_compile=False)
         fast._static_caches.clear()
+        loop = Blip2Captioner.from_model(model, processor, CaptionerConfig(
+            model=name, max_new_tokens=NEW_TOKENS, cache='static'))
+        run.section('eager', f'{name} loop eager', measure_captioner, run, loop, entry,
+                    'loop eager', (1,), repeats, 2)
+        del loop
     run.section('compile', f'{name} fast', measure_captioner, run, fast, entry, 'fast',
                 BATCH_SIZES, repeats, 3)
     entry['fast_path'] = {'static_cache': fast.static_cache, 'decode_loop': fast.decode_loop,

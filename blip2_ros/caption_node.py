@@ -182,6 +182,9 @@ class CaptionNode(Node):
         self.inference_ms = deque(maxlen=LATENCY_WINDOW)
         self.end_to_end_ms = deque(maxlen=LATENCY_WINDOW)
         self.max_pixels = self.get_parameter('max_pixels').value
+        # Large JPEGs decode at a reduced scale that still covers the model's input size.
+        self.decode_min_size = (self.captioner.image_size
+                                if self.captioner.fast_preprocessing else None)
         self.max_batch_size = self.get_parameter('max_batch_size').value
         self.start_time = time.monotonic()
 
@@ -276,7 +279,8 @@ class CaptionNode(Node):
 
     def _convert(self, topic, message):
         try:
-            return message_to_rgb(message, max_pixels=self.max_pixels)
+            return message_to_rgb(message, max_pixels=self.max_pixels,
+                                  min_size=self.decode_min_size)
         except ImageConversionError as error:
             self._reject(topic, error)
             return None

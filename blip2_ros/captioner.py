@@ -347,11 +347,14 @@ class Blip2Captioner:
         if self._decoder_start_id is None:
             self._decoder_start_id = getattr(
                 self.model.config.text_config, 'decoder_start_token_id', None)
-        self._decode_step_fn = self._decode_step
+        # The image encoder and the decode step, compiled: fixed shapes per batch size.
+        self._compiled = {}
         if self.compile_decode and self.decode_loop:
             # fullgraph: a graph break would silently split the step and lose the CUDA graph.
             mode = 'reduce-overhead' if self.device.type == 'cuda' else None
-            self._decode_step_fn = torch.compile(self._decode_step, mode=mode, fullgraph=True)
+            self._compiled = {
+                function.__name__: torch.compile(function, mode=mode, fullgraph=True)
+                for function in (self._image_features, self._decode_step)}
         elif self.compile_decode:
             LOGGER.warning('torch_compile needs greedy decoding without logits processors; '
                            'decoding runs uncompiled')
@@ -540,8 +543,8 @@ class Blip2Captioner:
         texts = self.processor.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
-    def _embed(self, pixel_values, input_ids):
-        """Put the Q-Former's image queries into the prompt's embeddings, as generate() does."""
+    def _image_features(self, pixel_values):
+        """Vision tower, Q-Former and projection: the image queries, as generate() makes them."""
         model = self.model
         image_embeds = model.vision_model(pixel_values, return_dict=True).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long,
@@ -550,8 +553,12 @@ class Blip2Captioner:
             query_embeds=model.query_tokens.expand(image_embeds.shape[0], -1, -1),
             encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
             return_dict=True).last_hidden_state
-        image_features = model.language_projection(query_output.to(image_embeds.dtype))
-        embeds = model.get_input_embeddings()(input_ids)
+        return model.language_projection(query_output.to(image_embeds.dtype))
+
+    def _embed(self, pixel_values, input_ids):
+        """Put the image queries into the prompt's embeddings, in place of the placeholders."""
+        image_features = self._run('_image_features', pixel_values)
+        embeds = self.model.get_input_embeddings()(input_ids)
         placeholders = (input_ids == self.image_token_id).unsqueeze(-1)
         return embeds.masked_scatter(placeholders, image_features.to(embeds.dtype))
 
@@ -600,41 +607,43 @@ class Blip2Captioner:
         unfinished = ~torch.isin(tokens, self._eos_ids)
         output = torch.full((batch_size, max_new_tokens), self._pad_id, device=self.device)
         output[:, 0] = tokens
-        cuda_graphs = self.compile_decode and self.device.type == 'cuda'
+        cuda_graphs = bool(self._compiled) and self.device.type == 'cuda'
         check_interval = EOS_CHECK_INTERVAL if self.device.type == 'cuda' else 1
         length = 1
         while length < max_new_tokens:
             if (length >= min_new_tokens and (length - 1) % check_interval == 0
                     and not bool(unfinished.any())):
                 break
-            if cuda_graphs:
-                # The step's outputs live in the CUDA graph's memory until its next replay.
-                torch.compiler.cudagraph_mark_step_begin()
-            tokens, unfinished, positions = self._step(
-                cache, context, tokens, unfinished, positions,
+            tokens, unfinished, positions = self._run(
+                '_decode_step', cache, context, tokens, unfinished, positions,
                 eos_ban if length < min_new_tokens else eos_bias)
             output[:, length] = tokens
             if cuda_graphs:
+                # The step's outputs live in the CUDA graph's memory until its next replay.
                 tokens, unfinished = tokens.clone(), unfinished.clone()
                 positions = positions if positions is None else positions.clone()
             length += 1
         return output[:, :length]
 
-    def _step(self, *args):
-        """Run the compiled decode step; if it cannot be compiled here, say why and run eager."""
-        if self._decode_step_fn is self._decode_step:
-            return self._decode_step(*args)
+    def _run(self, name, *args):
+        """Run a method compiled if it is; if it cannot be compiled here, say why and go eager."""
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            return getattr(self, name)(*args)
+        if self.device.type == 'cuda':
+            # A new replay: outputs of earlier replays may be overwritten from here on.
+            torch.compiler.cudagraph_mark_step_begin()
         try:
-            return self._decode_step_fn(*args)
+            return compiled(*args)
         except torch.OutOfMemoryError:
             raise
         except Exception as error:  # noqa: B902 - compilers fail in many ways, all handled alike
-            # Compiling fails before the step runs, so the cache is as it was.
-            LOGGER.error('compiling the decode step failed, decoding uncompiled from now on: %s',
+            # Compiling fails before the code runs, so the cache is as it was.
+            LOGGER.error('compiling failed, decoding uncompiled from now on: %s',
                          _one_line(error))
-            self._decode_step_fn = self._decode_step
+            self._compiled = {}
             self.compile_decode = False
-            return self._decode_step(*args)
+            return getattr(self, name)(*args)
 
     def _decode_step(self, cache, context, tokens, unfinished, positions, eos_bias):
         """Feed each caption's last token, pick the next one; finished captions get padding."""

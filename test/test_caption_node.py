@@ -21,6 +21,7 @@ import time
 
 from blip2_ros.caption_node import CaptionNode
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+from blip2_ros.image_conversion import message_to_rgb
 import cv2
 from diagnostic_msgs.msg import DiagnosticArray
 import numpy as np
@@ -185,6 +186,22 @@ def test_image_and_compressed_frames_are_captioned_with_stamp_and_frame_id(
         assert info['model'] == str(lively_opt_checkpoint)
         assert info['prompt'] == ''
         assert info['inference_ms'] > 0
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_for_the_model(
+        harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/cam/image_raw/compressed'],
+                              max_new_tokens=8)
+    captioner = harness.node.captioner
+    assert harness.node.decode_min_size == captioner.image_size == (64, 64)
+    compressed = harness.publisher(CompressedImage, '/cam/image_raw/compressed')
+    jpeg = jpeg_message(make_frame(12, height=1080, width=1920))
+    compressed.publish(jpeg)
+    caption = harness.wait_for_infos(1)[0]['caption']
+    # 1/8 scale: 135x240, the smallest that keeps twice the 64 px input.
+    reduced = message_to_rgb(jpeg, min_size=(64, 64))
+    assert reduced.shape == (135, 240, 3)
+    assert caption == captioner.caption([reduced], max_new_tokens=8)[0]
 
 
 def test_best_effort_subscription_hears_best_effort_and_reliable_publishers(
