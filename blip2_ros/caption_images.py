@@ -93,9 +93,10 @@ def parse_args(argv=None):
     parser.add_argument('paths', nargs='+', metavar='PATH', help='image files or folders')
     parser.add_argument('--model', default='Salesforce/blip2-opt-2.7b',
                         help='hub id or local folder of a BLIP-2 checkpoint')
-    parser.add_argument('--prompt', default='',
+    parser.add_argument('--prompt', default=None,
                         help="text the caption continues, e.g. 'Question: what is on the "
-                             "conveyor? Answer:'")
+                             "conveyor? Answer:' (default: the prompt the model or adapter "
+                             'was trained with, if training.train made it, else none)')
     parser.add_argument('--adapter', default='', help='LoRA adapter folder to merge')
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     parser.add_argument('--dtype', default='auto',
@@ -123,7 +124,8 @@ def _warn(message):
 
 def main(argv=None):
     """Caption the images under the given paths; return the exit status."""
-    from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, ModelLoadError
+    from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, ModelLoadError,
+                                     training_prompt)
     import torch
 
     args = parse_args(argv)
@@ -134,10 +136,15 @@ def main(argv=None):
         _warn('no image files found in ' + ' '.join(args.paths))
         return EXIT_NOTHING_CAPTIONED
     try:
+        prompt = args.prompt
+        if prompt is None:
+            prompt = training_prompt(args.adapter, args.model)
+            if prompt:
+                _warn(f'prompt {prompt!r}: the one the model was trained with')
         captioner = Blip2Captioner(CaptionerConfig(
             model=args.model, adapter=args.adapter, device=args.device, dtype=args.dtype,
             local_files_only=args.local_files_only, allow_pickle=args.allow_pickle,
-            max_new_tokens=args.max_new_tokens, prompt=args.prompt))
+            max_new_tokens=args.max_new_tokens, prompt=prompt))
     except ModelLoadError as error:
         _warn(f'error: {error}')
         return EXIT_MODEL_ERROR

@@ -28,7 +28,8 @@ import json
 import threading
 import time
 
-from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, DEFAULT_MODEL, ModelLoadError
+from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, DEFAULT_MODEL, ModelLoadError,
+                                 TRAINING_INFO_FILE, training_prompt)
 from blip2_ros.image_conversion import ImageConversionError, message_to_rgb
 from blip2_ros.parameters import declare, markdown_table, ParameterSpec
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -38,6 +39,7 @@ import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -71,7 +73,11 @@ PARAMETERS = (
                   'as JSON (std_msgs/String) with source topic, stamp, frame_id, prompt, model '
                   'and latency.'),
     ParameterSpec('prompt', '', "Text the caption continues, e.g. 'a photo of' or 'Question: "
-                  "is the conveyor empty? Answer:'. Empty for plain captions.", read_only=False),
+                  "is the conveyor empty? Answer:'. Empty for plain captions (or the training "
+                  'prompt, see use_training_prompt).', read_only=False),
+    ParameterSpec('use_training_prompt', True, 'When prompt is empty and the adapter or model '
+                  f'folder holds {TRAINING_INFO_FILE} (written by training.train), caption '
+                  'with the prompt the model was trained with.'),
     ParameterSpec('max_new_tokens', 30, 'Longest caption, in tokens.', read_only=False,
                   integer_range=(1, 512)),
     ParameterSpec('max_rate_hz', 0.0, 'Most caption batches per second; 0 captions as fast as '
@@ -168,6 +174,14 @@ class CaptionNode(Node):
             torch_compile=self.get_parameter('torch_compile').value))
         self.get_logger().info(
             f"loaded '{self.model_name}' on {self.captioner.device} as {self.captioner.dtype}")
+        if not self.get_parameter('prompt').value and \
+                self.get_parameter('use_training_prompt').value:
+            trained = training_prompt(self.get_parameter('adapter').value, self.model_name)
+            if trained:
+                self.set_parameters([Parameter('prompt', value=trained)])
+                self.get_logger().info(
+                    f"prompt '{trained}': the one the model was trained with "
+                    f'({TRAINING_INFO_FILE}); set prompt to use another')
 
         self._lock = threading.Lock()  # guards cameras, counters and statistics
         self._frames_ready = threading.Condition(self._lock)

@@ -20,6 +20,7 @@ evaluator all go through :class:`Blip2Captioner`, so a checkpoint that works in 
 """
 
 from dataclasses import dataclass
+import json
 import logging
 import os
 
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MODEL = 'Salesforce/blip2-opt-2.7b'
+# Written by training.train next to the model or adapter it saves: the prompt it trained with.
+TRAINING_INFO_FILE = 'blip2_ros_training.json'
 DEVICE_HELP = "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 # PIL resample codes used by Hugging Face image processors -> torch interpolation modes.
@@ -134,6 +137,29 @@ def _check_model_source(model, local_files_only, where):
             raise ModelLoadError(
                 f'cannot load {where}: it is not in the local model cache and local_files_only '
                 'is set; download it once on a machine with network access or give a folder')
+
+
+def training_prompt(*folders, default=''):
+    """
+    Return the prompt training.train saved in the first of ``folders`` that has one.
+
+    A model learns to continue the prompt it was trained with, so that is the prompt to
+    caption with. Hub ids and folders without the file are skipped; ``default`` if none has it.
+    """
+    for folder in folders:
+        path = os.path.join(folder or '', TRAINING_INFO_FILE)
+        if not folder or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding='utf-8') as stream:
+                prompt = json.load(stream).get('prompt', '')
+        except (OSError, ValueError, AttributeError) as error:
+            raise ModelLoadError(f'cannot read the training prompt in {path}: '
+                                 f'{_one_line(error)}') from error
+        if not isinstance(prompt, str):
+            raise ModelLoadError(f'the training prompt in {path} is not text: {prompt!r}')
+        return prompt
+    return default
 
 
 def resize_like_pil(image, size, mode):

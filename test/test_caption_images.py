@@ -209,6 +209,32 @@ def test_prompt_reaches_the_captioner(image_folder, lively_checkpoint, capsys):
     assert with_prompt != without_prompt
 
 
+def test_the_training_prompt_is_the_default_and_a_given_prompt_wins(
+        image_folder, lively_checkpoint, tmp_path, capsys):
+    root, frames = image_folder
+    trained = 'Question: is the conveyor empty? Answer:'
+    model = tmp_path / 'trained'
+    shutil.copytree(lively_checkpoint, model)
+    (model / 'blip2_ros_training.json').write_text(json.dumps({'prompt': trained}))
+    image = str(root / 'belt.png')
+    captioner = Blip2Captioner(CaptionerConfig(model=str(model), max_new_tokens=6))
+    assert main(['--model', str(model), '--max-new-tokens', '6', image]) == 0
+    out, err = capsys.readouterr()
+    assert json_lines(out)[0]['caption'] == captioner.caption(
+        [frames['belt.png']], prompt=trained)[0]
+    assert repr(trained) in err
+    assert main(['--model', str(model), '--prompt', '', '--max-new-tokens', '6', image]) == 0
+    assert json_lines(capsys.readouterr().out)[0]['caption'] == captioner.caption(
+        [frames['belt.png']], prompt='')[0]
+    assert captioner.caption([frames['belt.png']], prompt='') != captioner.caption(
+        [frames['belt.png']], prompt=trained)
+
+    (model / 'blip2_ros_training.json').write_text('{"prompt": ')
+    assert main(['--model', str(model), image]) == 2
+    err = capsys.readouterr().err
+    assert 'blip2_ros_training.json' in err and len(err.strip().splitlines()) == 1
+
+
 def test_nothing_readable_exits_1(tmp_path, tiny_opt_checkpoint, capsys):
     (tmp_path / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n')
     (tmp_path / 'empty').mkdir()

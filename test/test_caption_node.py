@@ -16,6 +16,7 @@
 
 import array
 import json
+import shutil
 import threading
 import time
 
@@ -305,6 +306,29 @@ def test_parameter_changes_take_effect_and_bad_values_are_rejected(
     assert not read_only.successful
     assert node.get_parameter('max_new_tokens').value == 3
     assert node.get_parameter('model').value == str(lively_opt_checkpoint)
+
+
+@pytest.mark.parametrize('given, use_training_prompt, expected', [
+    (None, True, 'trained'), ('', False, ''), ('a photo of', True, 'a photo of'),
+])
+def test_the_node_captions_with_the_training_prompt_unless_told_otherwise(
+        harness_factory, lively_opt_checkpoint, tmp_path, given, use_training_prompt, expected):
+    trained = 'Question: is the conveyor empty? Answer:'
+    model = tmp_path / 'trained'
+    shutil.copytree(lively_opt_checkpoint, model)
+    (model / 'blip2_ros_training.json').write_text(json.dumps({'prompt': trained}))
+    settings = {} if given is None else {'prompt': given}
+    harness = harness_factory(model, ['/cam'], max_new_tokens=6,
+                              use_training_prompt=use_training_prompt, **settings)
+    expected = trained if expected == 'trained' else expected
+    assert harness.node.get_parameter('prompt').value == expected
+    camera = harness.publisher(Image, '/cam')
+    frame = make_frame(31)
+    camera.publish(image_message(frame, stamp_sec=1))
+    info = harness.wait_for_infos(1)[0]
+    assert info['prompt'] == expected
+    assert info['caption'] == harness.node.captioner.caption(
+        [frame], prompt=expected, max_new_tokens=6)[0]
 
 
 def _bad_frames():

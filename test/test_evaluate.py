@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 
+from blip2_ros.captioner import TRAINING_INFO_FILE
 import numpy as np
 from PIL import Image
 import pytest
@@ -220,7 +221,7 @@ def captions_by_prompt(model, frames, prompts):
 def copy_with_prompt(checkpoint, folder, prompt):
     """Copy a checkpoint and save a training prompt beside it, as training.train does."""
     shutil.copytree(checkpoint, folder)
-    (folder / evaluate.TRAINING_INFO_FILE).write_text(json.dumps({'prompt': prompt}))
+    (folder / TRAINING_INFO_FILE).write_text(json.dumps({'prompt': prompt}))
     return folder
 
 
@@ -282,7 +283,7 @@ def test_explicit_prompt_is_for_both_and_a_baseline_without_one_gets_the_models(
     assert result_captions(explicit, 'baseline') == expected['an image of']
 
     # The builder's folder has no training prompt, like a hub checkpoint.
-    assert not (lively_opt_checkpoint / evaluate.TRAINING_INFO_FILE).exists()
+    assert not (lively_opt_checkpoint / TRAINING_INFO_FILE).exists()
     borrowed = tmp_path / 'borrowed'
     assert evaluate.main(['--model', str(tuned), '--compare', str(lively_opt_checkpoint),
                           '--out', str(borrowed), *common]) == 0

@@ -52,7 +52,6 @@ ALL_METRICS = ('Bleu', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE', 'exact_match')
 # What pycocoevalcap's PTBTokenizer drops after tokenizing.
 PUNCTUATION_TOKENS = {"''", "'", '``', '`', '-lrb-', '-rrb-', '-lcb-', '-rcb-', '.', '?', '!',
                       ',', ':', '-', '--', '...', ';'}
-TRAINING_INFO_FILE = 'blip2_ros_training.json'
 
 
 class EvaluationError(RuntimeError):
@@ -285,11 +284,11 @@ def write_json(path, data):
 
 def training_prompt(*folders, default=''):
     """Return the prompt saved by training.train in the first folder that has one."""
-    for folder in folders:
-        path = os.path.join(folder or '', TRAINING_INFO_FILE)
-        if folder and os.path.isfile(path):
-            return str(_read_json(path, 'training info').get('prompt', ''))
-    return default
+    from blip2_ros.captioner import ModelLoadError, training_prompt as saved_prompt
+    try:
+        return saved_prompt(*folders, default=default)
+    except ModelLoadError as error:
+        raise EvaluationError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import re
 import signal
 import sys
 
+from blip2_ros.captioner import TRAINING_INFO_FILE
 import torch
 from training.coco import DatasetError, write_text_atomic
 from training.data import (CaptionCollator, CaptionPairs, generate_captions, load_split,
@@ -51,7 +52,6 @@ QFORMER_PREFIXES = ('qformer.', 'query_tokens', 'language_projection.')
 # LoRA goes on the attention projections of the language model, named per architecture.
 LORA_TARGETS = {'opt': ('q_proj', 'v_proj'), 't5': ('q', 'v')}
 # Saved next to every trained model: the prompt it was trained with, for evaluate and the node.
-TRAINING_INFO_FILE = 'blip2_ros_training.json'
 CHECKPOINT_MARKER = 'checkpoint_complete.json'
 CHECKPOINT_PATTERN = re.compile(r'^checkpoint-(\d+)$')
 SUMMARY_METRICS = ('eval_loss', 'eval_exact_match', 'eval_Bleu_4', 'eval_CIDEr')
