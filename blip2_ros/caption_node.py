@@ -515,6 +515,10 @@ def keep_large_buffers_in_the_heap():
 def main(args=None):
     """Run the caption node until Ctrl-C or shutdown; exit 1 if the model cannot be loaded."""
     keep_large_buffers_in_the_heap()
+    # A progress bar redraws with carriage returns, which a ROS log file keeps as clutter; the
+    # node logs one line when the model is loaded.
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()
     rclpy.init(args=args)
     node = None
     exit_code = 0

@@ -85,6 +85,7 @@ def test_node_process_captions_a_frame_and_exits_cleanly_on_ctrl_c(tiny_opt_chec
         assert process.returncode == 0, stderr
         assert 'Traceback' not in stderr
         assert "loaded '" in stderr
+        assert 'Loading weights' not in stderr and '\r' not in stderr, 'a progress bar'
     finally:
         if process.poll() is None:
             process.kill()
