@@ -26,7 +26,7 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -65,5 +65,9 @@ def generate_launch_description():
                               description="Caption prompt, e.g. 'a photo of'."),
         DeclareLaunchArgument('device', default_value='',
                               description='auto, cpu, cuda or cuda:N.'),
+        # OpenMP threads that finish early sleep instead of spinning: on a robot whose cores
+        # are shared, spinning torch threads starve the node's own executor threads and every
+        # other process (unless the environment already says otherwise).
+        SetEnvironmentVariable('OMP_WAIT_POLICY', os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')),
         OpaqueFunction(function=_caption_node),
     ])

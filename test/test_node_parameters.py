@@ -44,6 +44,17 @@ def test_launch_file_offers_model_topic_and_prompt_arguments():
     assert {'model', 'image_topic', 'prompt', 'params_file'} <= declared
 
 
+def test_launch_file_makes_openmp_threads_wait_passively():
+    with open(os.path.join(ROOT, 'launch', 'caption.launch.py')) as stream:
+        tree = ast.parse(stream.read())
+    settings = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and getattr(node.func, 'id', '') == 'SetEnvironmentVariable']
+    assert [node.args[0].value for node in settings] == ['OMP_WAIT_POLICY']
+    # The user's own setting wins; PASSIVE otherwise.
+    default = settings[0].args[1]
+    assert ast.unparse(default) == "os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')"
+
+
 def test_torch_threads_is_declared_with_its_range():
     spec = {spec.name: spec for spec in PARAMETERS}['torch_threads']
     assert spec.default == 0 and spec.read_only
