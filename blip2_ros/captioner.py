@@ -41,6 +41,10 @@ RESAMPLE_MODES = {2: 'bilinear', 3: 'bicubic'}
 # 8 cameras sees, at two caption lengths (blip2-opt-2.7b: about 21 MB per frame of batch).
 MAX_STATIC_CACHES = 16
 STATIC_CACHE_ROUNDING = 16
+# torch.compile makes one version of a compiled function per batch shape (and per model kind
+# and cache length); torch's default of 8 versions per function would leave a node with many
+# cameras, or a process with several captioners, decoding uncompiled.
+COMPILED_VERSIONS = 64
 # The decode loop asks the GPU whether every caption has ended only every few tokens: asking
 # waits for the GPU, and the CPU should stay ahead of it, queueing the next steps.
 EOS_CHECK_INTERVAL = 4
@@ -376,6 +380,8 @@ class Blip2Captioner:
         # The image encoder and the decode step, compiled: fixed shapes per batch size.
         self._compiled = {}
         if self.compile_decode and self.decode_loop:
+            limits = torch._dynamo.config
+            limits.recompile_limit = max(limits.recompile_limit, COMPILED_VERSIONS)
             # fullgraph: a graph break would silently split the step and lose the CUDA graph.
             mode = 'reduce-overhead' if self.device.type == 'cuda' else None
             self._compiled = {

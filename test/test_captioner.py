@@ -429,6 +429,26 @@ def test_the_compiled_decode_step_gives_generates_captions(lively_checkpoints, l
 
 
 @pytest.mark.usefixtures('one_torch_thread')
+def test_captioners_in_one_process_all_stay_compiled(lively_checkpoints):
+    # Every captioner, model kind, batch size and prompt length is a compiled version of the
+    # same functions; with torch's default limit of 8 versions per function the second T5
+    # captioner here went uncompiled.
+    torch._dynamo.reset()
+    frames = model_size_frames(len(MIXED_PROMPTS), first_seed=500)
+    for language_model in ('opt', 't5', 'opt', 't5'):
+        folder = lively_checkpoints[language_model]
+        captioner = make_captioner(folder, max_new_tokens=4, torch_compile=True)
+        reference = make_captioner(folder, max_new_tokens=4)
+        # Batch sizes and prompt lengths: shapes of their own.
+        for prompt in ('', VQA_PROMPT, MIXED_PROMPTS):
+            for count in (1, len(frames)):
+                prompts = prompt[:count] if isinstance(prompt, list) else prompt
+                expected = reference.caption(frames[:count], prompt=prompts)
+                assert captioner.caption(frames[:count], prompt=prompts) == expected
+        assert captioner.compile_decode, f'{language_model} fell back to uncompiled decoding'
+
+
+@pytest.mark.usefixtures('one_torch_thread')
 def test_a_step_that_cannot_be_compiled_runs_uncompiled_and_says_why(
         lively_checkpoints, monkeypatch, tmp_path, caplog):
     import torch._inductor.config

@@ -28,7 +28,8 @@ import pytest
 from training import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
-COCO_CAPTION = REPO.parent / 'shared' / 'realdata' / 'coco_caption'
+COCO_CAPTION = Path(os.environ.get(
+    'BLIP2_ROS_REALDATA', REPO.parent / 'shared' / 'realdata')) / 'coco_caption'
 FAKECAP_RESULTS = COCO_CAPTION / 'captions_val2014_fakecap_results.json'
 TOKENIZED_REFS = COCO_CAPTION / 'tmp0vywi_73'
 # cocoEvalCapDemo.ipynb in tylin/coco-caption (see SOURCES.md), printed to 3 decimals.
