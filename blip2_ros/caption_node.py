@@ -82,7 +82,7 @@ PARAMETERS = (
                   integer_range=(1, 512)),
     ParameterSpec('max_rate_hz', 0.0, 'Most caption batches per second; 0 captions as fast as '
                   'the model goes.', read_only=False, float_range=(0.0, 1000.0)),
-    ParameterSpec('max_batch_size', 8, 'Most frames captioned in one generate call (one per '
+    ParameterSpec('max_batch_size', 8, 'Most frames captioned in one batch (one per '
                   'camera at most).', integer_range=(1, 64)),
     ParameterSpec('max_pixels', 3840 * 2160, 'Frames with more pixels than this are rejected '
                   'before decoding.', integer_range=(1, 1 << 30)),
