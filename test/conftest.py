@@ -46,6 +46,18 @@ os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Run torch on one thread, as torch_threads=1 does in the node."""
+    import torch
+    # With other work on a 2-core machine, two-thread kernels wait for time slices: the
+    # captioner tests took 100 s instead of 7 s beside a training run.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope='session')
 def tiny_opt_checkpoint(tmp_path_factory):
     """Save a tiny, randomly initialised BLIP-2 with an OPT decoder and return its folder."""

@@ -808,17 +808,6 @@ STATIC_CACHE_CALLS = [
 ]
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Run torch on one thread, as torch_threads=1 does in the node."""
-    # With other work on a 2-core machine, two-thread kernels wait for time slices: these
-    # tests took 100 s instead of 7 s beside a training run.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def static_caches(captioner):
     """Return the identities of the static KV caches the captioner holds."""
     return {id(cache) for cache in captioner._static_caches.values()}

@@ -193,17 +193,6 @@ def make_dataset(folder, captions):
     return folder
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Run a test's tiny-model generation on one thread: much faster on a busy CPU."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Metrics without Java start-up: model-mode tests are about captions, not METEOR.
 QUICK_METRICS = ['--metrics', 'Bleu,ROUGE_L,CIDEr,exact_match', '--tokenizer', 'simple']
 
