@@ -51,7 +51,6 @@ METHODS = ('lora', 'qformer', 'full')
 QFORMER_PREFIXES = ('qformer.', 'query_tokens', 'language_projection.')
 # LoRA goes on the attention projections of the language model, named per architecture.
 LORA_TARGETS = {'opt': ('q_proj', 'v_proj'), 't5': ('q', 'v')}
-# Saved next to every trained model: the prompt it was trained with, for evaluate and the node.
 CHECKPOINT_MARKER = 'checkpoint_complete.json'
 CHECKPOINT_PATTERN = re.compile(r'^checkpoint-(\d+)$')
 SUMMARY_METRICS = ('eval_loss', 'eval_exact_match', 'eval_Bleu_4', 'eval_CIDEr')
