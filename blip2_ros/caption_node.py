@@ -25,11 +25,12 @@ from collections import deque
 import ctypes
 import ctypes.util
 import json
+import os
 import threading
 import time
 
 from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, DEFAULT_MODEL, ModelLoadError,
-                                 TRAINING_INFO_FILE, training_prompt)
+                                 prompt_problem, TRAINING_INFO_FILE, training_prompt)
 from blip2_ros.image_conversion import ImageConversionError, message_to_rgb
 from blip2_ros.parameters import declare, markdown_table, ParameterSpec
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -160,6 +161,7 @@ class CaptionNode(Node):
         super().__init__(NODE_NAME, **kwargs)
         self._declare_parameters()
         self.model_name = self.get_parameter('model').value
+        self._choose_prompt()
         torch_threads = self.get_parameter('torch_threads').value
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -174,14 +176,12 @@ class CaptionNode(Node):
             torch_compile=self.get_parameter('torch_compile').value))
         self.get_logger().info(
             f"loaded '{self.model_name}' on {self.captioner.device} as {self.captioner.dtype}")
-        if not self.get_parameter('prompt').value and \
-                self.get_parameter('use_training_prompt').value:
-            trained = training_prompt(self.get_parameter('adapter').value, self.model_name)
-            if trained:
-                self.set_parameters([Parameter('prompt', value=trained)])
-                self.get_logger().info(
-                    f"prompt '{trained}': the one the model was trained with "
-                    f'({TRAINING_INFO_FILE}); set prompt to use another')
+        if self.captioner.device.type == 'cpu' and torch.get_num_threads() > 1 and \
+                'OMP_WAIT_POLICY' not in os.environ:
+            self.get_logger().warning(
+                "OMP_WAIT_POLICY is not set, so torch's idle threads spin and slow down the "
+                'node and other processes on a busy CPU: start the node with '
+                'OMP_WAIT_POLICY=PASSIVE (caption.launch.py does) or set torch_threads to 1')
 
         self._lock = threading.Lock()  # guards cameras, counters and statistics
         self._frames_ready = threading.Condition(self._lock)
@@ -253,14 +253,27 @@ class CaptionNode(Node):
             raise ModelLoadError(
                 f"reliability must be 'best_effort' or 'reliable', not '{reliability}'")
 
+    def _choose_prompt(self):
+        """Use the training prompt if none is given; stop on a prompt the model cannot take."""
+        prompt = self.get_parameter('prompt').value
+        source = 'the prompt parameter'
+        if not prompt and self.get_parameter('use_training_prompt').value:
+            prompt = training_prompt(self.get_parameter('adapter').value, self.model_name)
+            source = f'the training prompt ({TRAINING_INFO_FILE})'
+        problem = prompt_problem(prompt)
+        if problem:
+            raise ModelLoadError(f'{problem}; it comes from {source}')
+        if prompt != self.get_parameter('prompt').value:
+            self.set_parameters([Parameter('prompt', value=prompt)])
+            self.get_logger().info(
+                f"prompt '{prompt}': the one the model was trained with "
+                f'({TRAINING_INFO_FILE}); set prompt to use another')
+
     def _on_set_parameters(self, parameters):
         for parameter in parameters:
-            if parameter.name == 'prompt' and '<image>' in str(parameter.value):
-                return SetParametersResult(
-                    successful=False, reason='prompt must not contain the <image> token')
-            if parameter.name == 'prompt' and len(str(parameter.value)) > 2000:
-                return SetParametersResult(
-                    successful=False, reason='prompt is longer than 2000 characters')
+            problem = prompt_problem(str(parameter.value)) if parameter.name == 'prompt' else None
+            if problem:
+                return SetParametersResult(successful=False, reason=problem)
         return SetParametersResult(successful=True)
 
     @staticmethod
@@ -485,11 +498,12 @@ class CaptionNode(Node):
 
     def destroy_node(self):
         """Stop the inference thread, then tear down ROS."""
-        with self._frames_ready:
-            self._stopping = True
-            self._frames_ready.notify_all()
-        if self._worker.is_alive() and self._worker is not threading.current_thread():
-            self._worker.join(timeout=30.0)
+        if hasattr(self, '_worker'):  # not if __init__ stopped early (rclpy.shutdown calls this)
+            with self._frames_ready:
+                self._stopping = True
+                self._frames_ready.notify_all()
+            if self._worker.is_alive() and self._worker is not threading.current_thread():
+                self._worker.join(timeout=30.0)
         return super().destroy_node()
 
 

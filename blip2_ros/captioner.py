@@ -33,6 +33,7 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_MODEL = 'Salesforce/blip2-opt-2.7b'
 # Written by training.train next to the model or adapter it saves: the prompt it trained with.
 TRAINING_INFO_FILE = 'blip2_ros_training.json'
+MAX_PROMPT_CHARS = 2000
 DEVICE_HELP = "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 # PIL resample codes used by Hugging Face image processors -> torch interpolation modes.
@@ -166,6 +167,16 @@ def training_prompt(*folders, default=''):
     return default
 
 
+def prompt_problem(prompt):
+    """Return why ``prompt`` cannot be captioned with, or None if it can."""
+    if '<image>' in prompt:
+        # The processor puts the image's query tokens in; one more breaks every batch.
+        return 'prompt must not contain the <image> token'
+    if len(prompt) > MAX_PROMPT_CHARS:
+        return f'prompt is longer than {MAX_PROMPT_CHARS} characters'
+    return None
+
+
 def resize_like_pil(image, size, mode):
     """
     Resize a 1x3xHxW uint8 image to ``size`` with antialiasing, the way PIL resamples uint8.
@@ -278,6 +289,8 @@ class Blip2Captioner:
         self.device = resolve_device(config.device)
         if config.cache not in ('dynamic', 'static'):
             raise ModelLoadError(f"unknown cache '{config.cache}': use dynamic or static")
+        if prompt_problem(config.prompt):
+            raise ModelLoadError(prompt_problem(config.prompt))
         load_args = {'local_files_only': config.local_files_only}
         where = f"BLIP-2 model '{config.model}'"
         _check_model_source(config.model, config.local_files_only, where)

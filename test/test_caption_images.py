@@ -267,6 +267,16 @@ def test_model_that_cannot_load_exits_2_with_one_line(image_folder, tmp_path, ca
     assert 'Traceback' not in err
 
 
+def test_a_prompt_with_the_image_token_exits_2_with_one_line(image_folder, tmp_path, capsys):
+    # The processor inserts the image's tokens; one more in the prompt would fail every batch.
+    # The model folder is empty: the prompt is checked before anything loads.
+    root, _ = image_folder
+    status = main(['--model', str(tmp_path), '--prompt', 'what is in <image>?', str(root)])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ''
+    assert len(err.strip().splitlines()) == 1 and '<image>' in err, err
+
+
 @pytest.mark.parametrize('arguments', [['--batch-size', '0'], ['--dtype', 'float8']])
 def test_bad_arguments_exit_2(arguments, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -21,7 +21,7 @@ import threading
 import time
 
 from blip2_ros.caption_node import CaptionNode
-from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, ModelLoadError
 from blip2_ros.image_conversion import message_to_rgb
 import cv2
 from diagnostic_msgs.msg import DiagnosticArray
@@ -329,6 +329,27 @@ def test_the_node_captions_with_the_training_prompt_unless_told_otherwise(
     assert info['prompt'] == expected
     assert info['caption'] == harness.node.captioner.caption(
         [frame], prompt=expected, max_new_tokens=6)[0]
+
+
+@pytest.mark.parametrize('source', ['prompt parameter', 'training prompt'])
+def test_a_prompt_the_model_cannot_take_stops_the_node_before_it_loads(tmp_path, source):
+    # The processor inserts the image's tokens itself; one more would fail every batch. The
+    # folder holds no weights: the prompt is checked first, so the error is about the prompt.
+    bad = 'Question: what is in <image>? Answer:'
+    (tmp_path / 'blip2_ros_training.json').write_text(json.dumps({'prompt': bad}))
+    overrides = [Parameter('model', value=str(tmp_path)),
+                 Parameter('image_topics', value=['/cam'])]
+    if source == 'prompt parameter':
+        overrides.append(Parameter('prompt', value=bad))
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        with pytest.raises(ModelLoadError) as error:
+            CaptionNode(context=context, parameter_overrides=overrides)
+    finally:
+        rclpy.shutdown(context=context)
+    message = str(error.value)
+    assert '<image>' in message and source in message and '\n' not in message, message
 
 
 def _bad_frames():

@@ -35,12 +35,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARAMS_FILE = os.path.join(ROOT, 'config', 'caption_node.yaml')
 
 
-def run_node(*ros_args):
+def run_node(*ros_args, environment=None):
     """Start ``python -m blip2_ros.caption_node`` with the package parameter file."""
     return subprocess.Popen(
         [sys.executable, '-m', 'blip2_ros.caption_node', '--ros-args',
          '--params-file', PARAMS_FILE, *ros_args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
 
 
 def test_unloadable_model_stops_the_node_with_one_clear_line():
@@ -53,9 +53,16 @@ def test_unloadable_model_stops_the_node_with_one_clear_line():
     assert "cannot load BLIP-2 model '/no/such/blip2-folder'" in fatal[0]
 
 
-def test_node_process_captions_a_frame_and_exits_cleanly_on_ctrl_c(tiny_opt_checkpoint):
+@pytest.mark.parametrize('wait_policy', ['PASSIVE', None])
+def test_node_process_captions_a_frame_and_exits_cleanly_on_ctrl_c(tiny_opt_checkpoint,
+                                                                   wait_policy):
+    environment = {name: value for name, value in os.environ.items()
+                   if name != 'OMP_WAIT_POLICY'}
+    if wait_policy:
+        environment['OMP_WAIT_POLICY'] = wait_policy
     process = run_node('-p', f'model:={tiny_opt_checkpoint}',
-                       '-p', 'image_topics:=[/process_cam/image_raw]')
+                       '-p', 'image_topics:=[/process_cam/image_raw]', '-p', 'torch_threads:=2',
+                       environment=environment)
     context = rclpy.Context()
     rclpy.init(context=context)
     node = rclpy.create_node('process_test_peer', context=context)
@@ -86,6 +93,8 @@ def test_node_process_captions_a_frame_and_exits_cleanly_on_ctrl_c(tiny_opt_chec
         assert 'Traceback' not in stderr
         assert "loaded '" in stderr
         assert 'Loading weights' not in stderr and '\r' not in stderr, 'a progress bar'
+        # Spinning OpenMP threads starve other processes on a busy CPU; say how to stop them.
+        assert ('OMP_WAIT_POLICY=PASSIVE' in stderr) == (wait_policy is None), stderr
     finally:
         if process.poll() is None:
             process.kill()
