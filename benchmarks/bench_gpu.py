@@ -426,6 +426,12 @@ def measure_naive(run, model, pil_processor, entry, repeats):
     run.log(f"naive fp32 batch 1: {single['p50']:.1f} ms p50")
 
 
+def cudagraph_skips():
+    """Count the compiled graphs torch ran without a CUDA graph so far (it warns why)."""
+    from torch._dynamo.utils import counters
+    return counters['inductor']['cudagraph_skips']
+
+
 def measure_captioner(run, captioner, entry, variant, batches, repeats, warmup,
                       **generate_options):
     """Time Blip2Captioner.caption for each batch size."""
@@ -446,12 +452,14 @@ def measure_captioner(run, captioner, entry, variant, batches, repeats, warmup,
                                      min_new_tokens=NEW_TOKENS, **generate_options)
 
         reset_peak(device)
+        skips = cudagraph_skips()
         first_s, times = time_caption(call, device, repeats, warmup)
         entry[f'compiled_{variant}'] = True
         timing = common.summary(times)
         row = {'variant': variant, 'batch': batch, 'latency_ms_p50': timing['p50'],
                'latency_ms_min': timing['min'], 'captions_per_s': batch * 1000.0 / timing['p50'],
-               'peak_gib': peak_gib(device), 'first_call_s': first_s, 'timing': timing}
+               'peak_gib': peak_gib(device), 'first_call_s': first_s, 'timing': timing,
+               'cudagraph_skips': cudagraph_skips() - skips}
         if variant != 'bf16 eager':
             # Everything but the decode loop: preprocessing, vision, Q-Former, prefill.
             one = common.time_calls(
@@ -462,7 +470,9 @@ def measure_captioner(run, captioner, entry, variant, batches, repeats, warmup,
             row['decode_ms_per_token'] = (timing['p50'] - row['one_token_ms']) / (NEW_TOKENS - 1)
         entry['rows'].append(row)
         run.log(f"{entry['name']} {variant} batch {batch}: {timing['p50']:.1f} ms p50 "
-                f'(first call {first_s:.1f} s)')
+                f'(first call {first_s:.1f} s'
+                + (f", {row['cudagraph_skips']} CUDA graph(s) skipped: see torch's warning)"
+                   if row['cudagraph_skips'] else ')'))
         run.save()
 
 

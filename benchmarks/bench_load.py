@@ -435,6 +435,11 @@ def main(argv=None):
     parser.add_argument('--torch-threads', type=int, default=0,
                         help='OMP_NUM_THREADS for the nodes (default: torch chooses, one per '
                              'core)')
+    parser.add_argument('--omp-wait-policy', choices=('PASSIVE', 'ACTIVE', 'unset'),
+                        default='PASSIVE',
+                        help='OMP_WAIT_POLICY for the nodes (default PASSIVE, as '
+                             'caption.launch.py sets it; unset: OpenMP threads spin a while '
+                             'before they sleep)')
     parser.add_argument('--serve-node', nargs=2, metavar=('PARAMS', 'NAME'),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -450,6 +455,9 @@ def main(argv=None):
     node_environment = dict(os.environ)
     if args.torch_threads:
         node_environment['OMP_NUM_THREADS'] = str(args.torch_threads)
+    node_environment.pop('OMP_WAIT_POLICY', None)
+    if args.omp_wait_policy != 'unset':
+        node_environment['OMP_WAIT_POLICY'] = args.omp_wait_policy
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         # Slower than a 30 Hz camera on a small CPU, like a real model on a small GPU.
@@ -468,7 +476,8 @@ def main(argv=None):
     print(f'\nLoad: 640x480 rgb8 cameras at {CAMERA_RATE_HZ:g} Hz, {duration:g} s measured per '
           f'node after {warmup:g} s warm-up, nodes alternating every {segment:g} s, '
           f'max_new_tokens {args.max_new_tokens}, torch threads per node '
-          f"{args.torch_threads or 'default'}; load average at the end: "
+          f"{args.torch_threads or 'default'}, OMP_WAIT_POLICY {args.omp_wait_policy}; "
+          f'load average at the end: '
           f'{os.getloadavg()[0]:.2f}')
     print(common.table(rows, COLUMNS))
     print()
@@ -476,7 +485,8 @@ def main(argv=None):
     return common.finish({'benchmark': 'load', 'machine': common.machine_info(),
                           'load_average': os.getloadavg(), 'duration_s': duration,
                           'segment_s': segment, 'warmup_s': warmup,
-                          'torch_threads': args.torch_threads or None, 'rows': rows,
+                          'torch_threads': args.torch_threads or None,
+                          'omp_wait_policy': args.omp_wait_policy, 'rows': rows,
                           'goals': goals}, args.json)
 
 

@@ -788,8 +788,11 @@ def test_gpu_cuda_graph_decode_loop_captions_equal_cpu_captions(
     cpu = make_captioner(folder, max_new_tokens=8)
     gpu = refuse_generate(Blip2Captioner(CaptionerConfig(
         model=folder, device='cuda', dtype='float32', max_new_tokens=8, torch_compile=True)))
+    skips = torch._dynamo.utils.counters['inductor']['cudagraph_skips']
     gpu.warm_up([1, len(frames)])
     assert gpu.compile_decode, 'the decode step fell back to eager'
+    # torch compiles but runs without a CUDA graph when it finds one unsafe, with a warning.
+    assert torch._dynamo.utils.counters['inductor']['cudagraph_skips'] == skips
     # Calls after calls: a caption must not read a CUDA graph output the next replay overwrote.
     for prompt in (MIXED_PROMPTS, '', VQA_PROMPT, MIXED_PROMPTS):
         expected = cpu.caption(frames, prompt=prompt)
