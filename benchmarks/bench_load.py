@@ -435,11 +435,7 @@ def main(argv=None):
     parser.add_argument('--torch-threads', type=int, default=0,
                         help='OMP_NUM_THREADS for the nodes (default: torch chooses, one per '
                              'core)')
-    parser.add_argument('--omp-wait-policy', choices=('PASSIVE', 'ACTIVE', 'unset'),
-                        default='PASSIVE',
-                        help='OMP_WAIT_POLICY for the nodes (default PASSIVE, as '
-                             'caption.launch.py sets it; unset: OpenMP threads spin a while '
-                             'before they sleep)')
+    common.add_omp_wait_policy_argument(parser)
     parser.add_argument('--serve-node', nargs=2, metavar=('PARAMS', 'NAME'),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -452,12 +448,10 @@ def main(argv=None):
     duration = args.duration or (6.0 if args.quick else 40.0)
     segment = args.segment or (3.0 if args.quick else 10.0)
     warmup = args.warmup or (3.0 if args.quick else 6.0)
+    common.set_omp_wait_policy(args.omp_wait_policy)
     node_environment = dict(os.environ)
     if args.torch_threads:
         node_environment['OMP_NUM_THREADS'] = str(args.torch_threads)
-    node_environment.pop('OMP_WAIT_POLICY', None)
-    if args.omp_wait_policy != 'unset':
-        node_environment['OMP_WAIT_POLICY'] = args.omp_wait_policy
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         # Slower than a 30 Hz camera on a small CPU, like a real model on a small GPU.

@@ -400,10 +400,12 @@ def main(argv=None):
                         help='ROS_DOMAIN_ID for every process of the benchmark')
     parser.add_argument('--frames', type=int, default=None, help='timed frames per config')
     parser.add_argument('--serve-echo', action='store_true', help=argparse.SUPPRESS)
+    common.add_omp_wait_policy_argument(parser)
     args = parser.parse_args(argv)
     if args.serve_echo:
         return serve_echo()
     common.set_ros_environment(args.domain_id)
+    common.set_omp_wait_policy(args.omp_wait_policy)
     common.quiet_libraries()
     from blip2_ros.caption_node import keep_large_buffers_in_the_heap
     keep_large_buffers_in_the_heap()
@@ -414,7 +416,8 @@ def main(argv=None):
     rows, goals = analyse(raw)
     print(f'Round trip publish -> answer in ms, p50 over {frames} turns per row (p95 where '
           'said), one frame in flight at a time; every process uses '
-          'config/fastdds_large_frames.xml; load average at the end: '
+          f'config/fastdds_large_frames.xml; node OMP_WAIT_POLICY {args.omp_wait_policy}; '
+          'load average at the end: '
           f'{os.getloadavg()[0]:.2f}')
     print(common.table(rows, COLUMNS))
     print()

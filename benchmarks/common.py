@@ -49,6 +49,22 @@ def argument_parser(description, quick_help):
     return parser
 
 
+def add_omp_wait_policy_argument(parser):
+    """Add --omp-wait-policy: how the benchmark starts its caption node processes."""
+    parser.add_argument('--omp-wait-policy', choices=('PASSIVE', 'ACTIVE', 'unset'),
+                        default='PASSIVE',
+                        help='OMP_WAIT_POLICY for the caption nodes (default PASSIVE, as '
+                             'caption.launch.py sets it; unset: idle OpenMP threads spin a '
+                             'while before they sleep)')
+
+
+def set_omp_wait_policy(policy):
+    """Start child processes from now on with OMP_WAIT_POLICY ``policy`` ('unset': without)."""
+    os.environ.pop('OMP_WAIT_POLICY', None)
+    if policy != 'unset':
+        os.environ['OMP_WAIT_POLICY'] = policy
+
+
 def summary(values):
     """Return count, mean, p50, p95, min and max of ``values`` (milliseconds or any unit)."""
     values = [float(value) for value in values]
@@ -114,6 +130,7 @@ def machine_info():
         'cpu_cores': os.cpu_count(),
         'python': platform.python_version(),
         'numpy': np.__version__,
+        'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY', 'unset'),
     }
     for name in ('torch', 'transformers', 'rclpy', 'opencv-python-headless', 'pillow', 'peft'):
         version = package_version(name)
