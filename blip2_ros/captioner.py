@@ -289,8 +289,9 @@ class Blip2Captioner:
         self.device = resolve_device(config.device)
         if config.cache not in ('dynamic', 'static'):
             raise ModelLoadError(f"unknown cache '{config.cache}': use dynamic or static")
-        if prompt_problem(config.prompt):
-            raise ModelLoadError(prompt_problem(config.prompt))
+        problem = prompt_problem(config.prompt)
+        if problem:
+            raise ModelLoadError(problem)
         load_args = {'local_files_only': config.local_files_only}
         where = f"BLIP-2 model '{config.model}'"
         _check_model_source(config.model, config.local_files_only, where)
