@@ -255,18 +255,18 @@ class CaptionNode(Node):
 
     def _choose_prompt(self):
         """Use the training prompt if none is given; stop on a prompt the model cannot take."""
-        prompt = self.get_parameter('prompt').value
-        source = 'the prompt parameter'
-        if not prompt and self.get_parameter('use_training_prompt').value:
-            prompt = training_prompt(self.get_parameter('adapter').value, self.model_name)
-            source = f'the training prompt ({TRAINING_INFO_FILE})'
-        problem = prompt_problem(prompt)
+        given = self.get_parameter('prompt').value
+        problem = prompt_problem(given)
         if problem:
-            raise ModelLoadError(f'{problem}; it comes from {source}')
-        if prompt != self.get_parameter('prompt').value:
-            self.set_parameters([Parameter('prompt', value=prompt)])
+            raise ModelLoadError(f'{problem}; it comes from the prompt parameter')
+        if given or not self.get_parameter('use_training_prompt').value:
+            return
+        # Checked as it is read; a bad one raises with the file's path.
+        trained = training_prompt(self.get_parameter('adapter').value, self.model_name)
+        if trained:
+            self.set_parameters([Parameter('prompt', value=trained)])
             self.get_logger().info(
-                f"prompt '{prompt}': the one the model was trained with "
+                f"prompt '{trained}': the one the model was trained with "
                 f'({TRAINING_INFO_FILE}); set prompt to use another')
 
     def _on_set_parameters(self, parameters):

@@ -163,6 +163,9 @@ def training_prompt(*folders, default=''):
                                  f'{_one_line(error)}') from error
         if not isinstance(prompt, str):
             raise ModelLoadError(f'the training prompt in {path} is not text: {prompt!r}')
+        problem = prompt_problem(prompt)
+        if problem:
+            raise ModelLoadError(f'the training prompt in {path} cannot be used: {problem}')
         return prompt
     return default
 

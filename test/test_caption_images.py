@@ -275,6 +275,12 @@ def test_a_prompt_with_the_image_token_exits_2_with_one_line(image_folder, tmp_p
     out, err = capsys.readouterr()
     assert status == 2 and out == ''
     assert len(err.strip().splitlines()) == 1 and '<image>' in err, err
+    # The same prompt saved as the training prompt: the error names the file.
+    (tmp_path / 'blip2_ros_training.json').write_text(json.dumps({'prompt': 'in <image>?'}))
+    assert main(['--model', str(tmp_path), str(root)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and '<image>' in err, err
+    assert 'blip2_ros_training.json' in err, err
 
 
 @pytest.mark.parametrize('arguments', [['--batch-size', '0'], ['--dtype', 'float8']])
