@@ -388,6 +388,10 @@ class Blip2Captioner:
         eos = settings.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self._eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
+        # Added to the scores: 0 everywhere, or -inf on the end tokens while they are ruled out.
+        vocabulary = language_model.get_output_embeddings().weight.shape[0]
+        self._no_eos_bias = torch.zeros(vocabulary, device=self.device)
+        self._eos_ban = self._no_eos_bias.index_fill(0, self._eos_ids, float('-inf'))
         pad = settings.pad_token_id
         self._pad_id = eos[0] if pad is None and eos else int(pad or 0)
         self._decoder_start_id = settings.decoder_start_token_id
@@ -649,9 +653,7 @@ class Blip2Captioner:
                 past_key_values=cache, use_cache=True).logits
             context = (mask,)
             positions = positions[:, -1:]
-        # Added to the scores: 0 everywhere, or -inf on the end tokens while they are ruled out.
-        eos_bias = torch.zeros(logits.shape[-1], device=self.device)
-        eos_ban = eos_bias.index_fill(0, self._eos_ids, float('-inf'))
+        eos_ban, eos_bias = self._eos_ban, self._no_eos_bias
         tokens = (logits[:, -1] + (eos_ban if min_new_tokens > 0 else eos_bias)).argmax(-1)
         unfinished = ~torch.isin(tokens, self._eos_ids)
         output = torch.full((batch_size, max_new_tokens), self._pad_id, device=self.device)
