@@ -329,6 +329,9 @@ class Blip2Captioner:
                 f'{where} does not fit in {self.device} memory as {self.dtype}: '
                 'use a smaller model, dtype bfloat16/float16, or device cpu') from error
         self._finish_setup()
+        problem = self.length_problem(config.prompt, config.max_new_tokens)
+        if problem:
+            raise ModelLoadError(problem)
 
     @classmethod
     def from_model(cls, model, processor, config=None):
@@ -358,6 +361,9 @@ class Blip2Captioner:
         tokenizer.padding_side = 'right' if self.is_encoder_decoder else 'left'
         self.image_token_id = self.model.config.image_token_id
         self.num_query_tokens = self.model.config.num_query_tokens
+        # T5's relative positions have no fixed limit; OPT's learned ones do.
+        self.max_positions = (None if self.is_encoder_decoder else getattr(
+            self.model.config.text_config, 'max_position_embeddings', None))
         self._prompt_cache = {}
         self._set_up_preprocessing()
         # Compiling the decode step pays off only with fixed shapes, so it implies the static
@@ -483,6 +489,22 @@ class Blip2Captioner:
             np.add(batch[index], self._offset_array, out=batch[index])
         return torch.from_numpy(batch).to(self.dtype)
 
+    def length_problem(self, prompt, max_new_tokens):
+        """Return why a prompt and caption length overflow the language model, or None."""
+        if not self.max_positions:
+            return None
+        input_ids, _ = self._encode_prompts([prompt])
+        return self._length_problem(input_ids.shape[1], max_new_tokens)
+
+    def _length_problem(self, input_length, max_new_tokens):
+        needed = input_length + max_new_tokens
+        if self.max_positions and needed > self.max_positions:
+            return (f'the prompt ({input_length - self.num_query_tokens} tokens), the '
+                    f'{self.num_query_tokens} image tokens and max_new_tokens {max_new_tokens} '
+                    f'need {needed} positions, more than the {self.max_positions} of the '
+                    'language model: shorten the prompt or lower max_new_tokens')
+        return None
+
     def _encode_prompts(self, prompts):
         key = tuple(prompts)
         cached = self._prompt_cache.get(key)
@@ -562,15 +584,20 @@ class Blip2Captioner:
         prompts = [prompt] * len(frames) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(frames):
             raise ValueError(f'{len(prompts)} prompts for {len(frames)} frames')
-        pixel_values = self.preprocess(frames)
         input_ids, attention_mask = self._encode_prompts(prompts)
+        max_new_tokens = max_new_tokens or self.config.max_new_tokens
+        # Past the last position an index error, or on a GPU a device-side assert that breaks
+        # every later call, would say nothing useful.
+        problem = self._length_problem(input_ids.shape[1], max_new_tokens)
+        if problem:
+            raise ValueError(problem)
+        pixel_values = self.preprocess(frames)
         if self.decode_loop and set(generate_kwargs) <= {'min_new_tokens'}:
-            output = self._decode(pixel_values, input_ids, attention_mask,
-                                  max_new_tokens or self.config.max_new_tokens,
+            output = self._decode(pixel_values, input_ids, attention_mask, max_new_tokens,
                                   generate_kwargs.get('min_new_tokens') or 0)
             return self._texts(output)
         options = {
-            'max_new_tokens': max_new_tokens or self.config.max_new_tokens,
+            'max_new_tokens': max_new_tokens,
             'do_sample': False, 'num_beams': self.config.num_beams,
         }
         options.update(generate_kwargs)

@@ -298,6 +298,30 @@ def test_prompt_count_must_match_frame_count(tiny_opt_checkpoint):
         captioner.caption(model_size_frames(3), prompt=['a', 'b'])
 
 
+def test_prompt_and_caption_longer_than_the_positions_of_opt_are_refused(tiny_opt_checkpoint):
+    # The tiny OPT has 128 positions and 8 image tokens: 100 prompt words fit with 5 new tokens
+    # and overflow with 30.
+    long_prompt = ' '.join(['conveyor'] * 100)
+    captioner = make_captioner(tiny_opt_checkpoint, max_new_tokens=5)
+    assert captioner.length_problem(long_prompt, 5) is None
+    assert len(captioner.caption(model_size_frames(1), prompt=long_prompt)) == 1
+    problem = captioner.length_problem(long_prompt, 30)
+    assert 'more than the 128 of the language model' in problem
+    with pytest.raises(ValueError, match='need 139 positions'):
+        captioner.caption(model_size_frames(1), prompt=long_prompt, max_new_tokens=30)
+    # Configured that way, the captioner does not start.
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(tiny_opt_checkpoint, prompt=long_prompt, max_new_tokens=30)
+    assert_one_line(error, 'shorten the prompt or lower max_new_tokens')
+
+
+def test_t5_has_no_fixed_position_limit(tiny_t5_checkpoint):
+    captioner = make_captioner(tiny_t5_checkpoint, max_new_tokens=5)
+    long_prompt = ' '.join(['conveyor'] * 200)
+    assert captioner.length_problem(long_prompt, 30) is None
+    assert len(captioner.caption(model_size_frames(1), prompt=long_prompt)) == 1
+
+
 @pytest.mark.parametrize('language_model', ['opt', 't5'])
 def test_greedy_decoding_is_deterministic_and_position_independent(
         lively_checkpoints, language_model):
