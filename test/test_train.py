@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, training_prompt
 from blip2_ros.synthetic_factory import iter_scenes, SceneSpec
 import numpy as np
 from PIL import Image
@@ -446,3 +446,148 @@ def test_16_bit_frozen_weights_train_with_autocast(tmp_path, dataset, tiny_opt_c
     before = load_weights(tiny_opt_checkpoint)
     assert not torch.equal(after['language_projection.weight'],
                            before['language_projection.weight'])
+
+
+def test_explicit_resume_refuses_an_incomplete_checkpoint(tmp_path, dataset, tiny_opt_checkpoint):
+    """--resume_from_checkpoint checks the checkpoint as --resume does, then resumes a good one."""
+    output = tmp_path / 'out'
+    common = ['--max_steps', '4', '--save_steps', '2']
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', *common,
+                     '--stop_after_steps', '2') == 0
+    # Without its optimizer and scheduler a resume would restart AdamW and the LR schedule.
+    broken = tmp_path / 'copied' / 'checkpoint-2'
+    shutil.copytree(output / 'checkpoint-2', broken)
+    (broken / 'optimizer.pt').unlink()
+    with pytest.raises(SystemExit) as raised:
+        run_train(tiny_opt_checkpoint, dataset, output, 'qformer', *common,
+                  '--resume_from_checkpoint', str(broken))
+    message = str(raised.value)
+    assert str(broken) in message and 'optimizer.pt is missing' in message
+    assert '\n' not in message
+    assert not (output / 'checkpoint-4').exists()
+    with pytest.raises(SystemExit, match='is not a folder'):
+        run_train(tiny_opt_checkpoint, dataset, output, 'qformer', *common,
+                  '--resume_from_checkpoint', str(tmp_path / 'nowhere'))
+
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', *common,
+                     '--resume_from_checkpoint', str(output / 'checkpoint-2')) == 0
+    assert json.loads((output / 'trainer_state.json').read_text())['global_step'] == 4
+
+
+def _record_weight_saves(monkeypatch):
+    """Return {folder: files it held} filled in as each model save begins writing weights."""
+    from peft import PeftModel
+    from transformers import Blip2ForConditionalGeneration
+
+    present = {}
+    for model_class in (Blip2ForConditionalGeneration, PeftModel):
+        def recording_save(self, save_directory, *args, _original=model_class.save_pretrained,
+                           **kwargs):
+            folder = os.path.abspath(save_directory)
+            present[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+            return _original(self, save_directory, *args, **kwargs)
+        monkeypatch.setattr(model_class, 'save_pretrained', recording_save)
+    return present
+
+
+@pytest.mark.parametrize('method,extra', [('qformer', []), ('lora', ['--merge_lora'])])
+def test_checkpoints_and_model_folders_hold_the_training_prompt(
+        tmp_path, dataset, tiny_opt_checkpoint, monkeypatch, method, extra):
+    """
+    Every checkpoint records the training prompt, and a model folder has it before its weights.
+
+    Evaluating or deploying a checkpoint must caption with the prompt it was trained with, and a
+    run killed while saving must not leave weights that look complete but lack that prompt.
+    """
+    present = _record_weight_saves(monkeypatch)
+    output = tmp_path / 'out'
+    assert run_train(tiny_opt_checkpoint, dataset, output, method, '--max_steps', '2',
+                     '--save_steps', '1', '--prompt', 'a photo of', *extra) == 0
+    for step in (1, 2):
+        checkpoint = output / f'checkpoint-{step}'
+        # How the node, caption_images and training.evaluate find the prompt of a folder.
+        assert training_prompt(str(checkpoint)) == 'a photo of'
+        marker = json.loads((checkpoint / train.CHECKPOINT_MARKER).read_text())
+        assert train.TRAINING_INFO_FILE in marker['files']
+        assert train.checkpoint_problem(checkpoint) == ''
+    folders = [output] + ([output / 'merged'] if '--merge_lora' in extra else [])
+    for folder in folders:
+        assert train.TRAINING_INFO_FILE in present[str(folder)], folder
+        assert training_prompt(str(folder)) == 'a photo of'
+
+
+def test_stop_after_steps_at_the_last_step_saves_the_model(
+        tmp_path, dataset, tiny_opt_checkpoint, capsys):
+    """A step budget that ends with the schedule finishes the run instead of asking to resume."""
+    output = tmp_path / 'out'
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', '--max_steps', '3',
+                     '--stop_after_steps', '3', '--prompt', 'a photo of') == 0
+    stdout = capsys.readouterr().out
+    assert 'stopped by' not in stdout and f'saved model to {output}' in stdout
+    assert (output / 'model.safetensors').exists()
+    assert training_prompt(str(output)) == 'a photo of'
+
+
+def test_evaluating_on_trained_images_warns(
+        tmp_path, dataset, tiny_opt_checkpoint, caplog, capsys):
+    """--train_split all still evaluates on val, but says the scores are not held out."""
+    evaluate_each_step = ['--max_steps', '1', '--eval_strategy', 'steps', '--eval_steps', '1',
+                          '--caption_eval_images', '0']
+    assert run_train(tiny_opt_checkpoint, dataset, tmp_path / 'held_out', 'qformer',
+                     *evaluate_each_step) == 0
+    assert not [record for record in caplog.records if 'also in training' in record.message]
+    assert 'not held-out' not in capsys.readouterr().out
+
+    assert run_train(tiny_opt_checkpoint, dataset, tmp_path / 'all', 'qformer',
+                     *evaluate_each_step, '--train_split', 'all') == 0
+    (warning,) = [record for record in caplog.records if 'also in training' in record.message]
+    assert warning.levelname == 'WARNING'
+    assert "8 of 8 eval images of split 'val'" in warning.message
+    assert '\n' not in warning.message
+    summary = [line for line in capsys.readouterr().out.splitlines()
+               if line.startswith('train loss')]
+    assert len(summary) == 1 and 'eval_loss' in summary[0] and 'not held-out' in summary[0]
+
+
+def test_sigterm_in_the_last_step_finishes_the_run(
+        tmp_path, dataset, tiny_opt_checkpoint, monkeypatch, caplog, capsys):
+    """A signal during the last step lets the run save its model instead of asking to resume."""
+    def signal_in_the_last_step(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train.GracefulStopCallback, 'on_step_begin', signal_in_the_last_step)
+    output = tmp_path / 'out'
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', '--max_steps', '3') == 0
+    assert 'SIGTERM received' in caplog.text and 'SIGTERM came in the last step' in caplog.text
+    assert f'saved model to {output}' in capsys.readouterr().out
+    assert (output / 'model.safetensors').exists()
+
+
+def test_resuming_a_finished_run_is_refused_until_the_schedule_grows(
+        tmp_path, dataset, tiny_opt_checkpoint):
+    """The Trainer would train one step past the end and overwrite the saved model."""
+    output = tmp_path / 'out'
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', '--max_steps', '2',
+                     '--save_steps', '2') == 0
+    weights = (output / 'model.safetensors').read_bytes()
+    with pytest.raises(SystemExit) as raised:
+        run_train(tiny_opt_checkpoint, dataset, output, 'qformer', '--max_steps', '2',
+                  '--save_steps', '2', '--resume')
+    assert 'checkpoint-2 is the end of its run (step 2 of 2)' in str(raised.value)
+    assert (output / 'model.safetensors').read_bytes() == weights
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', '--max_steps', '3',
+                     '--save_steps', '2', '--resume') == 0
+    assert json.loads((output / 'trainer_state.json').read_text())['global_step'] == 3
+
+
+def test_a_folder_named_datasets_is_named_before_training(
+        tmp_path, monkeypatch, dataset, tiny_opt_checkpoint):
+    # `python -m training.train` puts the current directory first on sys.path.
+    (tmp_path / 'datasets').mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as raised:
+        run_train(tiny_opt_checkpoint, dataset, tmp_path / 'out', 'qformer', '--max_steps', '1')
+    message = str(raised.value)
+    assert str(tmp_path / 'datasets') in message and 'rename that folder' in message
+    assert not (tmp_path / 'out').exists()

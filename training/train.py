@@ -28,8 +28,10 @@ launch`` through the Trainer's own distributed support.
 """
 
 from dataclasses import dataclass, field
+import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -150,8 +152,8 @@ class DataArguments:
         metadata={'help': "Split for eval loss and caption metrics ('' for none)."})
     prompt: str = field(
         default='',
-        metadata={'help': 'Text before each caption, e.g. "a photo of". Saved with the model; '
-                          'give the node the same prompt parameter.'})
+        metadata={'help': 'Text before each caption, e.g. "a photo of". Saved with the model '
+                          'and its checkpoints; the node, caption_images and evaluate use it.'})
     max_caption_tokens: int = field(
         default=40, metadata={'help': 'Captions longer than this many tokens are cut.'})
     cache_images: bool = field(
@@ -195,7 +197,8 @@ class CaptionTrainingArguments(TrainingArguments):
         default=0,
         metadata={'help': 'Save a checkpoint and stop after this many optimizer steps in this '
                           'run (0: no limit); the schedule still follows max_steps / epochs, '
-                          'so --resume continues it.'})
+                          'so --resume continues it. A budget that reaches the last step '
+                          'finishes the run and saves the model.'})
     cpu_threads: int = field(
         default=0,
         metadata={'help': 'torch CPU threads (0: torch default). 1 is several times faster for '
@@ -330,12 +333,62 @@ def find_resume_checkpoint(output_dir):
     return None
 
 
+def check_resume_checkpoint(folder):
+    """Raise TrainingError unless ``folder``, from --resume_from_checkpoint, is complete."""
+    if not os.path.isdir(folder):
+        raise TrainingError(f'--resume_from_checkpoint {folder} is not a folder: give a '
+                            'checkpoint-N folder, or use --resume')
+    problem = checkpoint_problem(folder)
+    if problem:
+        # Resuming it anyway would restart the optimizer or the LR schedule without a word.
+        raise TrainingError(f'--resume_from_checkpoint {folder} is not a complete checkpoint '
+                            f'({problem}): give another checkpoint-N folder, or use --resume '
+                            'for the newest complete one in --output_dir')
+
+
+def finished_run_problem(checkpoint, training_args):
+    """Return why resuming ``checkpoint`` would train past the end of its run, or None."""
+    try:
+        with open(os.path.join(checkpoint, 'trainer_state.json'), encoding='utf-8') as stream:
+            state = json.load(stream)
+    except (OSError, ValueError):
+        return None  # checkpoint_problem() speaks for unreadable checkpoints
+    step = state.get('global_step') or 0
+    if training_args.max_steps > 0:
+        last = training_args.max_steps
+    elif state.get('num_train_epochs') == math.ceil(training_args.num_train_epochs):
+        last = state.get('max_steps') or 0
+    else:
+        return None
+    if last and step >= last:
+        # The Trainer would train one step past the schedule and overwrite the saved model.
+        return (f'{checkpoint} is the end of its run (step {step} of {last}): raise '
+                '--max_steps or --num_train_epochs to train further, or choose a new '
+                '--output_dir')
+    return None
+
+
+def check_datasets_package():
+    """Refuse to start where a plain folder named 'datasets' would pass for the HF package."""
+    spec = importlib.util.find_spec('datasets')
+    if spec is not None and spec.origin is None and spec.submodule_search_locations:
+        # Without the Hugging Face package installed, Python imports the folder as a namespace
+        # package, transformers believes the library is there, and the Trainer fails mid-way.
+        folder = list(spec.submodule_search_locations)[0]
+        raise TrainingError(f"the folder {folder} passes for the Hugging Face 'datasets' "
+                            'package here: run from another directory or rename that folder')
+
+
 def _distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class CheckpointMarkerCallback(TrainerCallback):
-    """Write the completion marker once every process has finished writing a checkpoint."""
+    """Complete each checkpoint: add the training info, then the marker, once all ranks saved."""
+
+    def __init__(self, info):
+        """``info``: the :func:`training_info` dict written into every checkpoint."""
+        self.info = info
 
     def on_save(self, args, state, control, **kwargs):
         """Mark ``checkpoint-<step>`` complete (the Trainer calls this after saving it)."""
@@ -344,6 +397,9 @@ class CheckpointMarkerCallback(TrainerCallback):
             torch.distributed.barrier()
         folder = os.path.join(args.output_dir, f'checkpoint-{state.global_step}')
         if state.is_world_process_zero and os.path.isdir(folder):
+            # training.evaluate or the node pointed at a checkpoint must caption with the
+            # training prompt. Written before the marker, so the marker vouches for it too.
+            write_training_info(folder, self.info)
             write_checkpoint_marker(folder, state.global_step)
 
 
@@ -352,7 +408,8 @@ class GracefulStopCallback(TrainerCallback):
     Turn SIGINT/SIGTERM (or --stop_after_steps) into 'save a checkpoint, then stop'.
 
     The signal handler only sets a flag; the stop happens at the end of the current optimizer
-    step, where the Trainer can save consistently. A second signal stops at once.
+    step, where the Trainer can save consistently. A second signal stops at once. In the last
+    step there is nothing left to stop: the run ends as usual and saves its model.
     """
 
     def __init__(self, stop_after_steps=0):
@@ -397,12 +454,21 @@ class GracefulStopCallback(TrainerCallback):
             # All ranks must stop at the same step, or the next collective hangs.
             torch.distributed.all_reduce(wanted, op=torch.distributed.ReduceOp.MAX)
         signal_number, budget_spent = (int(value) for value in wanted.tolist())
-        if (signal_number or budget_spent) and not self.reason:
-            self.signal_number = self.signal_number or signal_number
-            self.reason = (signal.Signals(signal_number).name if signal_number
-                           else f'--stop_after_steps {self.stop_after_steps}')
-            control.should_save = True
-            control.should_training_stop = True
+        if not (signal_number or budget_spent) or self.reason:
+            return control
+        if state.global_step >= state.max_steps:
+            # The run ends at this step anyway (its checkpoint and evaluation included); a stop
+            # here would only skip saving the model, and the Trainer resumes a checkpoint of the
+            # last step by training one step past the schedule.
+            if signal_number:
+                LOGGER.warning('%s came in the last step: finishing the run and saving the '
+                               'model', signal.Signals(signal_number).name)
+            return control
+        self.signal_number = self.signal_number or signal_number
+        self.reason = (signal.Signals(signal_number).name if signal_number
+                       else f'--stop_after_steps {self.stop_after_steps}')
+        control.should_save = True
+        control.should_training_stop = True
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -620,6 +686,12 @@ def validate_data(folder):
     check_dataset(folder, require_captions=True)
 
 
+def count_shared_images(train_records, eval_records):
+    """Return how many of ``eval_records``' images are also trained on (have captions there)."""
+    trained = {record.image_id for record in train_records if record.captions}
+    return sum(record.image_id in trained for record in eval_records)
+
+
 def logged_eval_metrics(state):
     """Return the eval metrics the Trainer logged at the final step, if it evaluated there."""
     metrics = {}
@@ -631,20 +703,25 @@ def logged_eval_metrics(state):
     return metrics
 
 
-def save_training_info(folder, model_args, data_args, model):
-    """Write the prompt and how the model was trained next to it."""
-    info = {
+def training_info(model_args, data_args, model):
+    """Return the prompt and how the model was trained, as saved next to its weights."""
+    return {
         'prompt': data_args.prompt,
         'method': model_args.method,
         'base_model': model_args.model,
         'language_model': model.config.text_config.model_type,
         'max_caption_tokens': data_args.max_caption_tokens,
     }
+
+
+def write_training_info(folder, info):
+    """Write ``info`` (see :func:`training_info`) to ``folder``/blip2_ros_training.json."""
+    os.makedirs(folder, exist_ok=True)
     write_text_atomic(os.path.join(folder, TRAINING_INFO_FILE),
                       json.dumps(info, indent=1, sort_keys=True) + '\n')
 
 
-def merge_lora(trainer, model_args, data_args, processor, output_dir):
+def merge_lora(trainer, model_args, info, processor, output_dir):
     """Write base + adapter merged into one full model under OUTPUT_DIR/merged."""
     from peft import PeftModel
     from transformers import Blip2ForConditionalGeneration
@@ -658,9 +735,10 @@ def merge_lora(trainer, model_args, data_args, processor, output_dir):
         model = PeftModel.from_pretrained(base, output_dir).merge_and_unload()
     else:
         model = trainer.model.merge_and_unload()
-    model.save_pretrained(merged_dir)
+    # Weights last, as in OUTPUT_DIR: a cut-off merge never loads without its prompt.
     processor.save_pretrained(merged_dir)
-    save_training_info(merged_dir, model_args, data_args, model)
+    write_training_info(merged_dir, info)
+    model.save_pretrained(merged_dir)
     return merged_dir
 
 
@@ -682,6 +760,7 @@ def run(argv=None):
     """Do the work of :func:`main`; raises TrainingError / DatasetError."""
     # 1. Parse arguments.
     model_args, data_args, training_args = parse_arguments(argv)
+    check_datasets_package()
 
     # 2. Seed everything (model init, LoRA init, data order, dropout).
     set_seed(training_args.seed)
@@ -691,16 +770,21 @@ def run(argv=None):
 
     # 3. Find the checkpoint to resume from.
     resume_from = training_args.resume_from_checkpoint
-    if training_args.resume and not resume_from:
+    if resume_from:
+        check_resume_checkpoint(resume_from)
+    elif training_args.resume:
         resume_from = find_resume_checkpoint(output_dir)
         if resume_from is None:
             LOGGER.warning('--resume: no complete checkpoint in %s, starting from scratch',
                            output_dir)
         else:
             LOGGER.info('resuming from %s', resume_from)
-    elif not resume_from and list_checkpoints(output_dir):
+    elif list_checkpoints(output_dir):
         raise TrainingError(f'{output_dir} already holds checkpoints: add --resume to continue '
                             'that run, or choose an empty --output_dir')
+    problem = resume_from and finished_run_problem(resume_from, training_args)
+    if problem:
+        raise TrainingError(problem)
 
     # 4. Data: validate before anything expensive, then read the splits.
     validate_data(data_args.data)
@@ -720,6 +804,17 @@ def run(argv=None):
         LOGGER.warning("no captioned images in eval split '%s': evaluation is off",
                        data_args.eval_split)
         training_args.eval_strategy = IntervalStrategy.NO
+    trained_eval_images = 0
+    if eval_dataset is not None and training_args.eval_strategy != IntervalStrategy.NO:
+        # Warned, not refused: a last run on every image once the settings are chosen is
+        # common, and its eval numbers still show the fit; they must not pass for held-out ones.
+        trained_eval_images = count_shared_images(train_records, eval_dataset.records)
+        if trained_eval_images:
+            LOGGER.warning("%d of %d eval images of split '%s' are also in training split '%s': "
+                           'eval loss and caption metrics are not held-out scores (give a '
+                           "held-out --eval_split, or --eval_split '' for none)",
+                           trained_eval_images, len(eval_dataset.records),
+                           data_args.eval_split, data_args.train_split)
     LOGGER.info('%d training pairs from %d images, %d eval pairs', len(train_dataset),
                 len(train_records), len(eval_dataset) if eval_dataset else 0)
 
@@ -741,11 +836,12 @@ def run(argv=None):
                         'images': data_args.caption_eval_images,
                         'logged_images': data_args.logged_images,
                         'max_new_tokens': data_args.caption_max_new_tokens}
+    info = training_info(model_args, data_args, blip2)
     stopper = GracefulStopCallback(training_args.stop_after_steps)
     trainer = CaptionTrainer(
         model=model, args=training_args, train_dataset=train_dataset,
         eval_dataset=eval_dataset, data_collator=collator, processing_class=processor,
-        callbacks=[CheckpointMarkerCallback(), stopper], caption_eval=caption_eval)
+        callbacks=[CheckpointMarkerCallback(info), stopper], caption_eval=caption_eval)
 
     # 6. Train, then evaluate the final weights.
     train_result = trainer.train(resume_from_checkpoint=resume_from)
@@ -760,14 +856,15 @@ def run(argv=None):
     if eval_dataset is not None and training_args.eval_strategy != IntervalStrategy.NO:
         eval_metrics = logged_eval_metrics(trainer.state) or trainer.evaluate()
 
-    # 7. Save the model (or adapter) with its processor and training prompt.
-    trainer.save_model(output_dir)
-    merged_dir = ''
+    # 7. Save the model (or adapter) with its processor and training prompt. The weights go
+    # last: a run killed before them leaves no model to load, never one without its prompt.
     if trainer.is_world_process_zero():
         processor.save_pretrained(output_dir)
-        save_training_info(output_dir, model_args, data_args, blip2)
-        if model_args.merge_lora:
-            merged_dir = merge_lora(trainer, model_args, data_args, processor, output_dir)
+        write_training_info(output_dir, info)
+    trainer.save_model(output_dir)
+    merged_dir = ''
+    if trainer.is_world_process_zero() and model_args.merge_lora:
+        merged_dir = merge_lora(trainer, model_args, info, processor, output_dir)
 
     # 8. Save metrics.
     trainer.save_metrics('train', metrics)
@@ -781,7 +878,9 @@ def run(argv=None):
         print(f"train loss {metrics.get('train_loss', float('nan')):.4f} after "
               f'{trainer.state.global_step} steps'
               + ''.join(f', {name} {eval_metrics[name]:.4f}' for name in SUMMARY_METRICS
-                        if name in eval_metrics))
+                        if name in eval_metrics)
+              + (' (eval images were trained on: not held-out scores)'
+                 if eval_metrics and trained_eval_images else ''))
     return 0
 
 
