@@ -23,6 +23,10 @@ and caption in the output against what was written.
 import json
 import os
 from pathlib import Path
+import shutil
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -36,8 +40,9 @@ from training import bag_to_coco
 from training.coco import read_annotations
 from training.validate import validate_dataset
 
+REPO = Path(__file__).resolve().parents[1]
 REALDATA = Path(os.environ.get(
-    'BLIP2_ROS_REALDATA', Path(__file__).resolve().parents[2] / 'shared' / 'realdata'))
+    'BLIP2_ROS_REALDATA', REPO.parent / 'shared' / 'realdata'))
 
 IMAGE = 'sensor_msgs/msg/Image'
 COMPRESSED = 'sensor_msgs/msg/CompressedImage'
@@ -293,6 +298,53 @@ def test_appending_a_bag_later_keeps_every_existing_id(tmp_path, capsys):
     for name, payload in files_before.items():
         assert (out / 'images' / name).read_bytes() == payload
     assert validate_dataset(out) == []
+
+
+def _wait_for_text(process, log, text, timeout=120):
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert process.poll() is None, f'the run ended without waiting: {log.read_text()}'
+        assert time.monotonic() < deadline, f'no {text!r} after {timeout} s'
+        time.sleep(0.05)
+
+
+def test_runs_appending_to_the_same_folder_take_turns(tmp_path, capsys):
+    bags = [write_bag(tmp_path, f'cam{index}', storage,
+                      [r for r in Scene(seed=20 + index, start=T0 + index * 10**12).records
+                       if r[0] == '/cam/raw'])
+            for index, storage in enumerate(('sqlite3', 'mcap', 'ros1'))]
+    out = tmp_path / 'dataset'
+    assert _run([bags[0], '--image-topic', '/cam/raw', '--out', out], capsys)[0] == 0
+    before = (out / 'annotations.json').read_bytes()
+
+    # While the test holds the lock, both runs have to wait: they overlap for certain, and
+    # without the lock both would read the same annotations.json and the last commit would win.
+    runs = []
+    with bag_to_coco.dataset_lock(out):
+        for bag in bags[1:]:
+            log = tmp_path / f'{bag.name}.log'
+            with open(log, 'w') as stderr:
+                process = subprocess.Popen(
+                    [sys.executable, '-m', 'training.bag_to_coco', str(bag), '--image-topic',
+                     '/cam/raw', '--quiet', '--out', str(out)],
+                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+            runs.append((process, log))
+        for process, log in runs:
+            _wait_for_text(process, log, f'waiting for another bag_to_coco run on {out}')
+        assert (out / 'annotations.json').read_bytes() == before
+        assert all(process.poll() is None for process, _ in runs)
+    for process, log in runs:
+        assert process.wait(timeout=120) == 0, log.read_text()
+        assert log.read_text() == f'bag_to_coco: waiting for another bag_to_coco run on {out}\n'
+
+    dataset = read_annotations(out)
+    images = dataset['images']
+    assert sorted(image['id'] for image in images) == list(range(1, 19))
+    assert sorted(image['bag'] for image in images) == sorted(
+        ['cam0'] * 6 + ['cam1'] * 6 + ['cam2.bag'] * 6)
+    assert {image['file_name'] for image in images} == {p.name for p in (out / 'images').iterdir()}
+    assert validate_dataset(out) == []
+    assert not [p for p in tmp_path.iterdir() if '.partial' in p.name]
 
 
 def _kept_times(out):
@@ -574,6 +626,35 @@ def test_bad_bag_does_not_touch_an_existing_dataset(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if '.partial' in p.name]
 
 
+def _edit_metadata(folder, old, new):
+    metadata = folder / 'metadata.yaml'
+    text = metadata.read_text()
+    assert old in text
+    metadata.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize('storage, old, new, args', [
+    ('sqlite3', 'name: /cam/raw', 'name: /camera', ['--image-topic', '/camera']),
+    # One topic of two: the frames of the other must not hide the empty one.
+    ('mcap', 'type: sensor_msgs/msg/CompressedImage', 'type: sensor_msgs/msg/Image',
+     ['--image-topic', '/cam/raw', '--image-topic', '/cam/compressed']),
+    ('sqlite3', 'name: /operator/caption', 'name: /narration',
+     ['--image-topic', '/cam/raw', '--caption-topic', '/narration']),
+])
+def test_metadata_that_disagrees_with_the_storage_file_is_rejected(
+        tmp_path, capsys, storage, old, new, args):
+    good = write_bag(tmp_path, 'good', 'ros1', Scene(seed=17).records)
+    edited = write_bag(tmp_path, 'edited', storage, Scene(seed=18, start=T0 + 10**12).records)
+    _edit_metadata(edited, old, new)
+    out = tmp_path / 'out'
+    code, stdout, stderr = _run([good, edited, *args, '--out', out], capsys)
+    _assert_clean_failure(code, stderr, tmp_path, out,
+                          f'{edited}: metadata.yaml and the storage file disagree')
+    suffix = 'mcap' if storage == 'mcap' else 'db3'
+    assert f'pass {edited / f"edited.{suffix}"} to read it without metadata.yaml' in stderr
+    assert stdout == ''
+
+
 @pytest.mark.parametrize('args, expected', [
     (['--image-topic', '/nope'], "image topic '/nope' is not in"),
     (['--image-topic', '/operator/caption'], "topic '/operator/caption' is std_msgs/msg/String"),
@@ -602,6 +683,36 @@ def test_out_folder_that_is_not_a_dataset_is_refused(tmp_path, capsys):
     code, _, stderr = _run([bag, '--image-topic', '/cam/raw', '--out', out], capsys)
     assert code == 1 and 'is not empty and holds no annotations.json' in stderr
     assert sorted(p.name for p in out.iterdir()) == ['beach.jpg']
+
+
+def test_dot_as_bag_and_as_out_folder(tmp_path, capsys, monkeypatch):
+    bag = write_bag(tmp_path, 'shift', 'sqlite3', Scene(seed=19, jpeg_frames=0).records)
+    monkeypatch.chdir(bag)
+    code, _, stderr = _run(['.', '--image-topic', '/cam/raw', '--out', tmp_path / 'a'], capsys)
+    assert code == 0, stderr
+    images = read_annotations(tmp_path / 'a')['images']
+    assert len(images) == 6
+    assert all(image['bag'] == 'shift' and image['file_name'].startswith('shift__cam_raw__')
+               for image in images)
+
+    # From inside an empty folder: the dataset lands in it, and it stays the same folder
+    # (the shell's working directory), so relative paths still see the files.
+    dataset = tmp_path / 'b'
+    dataset.mkdir()
+    monkeypatch.chdir(dataset)
+    folder = os.stat('.')
+    code, _, stderr = _run([bag, '--image-topic', '/cam/raw', '--out', '.'], capsys)
+    assert code == 0, stderr
+    assert os.path.samestat(os.stat('.'), folder)
+    assert sorted(os.listdir('.')) == ['annotations.json', 'images']
+    assert read_annotations(Path('.'))['images'] == images
+    later = write_bag(tmp_path, 'later', 'mcap', Scene(seed=20, start=T0 + 10**12).records)
+    code, _, stderr = _run([later, '--image-topic', '/cam/raw', '--out', '.'], capsys)
+    assert code == 0, stderr
+    assert sorted(os.listdir('.')) == ['annotations.json', 'images']
+    appended = read_annotations(Path('.'))['images']
+    assert [image['id'] for image in appended] == list(range(1, 13))
+    assert validate_dataset(Path('.')) == []
 
 
 def test_progress_is_reported_on_stderr_and_throttled(tmp_path, capsys):
@@ -668,6 +779,37 @@ def test_real_ros2_bag_in_a_folder_named_dot_bag(realdata, tmp_path, capsys):
     code, stdout, _ = _run([bag, '--image-topic', '/image', '--dedup', '--out',
                             tmp_path / 'dedup'], capsys)
     assert code == 0 and 'duplicate: 2' in stdout
+
+
+@pytest.mark.parametrize('old, new, topic', [
+    ('name: /image', 'name: /camera', '/camera'),
+    ('type: sensor_msgs/msg/Image', 'type: sensor_msgs/msg/CompressedImage', '/image'),
+])
+def test_real_bag_with_edited_metadata_is_rejected(realdata, tmp_path, capsys, old, new, topic):
+    bag = tmp_path / 'images.bag'
+    shutil.copytree(realdata / 'ros2' / 'ait_ros2bag_tools' / 'images.bag', bag)
+    _edit_metadata(bag, old, new)
+    out = tmp_path / 'out'
+    code, _, stderr = _run([bag, '--image-topic', topic, '--out', out], capsys)
+    _assert_clean_failure(code, stderr, tmp_path, out,
+                          f'metadata.yaml lists 3 messages on {topic}')
+    assert f'pass {bag / "images.bag_0.db3"} to read it without metadata.yaml' in stderr
+
+    # The storage file alone is read by its own topic list.
+    code, stdout, stderr = _run([bag / 'images.bag_0.db3', '--image-topic', '/image',
+                                 '--out', out], capsys)
+    assert code == 0 and 'frames kept: 3' in stdout, stderr
+
+
+def test_real_bag_whose_metadata_miscounts_gets_a_note(realdata, tmp_path, capsys):
+    bag = tmp_path / 'images.bag'
+    shutil.copytree(realdata / 'ros2' / 'ait_ros2bag_tools' / 'images.bag', bag)
+    _edit_metadata(bag, 'message_count: 3', 'message_count: 5')
+    code, stdout, stderr = _run([bag, '--image-topic', '/image', '--out', tmp_path / 'out'],
+                                capsys)
+    assert code == 0, stderr
+    assert 'frames kept: 3' in stdout
+    assert 'note: images.bag: the index lists 5 messages on /image, 3 were read' in stdout
 
 
 def test_real_2019_db3_without_metadata(realdata, tmp_path, capsys):

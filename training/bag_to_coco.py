@@ -28,15 +28,18 @@ same frame always gets the same name. When DIR already holds a dataset, new fram
 with ids after the existing ones and frames already in it (same bag name, topic and time) are
 left alone: nothing is renumbered, and running the same command twice leaves annotations.json
 byte for byte as it was. Output is built in a temporary folder next to DIR and moved into place
-at the end, so an error leaves DIR untouched.
+at the end, so an error leaves DIR untouched. Runs on the same DIR take turns: each holds a lock
+(the hidden file ``.DIR.lock`` next to DIR) from reading the dataset to committing it.
 """
 
 import argparse
 from bisect import bisect_right
 from collections import Counter
+from contextlib import contextmanager
 import csv
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -205,7 +208,8 @@ class BagFile:
     def __init__(self, path):
         """Remember the path; nothing is read until ``open_reader``."""
         self.path = Path(path)
-        self.name = self.path.name
+        # Resolved, so that '.' or 'shift1/..' name the bag, not '' or '..'.
+        self.name = self.path.resolve().name
         self.kind = ''
         self.is_ros1 = False
         self.topics = {}
@@ -233,8 +237,8 @@ class BagFile:
             if (path / 'metadata.yaml').is_file():
                 self.kind = 'rosbag2 folder'
                 return Rosbag2Reader(path)
-            storage = sorted(p.name for p in path.iterdir() if p.suffix in ('.db3', '.mcap'))
-            hint = (f'; to read its storage file without metadata, pass {path / storage[0]}'
+            storage = self._storage_file()
+            hint = (f'; to read its storage file without metadata, pass {storage}'
                     if storage else '')
             raise self._fail(f'folder has no metadata.yaml, so it is not a rosbag2 bag{hint}')
         try:
@@ -260,6 +264,11 @@ class BagFile:
                 return Rosbag2Reader(path)
         raise self._fail('not a ROS bag: expected a ROS 1 .bag, a .db3 or .mcap file, '
                          'or a rosbag2 folder with metadata.yaml')
+
+    def _storage_file(self):
+        """Return the first storage file of a rosbag2 folder, or None."""
+        storage = sorted(p.name for p in self.path.iterdir() if p.suffix in ('.db3', '.mcap'))
+        return self.path / storage[0] if storage else None
 
     def open_reader(self):
         """Open the bag and list its topics; raise ConversionError if it cannot be read."""
@@ -302,6 +311,29 @@ class BagFile:
     def message_count(self, topics):
         """Return how many messages the bag's index lists on ``topics``."""
         return sum(c.msgcount for topic in topics for c in self._connections.get(topic, ()))
+
+    def check_all_read(self, read_per_topic):
+        """
+        Compare the messages read per topic with the counts the bag's index lists.
+
+        rosbags finds a rosbag2 folder's messages by the topic name and type in metadata.yaml,
+        so an edited metadata.yaml makes a topic silently empty: raise ConversionError when the
+        index lists messages on a topic and none were read. Return notes for other differences.
+        """
+        notes = []
+        for topic, read in read_per_topic.items():
+            listed = self.message_count([topic])
+            if listed and not read:
+                storage = self._storage_file() if self.path.is_dir() else None
+                hint = f', or pass {storage} to read it without metadata.yaml' if storage else ''
+                raise self._fail(
+                    f'metadata.yaml and the storage file disagree: metadata.yaml lists {listed} '
+                    f'messages on {topic} ({self.topics[topic]}), the storage file has none '
+                    f'under that name and type; restore the original metadata.yaml{hint}')
+            if read != listed:
+                notes.append(f'{self.name}: the index lists {listed} messages on {topic}, '
+                             f'{read} were read')
+        return notes
 
     def messages(self, topics):
         """Yield ``(connection, time_ns, rawdata)`` on ``topics`` in time order."""
@@ -511,7 +543,8 @@ class _Output:
     """The dataset being built: existing content, new entries, and the staging folder."""
 
     def __init__(self, out):
-        self.out = Path(out)
+        # Resolved, so that '--out .' has a name and a parent to stage the new dataset in.
+        self.out = Path(out).resolve()
         self.appending = False
         self.dataset = coco.empty_dataset()
         if self.out.exists() and not self.out.is_dir():
@@ -570,9 +603,14 @@ class _Output:
         self.dataset['annotations'].extend(self.new_annotations)
         if not self.appending:
             coco.write_text_atomic(self.staging / coco.ANNOTATIONS_FILE, coco.dumps(self.dataset))
-            if self.out.is_dir():
-                self.out.rmdir()
-            os.rename(self.staging, self.out)
+            if not self.out.is_dir():
+                os.rename(self.staging, self.out)
+                return
+            # Fill the empty folder rather than replace it: it may be the user's working
+            # directory ('--out .'), which would then be a deleted folder in their shell.
+            os.rename(self.staging / coco.IMAGES_DIR, self.out / coco.IMAGES_DIR)
+            os.replace(self.staging / coco.ANNOTATIONS_FILE, self.out / coco.ANNOTATIONS_FILE)
+            self.staging.rmdir()
             return
         if self.new_images or self.new_annotations:
             images_dir = self.out / coco.IMAGES_DIR
@@ -585,6 +623,39 @@ class _Output:
 
     def discard(self):
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+@contextmanager
+def dataset_lock(out, on_wait=None):
+    """
+    Hold the exclusive lock of dataset folder ``out`` while the ``with`` block runs.
+
+    A conversion holds it from reading DIR/annotations.json until the new one is in place, so
+    runs on the same DIR, in any process, take turns instead of overwriting each other's
+    images and ids. A run that finds it taken waits; ``on_wait`` (a callable taking one line)
+    hears about that once. Yields the resolved folder.
+    """
+    out = Path(out).resolve()
+    # Beside DIR, not in it: DIR may not exist yet, and a failed run must leave it as it was.
+    # The file stays after the run: deleting it would let a third run lock a new file while a
+    # waiting run still holds the old one. The kernel drops the lock when a run dies.
+    lock_path = out.parent / f'.{out.name}.lock'
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = open(lock_path, 'a')
+    except OSError as error:
+        raise ConversionError(
+            f'cannot create the lock file {lock_path} for --out: {_one_line(error)}') from None
+    with lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Wait rather than fail: both runs' frames are wanted, and this one appends after
+            # the other's instead of having to be started again by hand.
+            if on_wait is not None:
+                on_wait(f'waiting for another bag_to_coco run on {out}')
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        yield out
 
 
 def _int_id(entry):
@@ -654,6 +725,8 @@ class _Converter:
                 if options.caption_topic in bag.topics:
                     lookup = _read_topic_captions(bag, options.caption_topic,
                                                   options.caption_max_age)
+                    self.summary.notes += bag.check_all_read(
+                        Counter({options.caption_topic: len(lookup.times)}))
                 else:
                     lookup = _TopicCaptions([], [], 0)
             if not self._convert_bag(bag, index, len(bags), lookup):
@@ -682,16 +755,20 @@ class _Converter:
         topics = [topic for topic in options.image_topics if topic in bag.topics]
         total = bag.message_count(topics)
         read_in_bag = 0
+        read_per_topic = Counter(dict.fromkeys(topics, 0))
         reported = False
         for connection, time_ns, rawdata in bag.messages(topics):
             if options.max_frames and self.selected >= options.max_frames:
                 return False
             summary.frames_read += 1
             read_in_bag += 1
+            read_per_topic[connection.topic] += 1
             reported |= self._report(bag, index, count, read_in_bag, total)
             reason = self._frame(bag, connection, time_ns, rawdata, lookup)
             if reason:
                 summary.skipped[reason] += 1
+        # Only a bag read to the end can be compared with its index.
+        summary.notes += bag.check_all_read(read_per_topic)
         if reported:
             # A run long enough to report progress also says when each bag is done.
             self._report(bag, index, count, read_in_bag, total, force=True)
@@ -793,12 +870,14 @@ class _Converter:
                 self.summary.images_without_caption += 1
 
 
-def convert_bags(bag_paths, options, progress=None, progress_interval=2.0):
+def convert_bags(bag_paths, options, progress=None, progress_interval=2.0, on_wait=None):
     """
     Convert ``bag_paths`` into the dataset at ``options.out`` and return a ConversionSummary.
 
     ``progress`` (a callable taking one line of text) hears about long runs at most every
-    ``progress_interval`` seconds. Raises ConversionError; DIR is then left as it was.
+    ``progress_interval`` seconds; ``on_wait`` hears once if another run holds DIR's lock and
+    this one waits for it (see ``dataset_lock``). Raises ConversionError; DIR is then left as
+    it was.
     """
     started = time.monotonic()
     if not bag_paths:
@@ -813,14 +892,15 @@ def convert_bags(bag_paths, options, progress=None, progress_interval=2.0):
             bags.append(bag)
         summary = ConversionSummary(bags=len(bags))
         summary.notes = _check_topics(bags, options)
-        output = _Output(options.out)
-        try:
-            converter = _Converter(options, output, summary, progress, progress_interval)
-            converter.run(bags, lookup)
-            output.commit()
-        except BaseException:
-            output.discard()
-            raise
+        with dataset_lock(options.out, on_wait) as out:
+            output = _Output(out)
+            try:
+                converter = _Converter(options, output, summary, progress, progress_interval)
+                converter.run(bags, lookup)
+                output.commit()
+            except BaseException:
+                output.discard()
+                raise
     finally:
         for bag in bags:
             bag.close()
@@ -899,8 +979,9 @@ def main(argv=None):
 
     try:
         options = ConversionOptions(**values)
+        # The wait line goes out even with --quiet: a run that waits silently looks hung.
         summary = convert_bags(bags, options, progress=None if quiet else progress,
-                               progress_interval=progress_every)
+                               progress_interval=progress_every, on_wait=progress)
     except ConversionError as error:
         print(f'bag_to_coco: error: {error}', file=sys.stderr)
         return 1
