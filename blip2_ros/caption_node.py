@@ -18,7 +18,8 @@ ROS 2 node: camera topics in, BLIP-2 captions out on ``/blip2/caption``.
 The subscription callbacks only keep the newest message per camera. A worker thread converts and
 captions whatever is pending, all cameras in one batch, so the executor stays free for services,
 parameter changes and diagnostics while the GPU is busy, and no queue builds up when the cameras
-are faster than the model.
+are faster than the model. The same thread does all inference: the start-up warm-up and the
+``caption_now`` service's captions too, which it hands over and waits for.
 """
 
 from collections import deque
@@ -33,15 +34,20 @@ from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, DEFAULT_MODEL,
                                  prompt_problem, TRAINING_INFO_FILE, training_prompt)
 from blip2_ros.image_conversion import ImageConversionError, message_to_rgb
 from blip2_ros.parameters import declare, markdown_table, ParameterSpec
+import cv2
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.exceptions import (InvalidParameterTypeException, InvalidTopicNameException,
+                              ParameterException, ParameterUninitializedException)
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.expand_topic_name import expand_topic_name
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.validate_full_topic_name import validate_full_topic_name
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import SetBool, Trigger
@@ -105,10 +111,46 @@ PARAMETERS = (
 
 LATENCY_WINDOW = 200
 
+# How long a caption_now call waits for the inference thread, which may be busy with a batch
+# (seconds on a CPU) before it gets to the request.
+CAPTION_NOW_TIMEOUT = 60.0
+
+WORKER_STOPPED = 'the inference thread has stopped: restart the node (its log says why)'
+
 
 def parameters_markdown():
     """Return the README's parameter table, generated from PARAMETERS."""
     return markdown_table(PARAMETERS)
+
+
+def _first_line(error):
+    """Return an exception as one line of text, for a log line or a service answer."""
+    lines = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {lines[0]}' if lines else type(error).__name__
+
+
+def quiet_opencv():
+    """Keep OpenCV's warnings about each broken frame off stderr; the node logs them, throttled."""
+    # Process-wide, but this node is what decodes frames here. The function moved between
+    # OpenCV releases (cv2.setLogLevel, cv2.utils.logging.setLogLevel); 2 is LOG_LEVEL_ERROR.
+    logging = getattr(getattr(cv2, 'utils', None), 'logging', None)
+    set_level = getattr(logging, 'setLogLevel', None) or getattr(cv2, 'setLogLevel', None)
+    if set_level is not None:
+        set_level(2)
+
+
+def topic_name_problem(topic, node_name, namespace):
+    """Return why ``topic`` is not a topic name ROS accepts for this node, or None if it is."""
+    try:
+        validate_full_topic_name(expand_topic_name(topic, node_name, namespace))
+    except (ValueError, InvalidTopicNameException) as error:
+        # rcl words it "topic name 'x' is invalid: why, at file.c:73", rclpy "Invalid topic
+        # name: why:" and a second line pointing at the character; keep the why.
+        why = str(error).splitlines()[0].split(', at ')[0].rstrip(':')
+        for prefix in (f"topic name '{topic}' is invalid: ", 'Invalid topic name: '):
+            why = why.removeprefix(prefix)
+        return why
+    return None
 
 
 class RateMeter:
@@ -142,6 +184,18 @@ class Camera:
         self.received = 0
         self.replaced = 0
         self.input_rate = RateMeter()
+        self.rejection = None  # the ImageConversionError of its newest frame, if it had one
+
+
+class CaptionRequest:
+    """A caption_now call waiting for the inference thread to caption one frame."""
+
+    def __init__(self, item):
+        """Hold ``item``, (topic, message, receive_time); unanswered, it says: thread stopped."""
+        self.item = item
+        self.done = threading.Event()
+        self.success = False
+        self.message = WORKER_STOPPED
 
 
 def percentile(values, q):
@@ -157,14 +211,17 @@ class CaptionNode(Node):
     """Subscribe to cameras, caption the newest frames with BLIP-2, publish the captions."""
 
     def __init__(self, **kwargs):
-        """Declare parameters, load the model (ModelLoadError if it cannot), wire up ROS I/O."""
+        """Check parameters, load the model (ModelLoadError if either fails), wire up ROS I/O."""
         super().__init__(NODE_NAME, **kwargs)
+        quiet_opencv()
         self._declare_parameters()
         self.model_name = self.get_parameter('model').value
         self._choose_prompt()
         torch_threads = self.get_parameter('torch_threads').value
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        # The captioner checks at load time that the prompt and caption length fit the model,
+        # and its warm-up compiles for this caption length.
         self.captioner = Blip2Captioner(CaptionerConfig(
             model=self.model_name,
             adapter=self.get_parameter('adapter').value,
@@ -172,6 +229,8 @@ class CaptionNode(Node):
             dtype=self.get_parameter('dtype').value,
             local_files_only=self.get_parameter('local_files_only').value,
             allow_pickle=self.get_parameter('allow_pickle').value,
+            max_new_tokens=self.get_parameter('max_new_tokens').value,
+            prompt=self.get_parameter('prompt').value,
             cache=self.get_parameter('cache').value,
             torch_compile=self.get_parameter('torch_compile').value))
         self.get_logger().info(
@@ -183,12 +242,14 @@ class CaptionNode(Node):
                 'node and other processes on a busy CPU: start the node with '
                 'OMP_WAIT_POLICY=PASSIVE (caption.launch.py does) or set torch_threads to 1')
 
-        self._lock = threading.Lock()  # guards cameras, counters and statistics
-        self._frames_ready = threading.Condition(self._lock)
-        self._inference_lock = threading.Lock()  # one generate call at a time
+        self._lock = threading.Lock()  # guards cameras, requests, counters and statistics
+        self._work_ready = threading.Condition(self._lock)
+        self._requests = deque()  # caption_now calls waiting for the inference thread
+        self._last_batch_start = None
         self._stopping = False
         self.enabled = True
         self.rejected = {}
+        self._rejected_at_last_report = 0
         self.oom_batches = 0
         self.failed_batches = 0
         self.captions_published = 0
@@ -207,51 +268,84 @@ class CaptionNode(Node):
         self.caption_info_publisher = self.create_publisher(
             String, self.get_parameter('caption_info_topic').value, 10)
         self.diagnostics_publisher = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self.cameras = {topic: Camera(topic) for topic in self.image_topics}
 
-        topics = list(dict.fromkeys(self.get_parameter('image_topics').value))
+        warm_up_batch_sizes = []
         if self.captioner.compile_decode:
             # Compile now, so that the first camera frames are not the ones that wait for it.
-            batch_sizes = range(1, min(len(topics), self.max_batch_size) + 1)
+            warm_up_batch_sizes = list(range(1, min(len(self.cameras), self.max_batch_size) + 1))
             self.get_logger().info(f'compiling the decode step for batch sizes '
-                                   f'{list(batch_sizes)}; this takes a while')
-            self.captioner.warm_up(batch_sizes, prompt=self.get_parameter('prompt').value)
+                                   f'{warm_up_batch_sizes}; this takes a while')
+        self._warmed_up = threading.Event()
+        self._warm_up_error = None
+        # Every inference call runs on this one thread: torch keeps CUDA graphs per thread, so
+        # graphs recorded by the warm-up are replayed only by later calls on the same thread.
+        self._worker = threading.Thread(target=self._run_worker, args=(warm_up_batch_sizes,),
+                                        name='blip2_inference', daemon=True)
+        warm_up_start = time.monotonic()
+        self._worker.start()
+        self._warmed_up.wait()
+        if self._warm_up_error is not None:
+            raise ModelLoadError(f'compiling the decode step failed: '
+                                 f'{_first_line(self._warm_up_error)}')
+        if warm_up_batch_sizes:
+            self.get_logger().info(
+                f'compiled in {time.monotonic() - warm_up_start:.0f} s')
 
-        self.cameras = {}
         camera_qos = self._camera_qos(self.get_parameter('reliability').value)
         subscription_group = MutuallyExclusiveCallbackGroup()
-        for topic in self.get_parameter('image_topics').value:
-            if topic in self.cameras:
-                continue
-            message_type = CompressedImage if topic.rstrip('/').endswith('/compressed') else Image
-            self.cameras[topic] = Camera(topic)
+        for topic in self.cameras:
+            message_type = CompressedImage if topic.endswith('/compressed') else Image
             self.create_subscription(
                 message_type, topic, lambda message, topic=topic: self._on_frame(topic, message),
                 camera_qos, callback_group=subscription_group)
             self.get_logger().info(f'listening to {topic} ({message_type.__name__})')
-        if not self.cameras:
-            raise ModelLoadError('image_topics is empty: name at least one camera topic')
 
-        services = ReentrantCallbackGroup()
-        self.create_service(SetBool, '~/enable', self._on_enable, callback_group=services)
+        self.create_service(SetBool, '~/enable', self._on_enable,
+                            callback_group=ReentrantCallbackGroup())
+        # caption_now waits for the inference thread; one at a time, so that waiting calls
+        # never take every executor thread from services, parameters and diagnostics.
         self.create_service(Trigger, '~/caption_now', self._on_caption_now,
-                            callback_group=services)
+                            callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(self.get_parameter('diagnostics_period').value,
                           self._publish_diagnostics,
                           callback_group=MutuallyExclusiveCallbackGroup())
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
-        self._worker = threading.Thread(target=self._inference_loop, name='blip2_inference',
-                                        daemon=True)
-        self._worker.start()
-
     # Parameters ----------------------------------------------------------------------------
 
     def _declare_parameters(self):
-        declare(self, PARAMETERS)
+        """Declare the parameters and stop, in one line, on values that cannot work."""
+        try:
+            declare(self, PARAMETERS)
+        except ParameterException as error:
+            # rclpy declares them in order and stops at the first value it refuses.
+            spec = next(spec for spec in PARAMETERS if not self.has_parameter(spec.name))
+            # rclpy's text ends with the name again; a refused range is worded after 'Reason: '.
+            detail = str(error).removesuffix(f': {spec.name}').split('Reason: ')[-1]
+            if isinstance(error, InvalidParameterTypeException) and \
+                    isinstance(spec.default, float):
+                detail += '; write it with a decimal point, e.g. 2.0 rather than 2'
+            raise ModelLoadError(f'bad value for parameter {spec.name}: {detail}') from None
         reliability = self.get_parameter('reliability').value
         if reliability not in ('best_effort', 'reliable'):
             raise ModelLoadError(
                 f"reliability must be 'best_effort' or 'reliable', not '{reliability}'")
+        try:
+            image_topics = self.get_parameter('image_topics').value
+        except ParameterUninitializedException:
+            image_topics = []  # '-p image_topics:=[]': an empty list has no type, so no value
+        if not image_topics:
+            raise ModelLoadError('image_topics is empty: name at least one camera topic')
+        for name, topics in (('image_topics', image_topics),
+                             ('caption_topic', [self.get_parameter('caption_topic').value]),
+                             ('caption_info_topic',
+                              [self.get_parameter('caption_info_topic').value])):
+            for topic in topics:
+                problem = topic_name_problem(topic, self.get_name(), self.get_namespace())
+                if problem:
+                    raise ModelLoadError(f"{name}: '{topic}' is not a valid topic name: {problem}")
+        self.image_topics = list(dict.fromkeys(image_topics))
 
     def _choose_prompt(self):
         """Use the training prompt if none is given; stop on a prompt the model cannot take."""
@@ -270,11 +364,17 @@ class CaptionNode(Node):
                 f'({TRAINING_INFO_FILE}); set prompt to use another')
 
     def _on_set_parameters(self, parameters):
-        for parameter in parameters:
-            problem = prompt_problem(str(parameter.value)) if parameter.name == 'prompt' else None
-            if problem:
-                return SetParametersResult(successful=False, reason=problem)
-        return SetParametersResult(successful=True)
+        changes = {parameter.name: parameter.value for parameter in parameters}
+        problem = None
+        if 'prompt' in changes:
+            problem = prompt_problem(changes['prompt'])
+        if not problem and ('prompt' in changes or 'max_new_tokens' in changes):
+            # Every batch would fail on a prompt and caption longer than the model's positions.
+            # This only tokenizes the prompt; the model itself stays on the inference thread.
+            problem = self.captioner.length_problem(
+                changes.get('prompt', self.get_parameter('prompt').value),
+                changes.get('max_new_tokens', self.get_parameter('max_new_tokens').value))
+        return SetParametersResult(successful=not problem, reason=problem or '')
 
     @staticmethod
     def _camera_qos(reliability):
@@ -296,32 +396,99 @@ class CaptionNode(Node):
             camera.pending = True
             camera.received += 1
             camera.input_rate.tick(now)
-            self._frames_ready.notify()
-
-    def _reject(self, topic, error):
-        with self._lock:
-            self.rejected[error.reason] = self.rejected.get(error.reason, 0) + 1
-        self.get_logger().warning(f'dropped a frame from {topic}: {error}',
-                                  throttle_duration_sec=5.0)
+            self._work_ready.notify()
 
     def _convert(self, topic, message):
         try:
-            return message_to_rgb(message, max_pixels=self.max_pixels,
-                                  min_size=self.decode_min_size)
+            frame = message_to_rgb(message, max_pixels=self.max_pixels,
+                                   min_size=self.decode_min_size)
         except ImageConversionError as error:
-            self._reject(topic, error)
+            with self._lock:
+                self.rejected[error.reason] = self.rejected.get(error.reason, 0) + 1
+                self.cameras[topic].rejection = error
+            self.get_logger().warning(f'dropped a frame from {topic}: {error}',
+                                      throttle_duration_sec=5.0)
             return None
+        with self._lock:
+            self.cameras[topic].rejection = None
+        return frame
 
-    # Inference -----------------------------------------------------------------------------
+    # Inference: all of it on the worker thread ---------------------------------------------
+
+    def _run_worker(self, warm_up_batch_sizes):
+        """Warm up, then caption until the node stops."""
+        try:
+            if warm_up_batch_sizes:
+                self.captioner.warm_up(warm_up_batch_sizes,
+                                       prompt=self.get_parameter('prompt').value)
+        except Exception as error:  # noqa: B902 -- the constructor reports it in one line
+            self._warm_up_error = error
+            return
+        finally:
+            self._warmed_up.set()
+        try:
+            self._inference_loop()
+        finally:
+            # Nobody else answers a caption_now call once this thread is gone.
+            with self._lock:
+                waiting, self._requests = list(self._requests), deque()
+            for request in waiting:
+                request.done.set()
+
+    def _inference_loop(self):
+        while not self._stopping:
+            try:
+                work = self._take_pending()
+                if isinstance(work, CaptionRequest):
+                    self._answer(work)
+                elif work:
+                    for start in range(0, len(work), self.max_batch_size):
+                        self._run_batch(work[start:start + self.max_batch_size])
+            except Exception as error:  # noqa: B902 -- a dead thread would end captioning
+                if self._stopping or not self.context.ok():
+                    return  # Ctrl-C shut the context down while this batch was in flight
+                with self._lock:
+                    self.failed_batches += 1
+                self.get_logger().error(f'the inference thread hit an error and goes on: '
+                                        f'{error!r}', throttle_duration_sec=5.0)
+                time.sleep(0.1)  # an error that repeats must not keep a core busy
+
+    def _seconds_to_next_batch(self):
+        """Return how long max_rate_hz still holds the next batch back (0 or less: not)."""
+        # Read on every pass, so that a changed rate counts from the last batch at once.
+        max_rate_hz = self.get_parameter('max_rate_hz').value
+        if max_rate_hz <= 0 or self._last_batch_start is None:
+            return 0.0
+        return self._last_batch_start + 1.0 / max_rate_hz - time.monotonic()
+
+    def _frames_pending(self):
+        return self.enabled and any(camera.pending for camera in self.cameras.values())
 
     def _take_pending(self):
-        """Wait for pending frames while enabled; return [(topic, message, receive_time)]."""
-        with self._frames_ready:
-            self._frames_ready.wait_for(
-                lambda: self._stopping or (self.enabled and any(
-                    camera.pending for camera in self.cameras.values())), timeout=0.5)
-            if self._stopping or not self.enabled:
-                return []
+        """
+        Wait briefly for work; return a caption_now request, a batch of frames, or None.
+
+        A batch is [(topic, message, receive_time)], one per camera with a new frame, when
+        captioning is enabled and max_rate_hz allows one. caption_now requests go first and
+        ignore both.
+        """
+        with self._work_ready:
+            wait = self._seconds_to_next_batch()
+            if wait > 0:
+                # Short waits, so that a higher max_rate_hz takes effect within 0.1 s.
+                self._work_ready.wait_for(lambda: self._stopping or self._requests,
+                                          timeout=min(wait, 0.1))
+            else:
+                self._work_ready.wait_for(
+                    lambda: self._stopping or self._requests or self._frames_pending(),
+                    timeout=0.5)
+            if self._stopping:
+                return None
+            if self._requests:
+                return self._requests.popleft()
+            if self._seconds_to_next_batch() > 0 or not self._frames_pending():
+                return None
+            self._last_batch_start = time.monotonic()
             batch = []
             for camera in self.cameras.values():
                 if camera.pending:
@@ -330,30 +497,43 @@ class CaptionNode(Node):
                                   camera.latest_receive_time))
             return batch
 
-    def _inference_loop(self):
-        next_start = 0.0
-        while not self._stopping:
-            max_rate_hz = self.get_parameter('max_rate_hz').value
-            if max_rate_hz > 0 and time.monotonic() < next_start:
-                time.sleep(min(next_start - time.monotonic(), 0.1))
-                continue
-            batch = self._take_pending()
-            if not batch:
-                continue
-            next_start = time.monotonic() + (1.0 / max_rate_hz if max_rate_hz > 0 else 0.0)
-            for start in range(0, len(batch), self.max_batch_size):
-                try:
-                    self._caption_and_publish(batch[start:start + self.max_batch_size])
-                except Exception as error:  # noqa: B902 -- one bad batch must not stop captioning
-                    if self._stopping or not self.context.ok():
-                        return  # Ctrl-C shut the context down while this batch was in flight
-                    with self._lock:
-                        self.failed_batches += 1
-                    self.get_logger().error(f'captioning a batch failed: {error!r}',
-                                            throttle_duration_sec=5.0)
+    def _answer(self, request):
+        """Caption the frame a caption_now call asked for and hand the answer back to it."""
+        try:
+            captions, problem = self._run_batch([request.item])
+            request.success = bool(captions)
+            if captions:
+                request.message = captions[0]
+            elif problem:
+                request.message = problem
+            else:
+                topic = request.item[0]
+                request.message = (f'the newest frame, from {topic}, was rejected: '
+                                   f'{self.cameras[topic].rejection}')
+        finally:
+            request.done.set()
+
+    def _run_batch(self, batch):
+        """Caption one batch, counting a failure; return (captions, why it failed or None)."""
+        try:
+            return self._caption_and_publish(batch), None
+        except torch.OutOfMemoryError:
+            with self._lock:
+                self.oom_batches += 1
+            torch.cuda.empty_cache()
+            problem = (f'out of GPU memory on a batch of {len(batch)}; skipped it. Lower '
+                       'max_batch_size or use a smaller dtype/model')
+        except Exception as error:  # noqa: B902 -- one bad batch must not stop captioning
+            if self._stopping or not self.context.ok():
+                raise
+            with self._lock:
+                self.failed_batches += 1
+            problem = f'captioning failed: {_first_line(error)}'
+        self.get_logger().error(problem, throttle_duration_sec=5.0)
+        return [], problem
 
     def _caption_and_publish(self, batch):
-        """Convert, caption and publish one batch; return the captions (None if skipped)."""
+        """Convert, caption and publish one batch; return the captions (none if all rejected)."""
         frames, kept = [], []
         for topic, message, receive_time in batch:
             frame = self._convert(topic, message)
@@ -361,22 +541,11 @@ class CaptionNode(Node):
                 frames.append(frame)
                 kept.append((topic, message, receive_time))
         if not frames:
-            return None
+            return []
         prompt = self.get_parameter('prompt').value
         max_new_tokens = self.get_parameter('max_new_tokens').value
         started = time.monotonic()
-        try:
-            with self._inference_lock:
-                captions = self.captioner.caption(frames, prompt=prompt,
-                                                  max_new_tokens=max_new_tokens)
-        except torch.OutOfMemoryError:
-            with self._lock:
-                self.oom_batches += 1
-            torch.cuda.empty_cache()
-            self.get_logger().error(
-                f'out of GPU memory on a batch of {len(frames)}; skipped it. Lower '
-                'max_batch_size or use a smaller dtype/model', throttle_duration_sec=5.0)
-            return None
+        captions = self.captioner.caption(frames, prompt=prompt, max_new_tokens=max_new_tokens)
         finished = time.monotonic()
         inference_ms = (finished - started) * 1000.0
         for (topic, message, receive_time), caption in zip(kept, captions):
@@ -399,29 +568,39 @@ class CaptionNode(Node):
     # Services ------------------------------------------------------------------------------
 
     def _on_enable(self, request, response):
-        with self._frames_ready:
+        with self._work_ready:
             self.enabled = bool(request.data)
-            self._frames_ready.notify()
+            self._work_ready.notify()
         response.success = True
         response.message = 'captioning enabled' if self.enabled else 'captioning paused'
         self.get_logger().info(response.message)
         return response
 
     def _on_caption_now(self, request, response):
-        with self._lock:
+        response.success = False
+        if not self._worker.is_alive():
+            response.message = WORKER_STOPPED
+            return response
+        with self._work_ready:
             received = [camera for camera in self.cameras.values()
                         if camera.latest_message is not None]
             newest = max(received, key=lambda camera: camera.latest_receive_time, default=None)
-            if newest is not None:
-                item = (newest.topic, newest.latest_message, newest.latest_receive_time)
-        if newest is None:
-            response.success = False
-            response.message = 'no frame received yet on ' + ', '.join(self.cameras)
+            if newest is None:
+                response.message = 'no frame received yet on ' + ', '.join(self.cameras)
+                return response
+            caption_request = CaptionRequest(
+                (newest.topic, newest.latest_message, newest.latest_receive_time))
+            self._requests.append(caption_request)
+            self._work_ready.notify()
+        if not caption_request.done.wait(CAPTION_NOW_TIMEOUT):
+            with self._lock:
+                if caption_request in self._requests:  # not started: nobody waits for it now
+                    self._requests.remove(caption_request)
+            response.message = (f'no caption within {CAPTION_NOW_TIMEOUT:g} s: the '
+                                'inference thread is busy; try again')
             return response
-        captions = self._caption_and_publish([item])
-        response.success = bool(captions)
-        response.message = captions[0] if captions else (
-            'the newest frame could not be captioned; see /diagnostics')
+        response.success = caption_request.success
+        response.message = caption_request.message
         return response
 
     # Diagnostics ---------------------------------------------------------------------------
@@ -432,11 +611,13 @@ class CaptionNode(Node):
         with self._lock:
             return {
                 'enabled': self.enabled,
+                'inference_thread_alive': self._worker.is_alive(),
                 'cameras': {topic: {
                     'received': camera.received, 'replaced': camera.replaced,
                     'input_rate_hz': camera.input_rate.rate(now),
                     'seconds_since_last_frame': (None if camera.latest_receive_time is None
                                                  else now - camera.latest_receive_time),
+                    'rejection': camera.rejection and camera.rejection.reason,
                 } for topic, camera in self.cameras.items()},
                 'captions_published': self.captions_published,
                 'captions_per_second': self.caption_rate.rate(now),
@@ -456,17 +637,30 @@ class CaptionNode(Node):
         stale_after = self.get_parameter('stale_input_timeout').value
         uptime = time.monotonic() - self.start_time
         problems = []
+        if not stats['inference_thread_alive']:
+            problems.append(WORKER_STOPPED)
         for topic, camera in stats['cameras'].items():
             age = camera['seconds_since_last_frame']
             if (age is None and uptime > stale_after) or (age is not None and age > stale_after):
                 problems.append(f'no frames on {topic} for {stale_after:g} s: check the topic '
                                 'name and that reliability matches the publisher')
+            if camera['rejection']:
+                problems.append(f'the newest frame from {topic} was rejected '
+                                f"({camera['rejection']}): see the node's log")
+        new_rejections = stats['rejected_frames'] - self._rejected_at_last_report
+        self._rejected_at_last_report = stats['rejected_frames']
+        if new_rejections:
+            problems.append(f'{new_rejections} frames rejected since the last report')
         if stats['oom_batches']:
             problems.append(f"{stats['oom_batches']} batches skipped: out of GPU memory")
         if stats['failed_batches']:
             problems.append(f"{stats['failed_batches']} batches failed: see the node's log")
+        level = DiagnosticStatus.OK
+        if problems:
+            level = (DiagnosticStatus.WARN if stats['inference_thread_alive']
+                     else DiagnosticStatus.ERROR)
         status = DiagnosticStatus(
-            level=DiagnosticStatus.WARN if problems else DiagnosticStatus.OK,
+            level=level,
             name=f'{self.get_name()}: captioning', hardware_id=str(self.captioner.device),
             message='; '.join(problems) if problems else (
                 'captioning' if stats['enabled'] else 'paused'))
@@ -499,9 +693,9 @@ class CaptionNode(Node):
     def destroy_node(self):
         """Stop the inference thread, then tear down ROS."""
         if hasattr(self, '_worker'):  # not if __init__ stopped early (rclpy.shutdown calls this)
-            with self._frames_ready:
+            with self._work_ready:
                 self._stopping = True
-                self._frames_ready.notify_all()
+                self._work_ready.notify_all()
             if self._worker.is_alive() and self._worker is not threading.current_thread():
                 self._worker.join(timeout=30.0)
         return super().destroy_node()
@@ -527,7 +721,7 @@ def keep_large_buffers_in_the_heap():
 
 
 def main(args=None):
-    """Run the caption node until Ctrl-C or shutdown; exit 1 if the model cannot be loaded."""
+    """Run the caption node until Ctrl-C or shutdown; exit 1 if it cannot start."""
     keep_large_buffers_in_the_heap()
     # A progress bar redraws with carriage returns, which a ROS log file keeps as clutter; the
     # node logs one line when the model is loaded.
@@ -541,7 +735,8 @@ def main(args=None):
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
         executor.spin()
-    except ModelLoadError as error:
+    except (ModelLoadError, ParameterException) as error:
+        # Bad settings and models are the user's to fix: one line, no traceback.
         rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
         exit_code = 1
     except (KeyboardInterrupt, ExternalShutdownException):

@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 
+from blip2_ros import caption_node
 from blip2_ros.caption_node import CaptionNode
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, ModelLoadError
 from blip2_ros.image_conversion import message_to_rgb
@@ -407,6 +408,251 @@ def test_diagnostics_warn_about_a_silent_camera(harness_factory, lively_opt_chec
         return any(status.level == status.WARN and '/nobody/publishes/this' in status.message
                    for message in harness.diagnostics for status in message.status)
     wait_for(warned, what='a stale-input warning')
+
+
+def statuses(harness):
+    """Return every captioning status the test node has heard on /diagnostics so far."""
+    return [status for message in list(harness.diagnostics) for status in message.status]
+
+
+def test_diagnostics_warn_while_frames_are_rejected(harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4,
+                              stale_input_timeout=60.0)
+    camera = harness.publisher(Image, '/cam')
+    depth = image_message(make_frame(70))
+    depth.encoding = '32FC7'  # e.g. a depth topic given by mistake
+    camera.publish(depth)
+    wait_for(lambda: any(status.level == status.WARN and '/cam' in status.message
+                         and 'rejected' in status.message for status in statuses(harness)),
+             what='a warning about rejected frames')
+    # A good frame ends the warning once a report period has passed without rejections.
+    camera.publish(image_message(make_frame(71)))
+    harness.wait_for_infos(1)
+    heard = len(harness.diagnostics)
+    wait_for(lambda: any(status.level == status.OK for status in statuses(harness)[heard:]),
+             what='diagnostics OK again')
+
+
+# The thread ends with an exception on purpose; pytest would warn about it.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnhandledThreadExceptionWarning')
+def test_diagnostics_report_an_error_when_the_inference_thread_has_stopped(
+        harness_factory, lively_opt_checkpoint, monkeypatch):
+    harness = harness_factory(lively_opt_checkpoint, ['/cam'])
+    node = harness.node
+
+    def end_the_thread():
+        raise SystemExit  # not an Exception: the loop lets it end the thread
+
+    monkeypatch.setattr(node, '_take_pending', end_the_thread)
+    wait_for(lambda: not node._worker.is_alive(), what='the inference thread to end')
+    wait_for(lambda: any(status.level == status.ERROR and 'inference thread has stopped'
+                         in status.message for status in statuses(harness)),
+             what='an error on /diagnostics')
+    response = harness.call(Trigger, '/blip2_caption/caption_now', Trigger.Request())
+    assert not response.success and 'inference thread has stopped' in response.message
+
+
+def test_the_inference_thread_survives_an_error_outside_a_batch(
+        harness_factory, lively_opt_checkpoint, monkeypatch):
+    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4)
+    camera = harness.publisher(Image, '/cam')
+    node = harness.node
+    take_pending = node._take_pending
+    failed = []
+
+    def fail_once():
+        if not failed:
+            failed.append(True)
+            # What a negative time.sleep() in the rate limiter raised, between two batches.
+            raise ValueError('sleep length must be non-negative')
+        return take_pending()
+
+    monkeypatch.setattr(node, '_take_pending', fail_once)
+    wait_for(lambda: failed, what='the failing pass')
+    frame = make_frame(72)
+    camera.publish(image_message(frame, stamp_sec=5))
+    assert harness.wait_for_infos(1)[0]['caption'] == node.captioner.caption(
+        [frame], max_new_tokens=4)[0]
+    assert node._worker.is_alive()
+    assert node.statistics()['failed_batches'] == 1
+
+
+def test_a_higher_max_rate_hz_takes_effect_at_once(harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4,
+                              max_rate_hz=0.05)
+    camera = harness.publisher(Image, '/cam')
+    camera.publish(image_message(make_frame(73), stamp_sec=1))
+    harness.wait_for_infos(1)
+    camera.publish(image_message(make_frame(74), stamp_sec=2))
+    time.sleep(1.0)
+    assert len(harness.infos) == 1, 'one batch every 20 s'
+    assert harness.node.set_parameters([Parameter('max_rate_hz', value=50.0)])[0].successful
+    # Not 20 s after the first batch, as the old rate would have it.
+    assert harness.wait_for_infos(2, timeout=3.0)[1]['stamp']['sec'] == 2
+
+
+def test_caption_now_answers_a_failed_caption_and_the_node_goes_on(
+        harness_factory, lively_opt_checkpoint, monkeypatch):
+    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4)
+    camera = harness.publisher(Image, '/cam')
+    harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=False))
+    frame = make_frame(75)
+    camera.publish(image_message(frame, stamp_sec=1))
+    wait_for(lambda: harness.node.statistics()['cameras']['/cam']['received'] == 1,
+             what='the frame')
+    captioner = harness.node.captioner
+    caption = captioner.caption
+
+    def broken_gpu(*args, **kwargs):
+        raise RuntimeError('CUDA error: an illegal memory access was encountered\nmore detail')
+
+    monkeypatch.setattr(captioner, 'caption', broken_gpu)
+    response = harness.call(Trigger, '/blip2_caption/caption_now', Trigger.Request())
+    assert not response.success
+    assert 'illegal memory access' in response.message and '\n' not in response.message
+    assert harness.node.statistics()['failed_batches'] == 1
+    monkeypatch.setattr(captioner, 'caption', caption)
+    response = harness.call(Trigger, '/blip2_caption/caption_now', Trigger.Request())
+    assert response.success
+    assert response.message == caption([frame], max_new_tokens=4)[0]
+    assert harness.spinner.is_alive()
+
+
+def test_caption_now_waits_for_the_inference_thread_and_leaves_the_executor_free(
+        harness_factory, lively_opt_checkpoint, monkeypatch):
+    monkeypatch.setattr(caption_node, 'CAPTION_NOW_TIMEOUT', 2.0)
+    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4)
+    camera = harness.publisher(Image, '/cam')
+    client = harness.peer.create_client(Trigger, '/blip2_caption/caption_now')
+    assert client.wait_for_service(timeout_sec=TIMEOUT)
+    captioner = harness.node.captioner
+    caption = captioner.caption
+    threads, entered, release = [], threading.Event(), threading.Event()
+
+    def held_caption(*args, **kwargs):
+        """Caption on whichever thread calls, once the test lets it: a model that is busy."""
+        threads.append(threading.current_thread())
+        entered.set()
+        release.wait(TIMEOUT)
+        return caption(*args, **kwargs)
+
+    monkeypatch.setattr(captioner, 'caption', held_caption)
+    frame = make_frame(76)
+    camera.publish(image_message(frame, stamp_sec=1))
+    assert entered.wait(TIMEOUT), 'the frame never reached the model'
+    heard = len(harness.diagnostics)
+    # As many calls as the executor has threads: waiting calls must not take them all.
+    calls = [client.call_async(Trigger.Request()) for _ in range(4)]
+    wait_for(calls[0].done, what='the first caption_now to give up')
+    assert not calls[0].result().success and 'busy' in calls[0].result().message
+    assert len(harness.diagnostics) - heard >= 3, 'diagnostics stopped while caption_now waited'
+    release.set()
+    wait_for(lambda: all(call.done() for call in calls), what='the other caption_now calls')
+    expected = caption([frame], max_new_tokens=4)[0]
+    assert [call.result().message for call in calls[1:]] == [expected] * 3
+    assert all(call.result().success for call in calls[1:])
+    # One thread for every caption: torch keeps CUDA graphs per thread.
+    assert set(threads) == {harness.node._worker}
+
+
+def test_start_up_compiles_on_the_inference_thread_for_the_caption_length_it_uses(
+        harness_factory, lively_opt_checkpoint, monkeypatch):
+    warm_up_threads = []
+    warm_up = Blip2Captioner.warm_up
+
+    def recorded_warm_up(captioner, *args, **kwargs):
+        warm_up_threads.append(threading.current_thread())
+        return warm_up(captioner, *args, **kwargs)
+
+    monkeypatch.setattr(Blip2Captioner, 'warm_up', recorded_warm_up)
+    # 8 new tokens need a shorter static cache, and so another compiled step, than 30 do.
+    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=8,
+                              torch_compile=True)
+    captioner = harness.node.captioner
+    assert captioner.compile_decode
+    assert warm_up_threads == [harness.node._worker]
+    compiled_for = set(captioner._static_caches)
+    camera = harness.publisher(Image, '/cam')
+    camera.publish(image_message(make_frame(77)))
+    harness.wait_for_infos(1)
+    assert set(captioner._static_caches) == compiled_for, 'the first frame compiled again'
+
+
+def test_prompt_or_caption_length_beyond_the_model_is_refused_at_run_time(
+        harness_factory, lively_opt_checkpoint):
+    # The tiny model has 128 positions: 8 image tokens, the prompt and the caption share them.
+    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=8)
+    node = harness.node
+    refused = node.set_parameters([Parameter('prompt', value=' '.join(['conveyor'] * 200))])[0]
+    assert not refused.successful and '128' in refused.reason
+    assert not node.set_parameters([Parameter('max_new_tokens', value=125)])[0].successful
+    prompt = ' '.join(['conveyor'] * 60)
+    assert node.set_parameters([Parameter('prompt', value=prompt)])[0].successful
+    # Short enough with an empty prompt, too long with this one.
+    refused = node.set_parameters([Parameter('max_new_tokens', value=100)])[0]
+    assert not refused.successful and 'shorten the prompt' in refused.reason
+    assert node.get_parameter('max_new_tokens').value == 8
+    camera = harness.publisher(Image, '/cam')
+    camera.publish(image_message(make_frame(78)))
+    assert harness.wait_for_infos(1)[0]['prompt'] == prompt
+    assert node.statistics()['failed_batches'] == 0
+
+
+def test_caption_length_beyond_the_model_stops_the_node_at_start_up(lively_opt_checkpoint):
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        with pytest.raises(ModelLoadError) as error:
+            CaptionNode(context=context, parameter_overrides=[
+                Parameter('model', value=str(lively_opt_checkpoint)),
+                Parameter('image_topics', value=['/cam']),
+                Parameter('max_new_tokens', value=125)])
+    finally:
+        rclpy.shutdown(context=context)
+    message = str(error.value)
+    assert 'max_new_tokens 125' in message and '128' in message and '\n' not in message
+
+
+@pytest.mark.parametrize('setting, expected', [
+    ('image_topics:=[]', 'image_topics is empty'),
+    ("image_topics:=['']", "image_topics: '' is not a valid topic name"),
+    ('image_topics:=[/cam/image_raw/compressed/]', 'must not end with a forward slash'),
+    ('caption_topic:=blip2 caption', "caption_topic: 'blip2 caption' is not a valid topic"),
+    ('max_new_tokens:=1000', 'max_new_tokens out of range'),
+    ('max_rate_hz:=2', 'parameter max_rate_hz'),
+])
+def test_bad_settings_stop_the_node_in_one_line_before_the_model_loads(setting, expected):
+    # No model in that folder: an error about the setting shows it was checked first.
+    context = rclpy.Context()
+    rclpy.init(context=context, args=['caption_node', '--ros-args', '-p',
+                                      'model:=/no/such/blip2-folder', '-p', setting])
+    try:
+        with pytest.raises(ModelLoadError) as error:
+            CaptionNode(context=context)
+    finally:
+        rclpy.shutdown(context=context)
+    message = str(error.value)
+    assert expected in message and '\n' not in message, message
+    if setting.startswith('max_rate_hz'):
+        assert '2.0' in message, 'say how to write a float'
+
+
+def test_broken_frames_leave_stderr_to_the_throttled_log(harness_factory, lively_opt_checkpoint,
+                                                         capfd):
+    harness = harness_factory(lively_opt_checkpoint, ['/cam/compressed'])
+    camera = harness.publisher(CompressedImage, '/cam/compressed')
+    ok, png = cv2.imencode('.png', make_frame(79))
+    assert ok
+    broken = CompressedImage(format='png')
+    broken.data = array.array('B', png.tobytes()[:300])
+    for count in range(1, 4):
+        camera.publish(broken)
+        wait_for(lambda count=count: harness.node.statistics()['rejected_frames'] == count,
+                 what=f'{count} rejected frames')
+    stderr = capfd.readouterr().err
+    # OpenCV would add a warning line of its own for every frame.
+    assert 'PNG input buffer is incomplete' not in stderr, stderr
+    assert stderr.count('dropped a frame from /cam/compressed') == 1, stderr
 
 
 @pytest.mark.slow

@@ -53,6 +53,20 @@ def test_unloadable_model_stops_the_node_with_one_clear_line():
     assert "cannot load BLIP-2 model '/no/such/blip2-folder'" in fatal[0]
 
 
+@pytest.mark.parametrize('setting, expected', [
+    ("image_topics:=['']", "image_topics: '' is not a valid topic name"),
+    ('max_rate_hz:=2', 'bad value for parameter max_rate_hz'),
+])
+def test_bad_setting_stops_the_node_with_one_clear_line(tiny_opt_checkpoint, setting, expected):
+    # A slip in a parameter file or on the command line, not a bug: no traceback.
+    process = run_node('-p', f'model:={tiny_opt_checkpoint}', '-p', setting)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert 'Traceback' not in stderr
+    fatal = [line for line in stderr.splitlines() if 'FATAL' in line]
+    assert len(fatal) == 1 and expected in fatal[0], stderr
+
+
 @pytest.mark.parametrize('wait_policy', ['PASSIVE', None])
 def test_node_process_captions_a_frame_and_exits_cleanly_on_ctrl_c(tiny_opt_checkpoint,
                                                                    wait_policy):
