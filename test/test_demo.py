@@ -182,9 +182,10 @@ def test_reproduce_runs_the_whole_loop_into_a_model_folder(tmp_path):
     recipe = DemoRecipe(frames=120, max_steps=4, warmup_steps=1, fresh_frames=8)
     out = reproduce(tmp_path / 'work', out=tmp_path / 'model', recipe=recipe)
     assert out == str(tmp_path / 'model')
+    # bag_to_coco leaves the lock file of each dataset folder beside it.
     assert sorted(os.listdir(tmp_path / 'work')) == [
-        '.demo_model_work', 'bag', 'dataset', 'eval', 'fresh_bag', 'fresh_dataset',
-        'fresh_eval', 'init_model', 'train']
+        '.dataset.lock', '.demo_model_work', '.fresh_dataset.lock', 'bag', 'dataset', 'eval',
+        'fresh_bag', 'fresh_dataset', 'fresh_eval', 'init_model', 'train']
     names = set(os.listdir(out))
     assert {'model.safetensors', 'config.json', 'tokenizer.json', RECIPE_FILE,
             'README.md'} <= names

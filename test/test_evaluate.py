@@ -174,6 +174,62 @@ def test_bad_results_file_is_one_line_error(tmp_path):
     assert '--results and --annotations go together' in str(raised.value)
 
 
+def score_files_error(results_path, annotations_path):
+    """Run the files mode; return its one-line error message."""
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main(['--results', str(results_path), '--annotations', str(annotations_path),
+                       '--tokenizer', 'simple', '--metrics', 'exact_match'])
+    message = str(raised.value)
+    assert message.startswith('error: ') and '\n' not in message
+    return message
+
+
+@pytest.mark.parametrize('entry, expected', [
+    ({'id': 9, 'image_id': 1}, 'annotations[6] needs image_id and caption'),
+    ({'id': 9, 'caption': 'a box'}, 'annotations[6] needs image_id and caption'),
+    ({'id': 9, 'image_id': [1], 'caption': 'a box'},
+     'annotations[6]: image_id must be an integer (or a string), not [1]'),
+    ({'id': 9, 'image_id': 1, 'caption': None},
+     'annotations[6]: caption must be a string, not null'),
+])
+def test_a_bad_annotation_is_one_line_error(tmp_path, entry, expected):
+    """An annotation without caption or image_id, or with an unusable one, names its index."""
+    results_path, annotations_path = write_hand_made(tmp_path)
+    annotations = json.loads(annotations_path.read_text())
+    assert len(annotations['annotations']) == 6
+    annotations['annotations'].append(entry)
+    annotations_path.write_text(json.dumps(annotations))
+    assert expected in score_files_error(results_path, annotations_path)
+
+
+@pytest.mark.parametrize('entry, expected', [
+    ({'image_id': [1], 'caption': 'a box'},
+     'result 0: image_id must be an integer (or a string), not [1]'),
+    ({'image_id': {'id': 1}, 'caption': 'a box'},
+     'result 0: image_id must be an integer (or a string), not {"id": 1}'),
+    ({'image_id': 1, 'caption': None}, 'result 0: caption must be a string, not null'),
+    ({'caption': 'a box'}, "result 0 needs image_id and caption, got {'caption': 'a box'}"),
+])
+def test_a_bad_result_is_one_line_error(tmp_path, entry, expected):
+    """A result whose image_id cannot be a key, or without a caption, is refused by index."""
+    results_path, annotations_path = write_hand_made(tmp_path)
+    results_path.write_text(json.dumps([entry]))
+    assert expected in score_files_error(results_path, annotations_path)
+
+
+def test_string_ids_against_integer_ids_name_the_type_mismatch(tmp_path):
+    """Results with "image_id": "1" against integer ids say that the types differ."""
+    results_path, annotations_path = write_hand_made(tmp_path)
+    results_path.write_text(json.dumps([{'image_id': str(key), 'caption': text}
+                                        for key, text in PREDICTIONS.items()]))
+    message = score_files_error(results_path, annotations_path)
+    assert ("3 predicted image(s) have no references, e.g. image '1' (an image_id of type "
+            "str, but the references' ids are int: use the same type in both files)") in message
+    results_path.write_text(json.dumps([{'image_id': 99, 'caption': 'a box'}]))
+    message = score_files_error(results_path, annotations_path)
+    assert message.endswith('e.g. image 99')
+
+
 def make_dataset(folder, captions):
     """Write a dataset folder whose val split holds one 64x64 image per caption."""
     (folder / 'images').mkdir(parents=True)

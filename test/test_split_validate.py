@@ -12,16 +12,19 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 
-"""Tests for training.validate and training.split on datasets written to disk."""
+"""Tests for training.validate and training.split (and re-splits) on datasets written to disk."""
 
 import json
 import os
 from pathlib import Path
+import signal
+import tempfile
 
 import cv2
 import numpy as np
 import pytest
 from training import bag_to_coco
+from training import record_synthetic_bag
 from training import split
 from training import validate
 from training.coco import read_split
@@ -95,6 +98,10 @@ CASES = {
                      'images[0] (id 1', 'cannot be decoded'),
     'size mismatch': (lambda f: _edit(f, lambda d: d['images'][1].update(width=80)),
                       'images[1] (id 2', 'is 8x6 but the entry says 80x6'),
+    'size as text': (lambda f: _edit(f, lambda d: d['images'][1].update(width='8')),
+                     'images[1] (id 2', "width must be a positive integer, not '8' (str)"),
+    'size as fraction': (lambda f: _edit(f, lambda d: d['images'][2].update(height=6.0)),
+                         'images[2] (id 3', 'height must be a positive integer, not 6.0 (float)'),
     'duplicate image id': (lambda f: _edit(f, lambda d: d['images'][2].update(id=1)),
                            'images[2] (id 1', 'duplicate id, also used by images[0]'),
     'string image id': (lambda f: _edit(f, lambda d: d['images'][0].update(id='1')),
@@ -222,7 +229,7 @@ def test_split_is_deterministic_per_seed(tmp_path):
     folder = _recording(tmp_path)
     results = []
     for seed in (1, 1, 2):
-        split.split_dataset(folder, 0.2, seed=seed, block_seconds=10)
+        split.split_dataset(folder, 0.2, seed=seed, block_seconds=10, reshuffle=True)
         results.append(((folder / 'train_split.jsonl').read_bytes(),
                         (folder / 'val_split.jsonl').read_bytes()))
     assert results[0] == results[1]
@@ -260,3 +267,208 @@ def test_split_refuses_an_invalid_dataset(tmp_path, capsys):
     assert 'is not usable' in stderr and 'does not exist' in stderr
     assert 'python -m training.validate' in stderr
     assert not (folder / 'val_split.jsonl').exists()
+
+
+def test_sizes_that_are_not_integers_are_found_without_decoding(tmp_path):
+    folder = _good(tmp_path)
+    _edit(folder, lambda d: d['images'][0].update(width='8'))
+    problems = validate_dataset(folder, decode_images=False)
+    assert problems == ["images[0] (id 1, 'bag__cam__0.png'): width must be a positive "
+                        "integer, not '8' (str)"]
+
+
+# Re-splitting: what an existing split said stays true.
+
+START_SEC = 1767225600
+FRAMES = 60  # 6 s at 10 Hz: six blocks of one second per bag
+
+
+def append_recording(root, bag_name, start_sec, seed):
+    """Record a synthetic factory bag and append it to root/data with bag_to_coco."""
+    bag = root / bag_name
+    assert record_synthetic_bag.main([
+        '--out', str(bag), '--frames', str(FRAMES), '--size', '32x24', '--kinds', 'box',
+        '--start-sec', str(start_sec), '--seed', str(seed)]) == 0
+    assert bag_to_coco.main([str(bag), '--image-topic', '/camera/image_raw',
+                             '--caption-topic', '/factory/true_caption',
+                             '--out', str(root / 'data'), '--quiet']) == 0
+    return root / 'data'
+
+
+def sides_by_file(folder):
+    """Return ``{file_name: 'train' | 'val'}`` from the split files of ``folder``."""
+    sides = {}
+    for side in ('train', 'val'):
+        for record in read_split(Path(folder) / f'{side}_split.jsonl'):
+            assert record['file_name'] not in sides, record
+            sides[record['file_name']] = side
+    return sides
+
+
+def block_of(file_name, start_sec):
+    """Return the one-second block of a bag_to_coco file name (bag__topic__stamp.jpg)."""
+    bag, _, stamp = file_name.rsplit('.', 1)[0].split('__')
+    return bag, (int(stamp) - start_sec * SECOND) // SECOND
+
+
+def test_resplit_after_appending_a_bag_keeps_every_images_side(tmp_path, capsys):
+    data = append_recording(tmp_path, 'monday', START_SEC, seed=0)
+    assert split.main([str(data), '--val-fraction', '0.2', '--block-seconds', '1']) == 0
+    before = sides_by_file(data)
+    assert sorted(before.values()).count('val') == 20
+    capsys.readouterr()
+
+    append_recording(tmp_path, 'tuesday', START_SEC + 86400, seed=1)
+    assert split.main([str(data), '--val-fraction', '0.2', '--block-seconds', '1']) == 0
+    stdout = capsys.readouterr().out
+    after = sides_by_file(data)
+
+    # A model trained on the first train split is never scored on frames it trained on.
+    assert {name: after[name] for name in before} == before
+    assert len(after) == 2 * FRAMES
+    assert 'kept: 60 images of the existing split files stay on their side' in stdout
+    # Only new blocks were assigned, and whole: one more second of tuesday went to val.
+    tuesday = {name: side for name, side in after.items() if name.startswith('tuesday__')}
+    blocks = {}
+    for name, side in tuesday.items():
+        blocks.setdefault(block_of(name, START_SEC + 86400), set()).add(side)
+    assert all(len(block_sides) == 1 for block_sides in blocks.values())
+    assert list(tuesday.values()).count('val') == 10
+    assert 'new: 50 to train, 10 to val' in stdout
+    assert 'val holds 25.0% of the images (asked 20.0%)' in stdout
+    # The same request again changes nothing.
+    files = [(data / name).read_bytes() for name in ('train_split.jsonl', 'val_split.jsonl')]
+    assert split.main([str(data), '--val-fraction', '0.2', '--block-seconds', '1']) == 0
+    assert [(data / name).read_bytes()
+            for name in ('train_split.jsonl', 'val_split.jsonl')] == files
+
+
+def test_reshuffle_splits_as_if_there_were_no_split_files(tmp_path, capsys):
+    data = append_recording(tmp_path, 'monday', START_SEC, seed=0)
+    assert split.main([str(data), '--val-fraction', '0.3', '--block-seconds', '1',
+                       '--seed', '5']) == 0
+    append_recording(tmp_path, 'tuesday', START_SEC + 86400, seed=1)
+    capsys.readouterr()
+    assert split.main([str(data), '--val-fraction', '0.2', '--block-seconds', '1',
+                       '--reshuffle']) == 0
+    stdout = capsys.readouterr().out
+    assert 'reshuffled: images may have changed sides' in stdout and 'kept:' not in stdout
+    reshuffled = sides_by_file(data)
+    for name in ('train_split.jsonl', 'val_split.jsonl'):
+        (data / name).unlink()
+    assert split.main([str(data), '--val-fraction', '0.2', '--block-seconds', '1']) == 0
+    assert sides_by_file(data) == reshuffled
+    with pytest.raises(SystemExit):
+        split.main(['--help'])
+    help_text = ' '.join(capsys.readouterr().out.split())
+    assert '--reshuffle' in help_text and 'split every block anew' in help_text
+
+
+def test_new_frames_join_the_side_of_their_block_and_removed_ones_are_dropped(
+        tmp_path, capsys):
+    # Every other frame first, as a converter with --every-n 2 would give; then all of them,
+    # numbered anew, minus the first ten seconds.
+    times = [('line', 1000 * SECOND + i * SECOND) for i in range(100)]
+    first = make_dataset(tmp_path / 'first', times[::2])
+    assert split.main([str(first), '--val-fraction', '0.3', '--block-seconds', '10']) == 0
+    before = sides_by_file(first)
+    data = make_dataset(tmp_path / 'data', times[10:])
+    for name in ('train_split.jsonl', 'val_split.jsonl'):
+        (data / name).write_bytes((first / name).read_bytes())
+    capsys.readouterr()
+
+    assert split.main([str(data), '--val-fraction', '0.3', '--block-seconds', '10']) == 0
+    stdout = capsys.readouterr().out
+    after = sides_by_file(data)
+    assert len(after) == 90
+    assert all(after[name] == side for name, side in before.items() if name in after)
+    blocks = {}
+    for name, side in after.items():
+        blocks.setdefault(int(name.split('__')[2].split('.')[0]) // (10 * SECOND),
+                          set()).add(side)
+    assert all(len(block_sides) == 1 for block_sides in blocks.values())
+    assert 'kept: 45 images' in stdout and 'new: ' in stdout
+    assert 'dropped: 5 images of the existing split files are no longer captioned' in stdout
+
+
+def test_existing_split_files_that_contradict_each_other_are_refused(tmp_path, capsys):
+    folder = _recording(tmp_path)
+    assert split.main([str(folder), '--val-fraction', '0.2', '--block-seconds', '10']) == 0
+    train_line = (folder / 'train_split.jsonl').read_text().splitlines()[0]
+    with open(folder / 'val_split.jsonl', 'a', encoding='utf-8') as stream:
+        stream.write(train_line + '\n')
+    capsys.readouterr()
+    assert split.main([str(folder)]) == 1
+    stderr = capsys.readouterr().err
+    assert 'is in both train_split.jsonl and val_split.jsonl' in stderr and '--reshuffle' in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert split.main([str(folder), '--reshuffle', '--block-seconds', '10']) == 0
+    (folder / 'train_split.jsonl').write_text('{"image_id": "abc"}\n')
+    assert split.main([str(folder)]) == 1
+    stderr = capsys.readouterr().err
+    assert "train_split.jsonl line 1: image_id must be an integer, not 'abc'" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_asking_for_val_after_a_split_without_it_needs_reshuffle(tmp_path, capsys):
+    folder = _recording(tmp_path)
+    assert split.main([str(folder), '--val-fraction', '0', '--block-seconds', '10']) == 0
+    capsys.readouterr()
+    assert split.main([str(folder), '--val-fraction', '0.2', '--block-seconds', '10']) == 1
+    stderr = capsys.readouterr().err
+    assert 'put no image in val and there is no new block' in stderr and '--reshuffle' in stderr
+    assert len(read_split(folder / 'val_split.jsonl')) == 0
+    assert split.main([str(folder), '--val-fraction', '0.2', '--block-seconds', '10',
+                       '--reshuffle']) == 0
+    assert len(read_split(folder / 'val_split.jsonl')) == 40
+
+
+def _split_files(folder):
+    names = ('train_split.jsonl', 'val_split.jsonl')
+    return {name: (folder / name).read_bytes() for name in names}
+
+
+def test_an_interrupt_while_replacing_leaves_both_new_split_files(tmp_path, monkeypatch):
+    folder = _recording(tmp_path)
+    split.split_dataset(folder, 0.2, seed=1, block_seconds=10)
+    old = _split_files(folder)
+    replace = os.replace
+
+    def interrupted_replace(source, destination):
+        # Ctrl-C arrives right after the first file is replaced.
+        replace(source, destination)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, 'replace', interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        split.split_dataset(folder, 0.2, seed=2, block_seconds=10, reshuffle=True)
+    monkeypatch.undo()
+    new = _split_files(folder)
+    assert new['train_split.jsonl'] != old['train_split.jsonl']
+    assert new['val_split.jsonl'] != old['val_split.jsonl']
+    split.split_dataset(folder, 0.2, seed=2, block_seconds=10, reshuffle=True)
+    assert _split_files(folder) == new
+    assert sorted(path.name for path in folder.iterdir()) == [
+        'annotations.json', 'images', 'train_split.jsonl', 'val_split.jsonl']
+
+
+def test_a_failure_while_writing_leaves_the_old_split_files(tmp_path, monkeypatch):
+    folder = _recording(tmp_path)
+    split.split_dataset(folder, 0.2, seed=1, block_seconds=10)
+    old = _split_files(folder)
+    mkstemp = tempfile.mkstemp
+    calls = []
+
+    def disk_full_on_second_file(*args, **kwargs):
+        calls.append(kwargs.get('prefix'))
+        if len(calls) == 2:
+            raise OSError(28, 'No space left on device')
+        return mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, 'mkstemp', disk_full_on_second_file)
+    with pytest.raises(OSError):
+        split.split_dataset(folder, 0.2, seed=2, block_seconds=10, reshuffle=True)
+    assert len(calls) == 2
+    assert _split_files(folder) == old
+    assert sorted(path.name for path in folder.iterdir()) == [
+        'annotations.json', 'images', 'train_split.jsonl', 'val_split.jsonl']

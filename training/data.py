@@ -22,7 +22,6 @@ collator builds the same token layout that :mod:`blip2_ros.captioner` builds at 
 """
 
 from dataclasses import dataclass
-import json
 import os
 
 import numpy as np
@@ -30,6 +29,7 @@ from PIL import Image
 import torch
 
 from training.coco import ANNOTATIONS_FILE, DatasetError, image_path, read_annotations
+from training.split import caption_texts, read_split_file
 
 IGNORE_INDEX = -100
 ALL_SPLIT = 'all'
@@ -49,30 +49,21 @@ def split_path(folder, split):
     return os.path.join(folder, f'{split}_split.jsonl')
 
 
-def _record(entry, where):
-    try:
-        image_id = entry['image_id']
-        file_name = entry['file_name']
-        captions = entry['captions']
-    except (KeyError, TypeError) as error:
-        raise DatasetError(
-            f'{where}: entry lacks {error}; each line needs image_id, file_name and captions '
-            '(re-run python -m training.split)') from error
-    if isinstance(captions, str):
-        captions = [captions]
-    captions = tuple(str(caption).strip() for caption in captions if str(caption).strip())
-    return CaptionRecord(int(image_id), str(file_name), captions)
+def _resplit_hint(folder):
+    return f're-run python -m training.split {folder}'
 
 
-def _records_from_annotations(folder):
-    path = os.path.join(folder, ANNOTATIONS_FILE)
-    coco = read_annotations(folder)
-    captions = {}
-    for annotation in coco.get('annotations', []):
-        captions.setdefault(annotation['image_id'], []).append(annotation['caption'])
-    return [_record({'image_id': image['id'], 'file_name': image['file_name'],
-                     'captions': captions.get(image['id'], [])}, path)
-            for image in coco.get('images', [])]
+def _images_by_id(coco, folder):
+    """Return ``{id: file_name}`` of the images of annotations.json."""
+    images = {}
+    for index, image in enumerate(coco['images']):
+        if (not isinstance(image, dict) or not isinstance(image.get('id'), int)
+                or not isinstance(image.get('file_name'), str)):
+            raise DatasetError(
+                f'{os.path.join(folder, ANNOTATIONS_FILE)} images[{index}] needs an integer id '
+                f'and a file_name; run python -m training.validate {folder}')
+        images.setdefault(image['id'], image['file_name'])
+    return images
 
 
 def load_split(folder, split):
@@ -80,26 +71,59 @@ def load_split(folder, split):
     Read the images and captions of one split of a dataset folder.
 
     ``split`` names ``<split>_split.jsonl`` (e.g. 'train', 'val'); 'all' reads every image of
-    ``annotations.json``. Raises :class:`DatasetError` with a fix-it message.
+    ``annotations.json``. A split file only says which images belong to the split: file names
+    and captions come from ``annotations.json``, so corrected captions count without a new
+    split, and a split file that names an image annotations.json no longer has (or has under
+    another file name) is refused as stale. Raises :class:`DatasetError` with a fix-it message.
     """
+    if split != ALL_SPLIT:
+        path = split_path(folder, split)
+        if not os.path.isfile(path):
+            raise DatasetError(
+                f'{path} does not exist: run python -m training.split {folder} first, '
+                f"or use split '{ALL_SPLIT}' for every image of {ANNOTATIONS_FILE}")
+    coco = read_annotations(folder)
+    images = _images_by_id(coco, folder)
+    captions = caption_texts(coco, folder)
     if split == ALL_SPLIT:
-        return _records_from_annotations(folder)
-    path = split_path(folder, split)
-    if not os.path.isfile(path):
-        raise DatasetError(
-            f'{path} does not exist: run python -m training.split {folder} first, '
-            f"or use split '{ALL_SPLIT}' for every image of {ANNOTATIONS_FILE}")
+        return [CaptionRecord(image_id, file_name, tuple(captions.get(image_id, ())))
+                for image_id, file_name in images.items()]
     records = []
-    with open(path, encoding='utf-8') as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError as error:
-                raise DatasetError(f'{path} line {number} is not JSON: {error}') from error
-            records.append(_record(entry, f'{path} line {number}'))
+    for entry in read_split_file(path, _resplit_hint(folder)):
+        image_id = entry['image_id']
+        if image_id not in images:
+            raise DatasetError(f'{path} is stale: image {image_id} is no longer in '
+                               f'{ANNOTATIONS_FILE}; {_resplit_hint(folder)}')
+        if images[image_id] != entry['file_name']:
+            raise DatasetError(
+                f"{path} is stale: image {image_id} is {entry['file_name']!r} there but "
+                f'{images[image_id]!r} in {ANNOTATIONS_FILE}; {_resplit_hint(folder)}')
+        records.append(CaptionRecord(image_id, images[image_id],
+                                     tuple(captions.get(image_id, ()))))
     return records
+
+
+def unsplit_images(folder, splits=('train', 'val')):
+    """
+    Return the ids of captioned images of annotations.json that no split of ``splits`` names.
+
+    These are frames appended (e.g. by bag_to_coco) after the last ``training.split``: nothing
+    trains or evaluates on them until split runs again. Splits whose file does not exist, and
+    empty names, are skipped; with 'all' among ``splits`` every image is used and the list is
+    empty. Raises :class:`DatasetError` like :func:`load_split`.
+    """
+    if ALL_SPLIT in splits:
+        return []
+    coco = read_annotations(folder)
+    images = _images_by_id(coco, folder)
+    named = set()
+    for split in splits:
+        path = split_path(folder, split)
+        if split and os.path.isfile(path):
+            named.update(entry['image_id']
+                         for entry in read_split_file(path, _resplit_hint(folder)))
+    return sorted(image_id for image_id in caption_texts(coco, folder)
+                  if image_id in images and image_id not in named)
 
 
 def load_rgb(path):

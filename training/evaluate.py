@@ -174,8 +174,15 @@ def score_captions(references, predictions, metrics=ALL_METRICS, tokenizer='auto
                               f"{','.join(ALL_METRICS)}")
     missing = [key for key in predictions if key not in references]
     if missing:
+        example = missing[0]
+        reference_types = sorted({type(key).__name__ for key in references})
+        mismatch = ''
+        if references and type(example).__name__ not in reference_types:
+            mismatch = (f' (an image_id of type {type(example).__name__}, but the '
+                        f"references' ids are {' and '.join(reference_types)}: use the same "
+                        'type in both files)')
         raise EvaluationError(f'{len(missing)} predicted image(s) have no references, '
-                              f'e.g. image {missing[0]}')
+                              f'e.g. image {example!r}{mismatch}')
     result = Scores(images=len(predictions))
     has_java = java_available()
     if tokenizer == 'auto':
@@ -237,14 +244,30 @@ def _read_json(path, what):
         raise EvaluationError(f'cannot read {what} file {path}: {_one_line(error)}') from None
 
 
+def _id_and_caption(entry, where):
+    """Return an entry's (image_id, caption); raise EvaluationError if either is unusable."""
+    if not isinstance(entry, dict) or 'image_id' not in entry or 'caption' not in entry:
+        raise EvaluationError(f'{where} needs image_id and caption, got {_one_line(entry)}')
+    image_id, caption = entry['image_id'], entry['caption']
+    # Ids are dict keys and are compared with the other file's: integers (COCO) or strings.
+    if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+        raise EvaluationError(f'{where}: image_id must be an integer (or a string), not '
+                              f'{_one_line(json.dumps(image_id))}')
+    if not isinstance(caption, str):
+        raise EvaluationError(f'{where}: caption must be a string, not '
+                              f'{_one_line(json.dumps(caption))}')
+    return image_id, caption
+
+
 def references_from_coco(annotations):
     """Return ``{image_id: [caption, ...]}`` from a COCO captions dict."""
     if not isinstance(annotations, dict) or not isinstance(annotations.get('annotations'), list):
         raise EvaluationError('annotations must be a COCO captions object with an '
                               '"annotations" list')
     references = {}
-    for entry in annotations['annotations']:
-        references.setdefault(entry['image_id'], []).append(str(entry['caption']))
+    for index, entry in enumerate(annotations['annotations']):
+        image_id, caption = _id_and_caption(entry, f'annotations[{index}]')
+        references.setdefault(image_id, []).append(caption)
     return references
 
 
@@ -253,15 +276,11 @@ def predictions_from_results(results):
     if not isinstance(results, list):
         raise EvaluationError('results must be a JSON list of {"image_id", "caption"}')
     predictions = {}
-    for entry in results:
-        try:
-            image_id, caption = entry['image_id'], str(entry['caption'])
-        except (KeyError, TypeError):
-            raise EvaluationError('each result needs image_id and caption, got '
-                                  f'{_one_line(entry)}') from None
+    for index, entry in enumerate(results):
+        image_id, caption = _id_and_caption(entry, f'result {index}')
         if image_id in predictions:
-            raise EvaluationError(f'results hold two captions for image {image_id}: keep one '
-                                  'per image')
+            raise EvaluationError(f'results hold two captions for image {image_id!r}: keep '
+                                  'one per image')
         predictions[image_id] = caption
     return predictions
 
@@ -352,9 +371,13 @@ def _scores_json(scores):
 
 def evaluate_models(args):
     """Caption a split with the model (and the --compare baseline), score, write, print."""
-    from training.data import load_split
+    from training.data import load_split, unsplit_images
 
     records = [record for record in load_split(args.data, args.split) if record.captions]
+    unsplit = unsplit_images(args.data, ('train', 'val', args.split))
+    if unsplit:
+        LOGGER.warning('%d images of annotations.json are in no split; re-run '
+                       'python -m training.split %s to use them', len(unsplit), args.data)
     if args.max_images:
         records = records[:args.max_images]
     if not records:
@@ -452,7 +475,10 @@ def main(argv=None):
                 raise EvaluationError(f"{', '.join(missing)} required (or --results with "
                                       '--annotations)')
             columns = evaluate_models(args)
-    except (EvaluationError, DatasetError, OSError) as error:
+    except (EvaluationError, DatasetError) as error:
+        # Our own messages end with what to do: shortening them could cut that off.
+        raise SystemExit(f"error: {' '.join(str(error).split())}") from None
+    except OSError as error:
         raise SystemExit(f'error: {_one_line(error)}') from None
     print(format_table(columns))
     return 0

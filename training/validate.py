@@ -16,10 +16,10 @@
 Check a COCO captions dataset folder, made by bag_to_coco or by hand, before training on it.
 
 ``python -m training.validate DIR`` lists every problem, one line each, naming the entry:
-missing or unreadable images, sizes that disagree with the file, duplicate ids or file names,
-captions that are empty or point at no image, and file names that would leave DIR/images
-(``..``, absolute paths, symlinks to elsewhere). Training calls :func:`check_dataset`, which
-raises :class:`DatasetError` when anything is wrong.
+missing or unreadable images, sizes that are not integers or disagree with the file, duplicate
+ids or file names, captions that are empty or point at no image, and file names that would
+leave DIR/images (``..``, absolute paths, symlinks to elsewhere). Training calls
+:func:`check_dataset`, which raises :class:`DatasetError` when anything is wrong.
 """
 
 import argparse
@@ -61,10 +61,24 @@ def _image_problem(path, entry):
             width, height = image.size
     except Exception as error:  # noqa: B902 - any decoder failure means an unusable file
         return f'cannot be decoded ({type(error).__name__}: {" ".join(str(error).split())})'
-    expected = (entry.get('width'), entry.get('height'))
-    if expected != (None, None) and expected != (width, height):
-        return (f'is {width}x{height} but the entry says '
-                f'{expected[0]}x{expected[1]}')
+    actual = {'width': width, 'height': height}
+    # Sizes that are not whole pixel counts are reported by _size_problem, not compared here.
+    if any(_is_size(entry.get(key)) and entry[key] != actual[key] for key in actual):
+        said = [entry[key] if _is_size(entry.get(key)) else '?' for key in actual]
+        return f'is {width}x{height} but the entry says {said[0]}x{said[1]}'
+    return ''
+
+
+def _is_size(value):
+    return _is_id(value) and value > 0
+
+
+def _size_problem(entry):
+    """Return why the entry's width or height is not a pixel count, or ''."""
+    for key in ('width', 'height'):
+        if key in entry and not _is_size(entry[key]):
+            return (f'{key} must be a positive integer, not {entry[key]!r} '
+                    f'({type(entry[key]).__name__})')
     return ''
 
 
@@ -101,6 +115,9 @@ def validate_dataset(folder, decode_images=True):
             problems.append(f'{where}: duplicate id, also used by images[{image_ids[image_id]}]')
         else:
             image_ids[image_id] = index
+        size_problem = _size_problem(entry)
+        if size_problem:
+            problems.append(f'{where}: {size_problem}')
         name_problem = _name_problem(file_name)
         if name_problem:
             problems.append(f'{where}: {name_problem}')
