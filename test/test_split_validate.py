@@ -225,6 +225,22 @@ def test_split_keeps_time_blocks_together(tmp_path, capsys):
         assert all(i % 10 == 0 for i in changes)
 
 
+def test_split_asks_for_a_review_of_captions_a_model_wrote(tmp_path, capsys):
+    folder = _recording(tmp_path)
+    assert split.main([str(folder), '--val-fraction', '0.2']) == 0
+    assert 'review:' not in capsys.readouterr().out
+
+    def auto_caption_three(data):
+        for note in data['annotations'][:3]:
+            note.update(machine_generated=True, model='blip2')
+        data['annotations'][3]['machine_generated'] = False  # reviewed
+
+    _edit(folder, auto_caption_three)
+    assert split.main([str(folder), '--val-fraction', '0.2']) == 0
+    assert 'review: 3 captions were written by a model and not checked yet' in (
+        capsys.readouterr().out)
+
+
 def test_split_is_deterministic_per_seed(tmp_path):
     folder = _recording(tmp_path)
     results = []

@@ -69,6 +69,7 @@ class SplitSummary:
     new_val_images: int = 0
     dropped_images: int = 0
     reshuffled: bool = False
+    unreviewed_captions: int = 0
 
 
 def _is_id(value):
@@ -299,7 +300,9 @@ def split_dataset(folder, val_fraction, seed=0, block_seconds=30.0, decode_image
         uncaptioned_images=len(data['images']) - len(images), kept_images=len(kept),
         new_train_images=new_counts['train'], new_val_images=new_counts['val'],
         dropped_images=len(set(previous) - {image['file_name'] for image in images}),
-        reshuffled=reshuffle and had_split_files)
+        reshuffled=reshuffle and had_split_files,
+        unreviewed_captions=sum(note.get('machine_generated') is True
+                                for note in data['annotations']))
 
 
 def main(argv=None):
@@ -341,6 +344,11 @@ def main(argv=None):
     if summary.dropped_images:
         print(f'dropped: {summary.dropped_images} images of the existing split files are no '
               f'longer captioned images of {coco.ANNOTATIONS_FILE}')
+    if summary.unreviewed_captions:
+        # bag_to_coco --auto-caption marks them; a model trained on them learns their mistakes.
+        print(f'review: {summary.unreviewed_captions} captions were written by a model and not '
+              f'checked yet (machine_generated true in {coco.ANNOTATIONS_FILE}); read them '
+              'against the images and set it to false')
     if summary.reshuffled:
         print('reshuffled: images may have changed sides; do not score a model trained on the '
               'old train split on this val split')
