@@ -49,8 +49,15 @@ def find_images(paths):
     images, missing, seen = [], [], set()
     for path in paths:
         if os.path.isdir(path):
-            found = []
-            for folder, subfolders, files in os.walk(path):
+            found, walked = [], set()
+            # Symlinked subfolders are followed; a link back to a folder already walked (a
+            # loop, or a second way to the same images) is not walked again.
+            for folder, subfolders, files in os.walk(path, followlinks=True):
+                real_folder = os.path.realpath(folder)
+                if real_folder in walked:
+                    subfolders.clear()
+                    continue
+                walked.add(real_folder)
                 subfolders.sort()
                 found.extend(os.path.join(folder, name) for name in files
                              if name.lower().endswith(IMAGE_EXTENSIONS))
@@ -69,20 +76,44 @@ def find_images(paths):
 
 
 def load_rgb(path):
-    """Read an image file into an HxWx3 uint8 RGB array, turned upright by its EXIF tag."""
-    from PIL import Image, ImageOps
+    """
+    Read an image file into an HxWx3 uint8 RGB array, turned upright by its EXIF tag.
+
+    Whatever goes wrong with this one file (a decoder error, too little memory for its pixels)
+    raises ImageLoadError, so that a caller can skip it and go on with the others. An image
+    whose EXIF block is too damaged to turn it by comes back as stored, with a warning.
+    """
+    from PIL import Image
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
+            image = _upright(image, path)
             if image.mode in ('I', 'I;16', 'I;16B', 'I;16L'):
                 # PIL's convert('RGB') clips 16-bit grey at 255, which whites out the image.
                 grey = np.asarray(image, dtype=np.float32) / 257.0
                 grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
                 return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
             return np.array(image.convert('RGB'), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        reason = ' '.join(str(error).split()) or type(error).__name__
-        raise ImageLoadError(f'{path}: cannot read image ({reason})') from error
+    except Exception as error:  # noqa: B902 - decoders and plugins fail in many ways
+        raise ImageLoadError(f'{path}: cannot read image ({_reason(error)})') from error
+
+
+def _upright(image, path):
+    from PIL import ImageOps
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as error:  # noqa: B902 - EXIF parsing raises struct.error and others
+        _warn(f'{_printable(path)}: its EXIF orientation cannot be read ({_reason(error)}), '
+              'so it is captioned as stored')
+        return image
+
+
+def _reason(error):
+    return ' '.join(str(error).split()) or type(error).__name__
+
+
+def _printable(path):
+    """Return ``path`` as text that encodes as UTF-8 even where the name is not valid UTF-8."""
+    return os.fsencode(path).decode('utf-8', 'backslashreplace')
 
 
 def parse_args(argv=None):
@@ -120,6 +151,12 @@ def _positive_int(text):
 
 def _warn(message):
     print(f'caption_images: {message}', file=sys.stderr, flush=True)
+
+
+def _out_of_memory(error, torch):
+    # On a CPU torch's allocator reports a failed allocation as a plain RuntimeError.
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(error))
 
 
 def main(argv=None):
@@ -163,13 +200,16 @@ def main(argv=None):
             continue
         try:
             captions = captioner.caption(frames)
-        except torch.OutOfMemoryError:
+        except (MemoryError, RuntimeError) as error:
+            if not _out_of_memory(error, torch):
+                raise
             _warn(f'out of memory on a batch of {len(frames)} images, skipped them; '
                   'lower --batch-size')
             skipped += len(frames)
             continue
         for path, caption in zip(paths, captions):
-            print(json.dumps({'image': path, 'caption': caption}, ensure_ascii=False))
+            print(json.dumps({'image': _printable(path), 'caption': caption},
+                             ensure_ascii=False))
         sys.stdout.flush()
         captioned += len(frames)
     _warn(f'captioned {captioned} images, skipped {skipped}'

@@ -25,6 +25,7 @@ import logging
 import os
 
 import numpy as np
+from safetensors import SafetensorError
 import torch
 import torch.nn.functional as F
 
@@ -136,6 +137,14 @@ def _check_model_source(model, local_files_only, where):
         raise ModelLoadError(
             f'cannot load {where}: no such folder; give an existing checkpoint folder '
             'or a hub id such as Salesforce/blip2-opt-2.7b')
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(model)
+    except HFValidationError as error:
+        raise ModelLoadError(
+            f'cannot load {where}: no such folder, and not a valid hub id; give an existing '
+            'checkpoint folder or a hub id such as Salesforce/blip2-opt-2.7b') from error
     if local_files_only:
         from huggingface_hub import try_to_load_from_cache
         if not isinstance(try_to_load_from_cache(model, 'config.json'), str):
@@ -212,6 +221,22 @@ def _round_half_up_to_uint8_range(image):
     return image.add_(0.5).floor_().clamp_(0, 255)
 
 
+def _tokenizer_problem(tokenizer, text_config):
+    """Return why a checkpoint's tokenizer cannot be the one of its language model, or None."""
+    vocabulary = text_config.vocab_size
+    # Embedding tables are often rounded up (blip2-opt-2.7b: 50272 rows for 50266 tokens), so
+    # only a tokenizer far smaller than the table is wrong for sure. transformers makes such a
+    # tokenizer, without a pad token, from a folder that lacks the tokenizer files; its
+    # captions would be garbage.
+    if tokenizer.pad_token is not None and len(tokenizer) >= vocabulary // 2:
+        return None
+    pad = 'a' if tokenizer.pad_token is not None else 'no'
+    return (f'its tokenizer ({len(tokenizer)} tokens, {pad} pad token) does not fit its '
+            f'language model ({vocabulary} tokens): the tokenizer files (tokenizer.json, '
+            'tokenizer_config.json) are missing or wrong; save the Blip2Processor next to the '
+            'model')
+
+
 def _adapter_covers_whole_model(adapter_weights, model):
     """Tell a LoRA saved on the whole BLIP-2 from one saved on its language model alone."""
     top_level = {name for name, _ in model.named_children()} | {'query_tokens'}
@@ -260,6 +285,10 @@ def _merge_adapter(model, adapter, allow_pickle):
         load_result = set_peft_model_state_dict(peft_model, adapter_weights)
     except ModelLoadError:
         raise
+    except SafetensorError as error:
+        raise ModelLoadError(
+            f"LoRA adapter '{adapter}' has a damaged weight file ({_one_line(error)}); "
+            'save or copy the adapter again') from error
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
         raise ModelLoadError(
             f"cannot apply LoRA adapter '{adapter}': {_one_line(error)}") from error
@@ -295,6 +324,9 @@ class Blip2Captioner:
         problem = prompt_problem(config.prompt)
         if problem:
             raise ModelLoadError(problem)
+        max_new_tokens = config.max_new_tokens
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ModelLoadError(f'max_new_tokens must be 1 or more, not {max_new_tokens!r}')
         load_args = {'local_files_only': config.local_files_only}
         where = f"BLIP-2 model '{config.model}'"
         _check_model_source(config.model, config.local_files_only, where)
@@ -309,13 +341,23 @@ class Blip2Captioner:
         self.dtype = resolve_dtype(config.dtype, self.device, self.is_encoder_decoder)
         try:
             self.processor = Blip2Processor.from_pretrained(config.model, **load_args)
+            # Checked before the weights load, which takes minutes for a full-size model.
+            problem = _tokenizer_problem(self.processor.tokenizer, model_config.text_config)
+            if problem:
+                raise ModelLoadError(f'cannot load {where}: {problem}')
             # Never trust_remote_code: a checkpoint must not run code of its own on a robot.
             # allow_pickle only widens the choice: safetensors still win where both exist.
             model = Blip2ForConditionalGeneration.from_pretrained(
                 config.model, dtype=self.dtype,
                 use_safetensors=None if config.allow_pickle else True,
                 trust_remote_code=False, **load_args)
-        except (OSError, ValueError, RuntimeError) as error:
+        except ModelLoadError:
+            raise
+        except SafetensorError as error:
+            raise ModelLoadError(
+                f'cannot load {where}: a weight file is damaged ({_one_line(error)}); download '
+                'or save the checkpoint again') from error
+        except (OSError, ValueError, RuntimeError, TypeError) as error:
             hint = ''
             if not config.allow_pickle and 'safetensors' in str(error).lower():
                 hint = ' (the checkpoint has no safetensors weights; allow_pickle loads it)'
@@ -328,8 +370,12 @@ class Blip2Captioner:
             raise ModelLoadError(
                 f'{where} does not fit in {self.device} memory as {self.dtype}: '
                 'use a smaller model, dtype bfloat16/float16, or device cpu') from error
-        self._finish_setup()
-        problem = self.length_problem(config.prompt, config.max_new_tokens)
+        try:
+            self._finish_setup()
+            problem = self.length_problem(config.prompt, config.max_new_tokens)
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
+            # The checkpoint's processor or generation settings do not fit its model.
+            raise ModelLoadError(f'cannot set up {where}: {_one_line(error)}') from error
         if problem:
             raise ModelLoadError(problem)
 
@@ -584,8 +630,11 @@ class Blip2Captioner:
         prompts = [prompt] * len(frames) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(frames):
             raise ValueError(f'{len(prompts)} prompts for {len(frames)} frames')
+        if max_new_tokens is None:
+            max_new_tokens = self.config.max_new_tokens
+        if max_new_tokens < 1:
+            raise ValueError(f'max_new_tokens must be 1 or more, not {max_new_tokens}')
         input_ids, attention_mask = self._encode_prompts(prompts)
-        max_new_tokens = max_new_tokens or self.config.max_new_tokens
         # Past the last position an index error, or on a GPU a device-side assert that breaks
         # every later call, would say nothing useful.
         problem = self._length_problem(input_ids.shape[1], max_new_tokens)

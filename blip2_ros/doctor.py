@@ -23,7 +23,8 @@ cv_bridge, peft, the training tools, Java for METEOR) are WARN when absent.
 
 A named model is looked up without loading its weights: a local folder, or a hub id in the local
 Hugging Face cache; only when the cache lacks it and the machine is online is its config.json
-fetched. The parameter count comes from building the model on torch's meta device.
+fetched. Of its weight files only the safetensors headers are read, which is where a truncated
+file fails. The parameter count comes from building the model on torch's meta device.
 
 Usage: ``python -m blip2_ros.doctor [--model M] [--local-files-only] [--cache-dir DIR]``
 (also ``ros2 run blip2_ros doctor``).
@@ -208,6 +209,41 @@ def _weights(files):
     return ''
 
 
+def _weight_problem(folder, files):
+    """
+    Return why the weights in a checkpoint folder cannot load, or '' when they look whole.
+
+    The shards an index file lists must all be there, and every safetensors file must have a
+    readable header: a truncated or damaged file fails there, and only the header is read.
+    """
+    from safetensors import safe_open, SafetensorError
+    for single_name, index_name in (('model.safetensors', 'model.safetensors.index.json'),
+                                    ('pytorch_model.bin', 'pytorch_model.bin.index.json')):
+        if single_name in files:
+            names = [single_name]
+        elif index_name in files:
+            try:
+                with open(os.path.join(folder, index_name), encoding='utf-8') as stream:
+                    names = sorted(set(json.load(stream)['weight_map'].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+                return f'its {index_name} cannot be read ({_one_line(error)})'
+            missing = [name for name in names if name not in files]
+            if missing:
+                return (f'{len(missing)} of the {len(names)} weight files its {index_name} '
+                        f'lists are missing ({", ".join(missing[:3])})')
+        else:
+            continue
+        for name in names:
+            if name.endswith('.safetensors'):
+                try:
+                    with safe_open(os.path.join(folder, name), framework='pt'):
+                        pass
+                except (OSError, SafetensorError) as error:
+                    return f'its weight file {name} is damaged ({_one_line(error)})'
+        return ''
+    return ''
+
+
 def _locate_hub_model(model, cache_dir, local_files_only):
     """
     Find a hub model in the local cache; return (snapshot folder, source, problem).
@@ -333,6 +369,10 @@ def check_model(model, local_files_only=False, cache_dir=None):
     if not weights:
         return [Check(MISSING, f"model '{model}' ({where}) has a config but no complete weights",
                       'download or save the whole checkpoint (model*.safetensors)')]
+    problem = _weight_problem(folder, files) if source != 'download' else ''
+    if problem:
+        return [Check(MISSING, f"model '{model}' ({where}): {problem}",
+                      'download or save the whole checkpoint again')]
     if weights == 'pickle':
         checks.append(Check(WARN, f"model '{model}' has only pickle weights (pytorch_model.bin)",
                             'set allow_pickle:=true if you trust it, or convert to safetensors'))

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 import shutil
 import sqlite3
+import struct
 import subprocess
 import sys
 
@@ -148,6 +149,33 @@ def test_load_rgb_turns_images_upright_by_their_exif_orientation(tmp_path):
     assert np.array_equal(load_rgb(str(path)), np.rot90(frame, k=-1))
 
 
+def exif_with_a_mistyped_tag():
+    """
+    Return raw EXIF: orientation 6 and a TileLength tag that holds text instead of a number.
+
+    PIL reads such a block, but turning the image upright rewrites the EXIF without the
+    orientation, and packing the text as a number raises struct.error.
+    """
+    entries = [(0x0112, 3, 1, struct.pack('>HH', 6, 0)),  # SHORT orientation 6
+               (0x0143, 2, 4, b'cam\0')]  # TileLength as ASCII
+    ifd = struct.pack('>H', len(entries)) + b''.join(
+        struct.pack('>HHI', tag, kind, count) + value for tag, kind, count, value in entries)
+    return b'Exif\0\0MM\0*' + struct.pack('>I', 8) + ifd + struct.pack('>I', 0)
+
+
+def test_load_rgb_keeps_an_image_as_stored_when_its_exif_cannot_turn_it(tmp_path, capsys):
+    path = tmp_path / 'odd_camera.jpg'
+    Image.fromarray(random_frame(6, 30, 50)).save(path, quality=95,
+                                                  exif=exif_with_a_mistyped_tag())
+    rgb = load_rgb(str(path))
+    with Image.open(path) as image:
+        assert np.array_equal(rgb, np.asarray(image.convert('RGB')))
+    assert rgb.shape == (30, 50, 3)
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(path) in err and 'EXIF orientation' in err and 'as stored' in err
+
+
 def test_load_rgb_scales_16_bit_grey_to_8_bit(tmp_path):
     grey = np.linspace(0, 65535, 40 * 30).reshape(30, 40).astype(np.uint16)
     path = tmp_path / 'depth_like.png'
@@ -165,6 +193,19 @@ def test_load_rgb_reports_unreadable_files_in_one_line(tmp_path, content):
     with pytest.raises(ImageLoadError) as error:
         load_rgb(str(path))
     assert str(path) in str(error.value) and '\n' not in str(error.value)
+
+
+def test_find_images_follows_symlinked_folders_but_not_link_loops(tmp_path):
+    root, elsewhere = tmp_path / 'root', tmp_path / 'elsewhere'
+    root.mkdir()
+    elsewhere.mkdir()
+    Image.fromarray(random_frame(7, 8, 8)).save(root / 'belt.png')
+    Image.fromarray(random_frame(8, 8, 8)).save(elsewhere / 'arm.png')
+    (root / 'camera2').symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / 'back').symlink_to(root, target_is_directory=True)  # a loop
+    images, missing = find_images([str(root)])
+    assert [os.path.relpath(path, root) for path in images] == ['belt.png', 'camera2/arm.png']
+    assert missing == []
 
 
 def test_captions_every_readable_image_like_the_captioner(image_folder, lively_checkpoint,
@@ -233,6 +274,65 @@ def test_the_training_prompt_is_the_default_and_a_given_prompt_wins(
     assert main(['--model', str(model), image]) == 2
     err = capsys.readouterr().err
     assert 'blip2_ros_training.json' in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_image_too_big_for_memory_is_skipped_and_the_others_captioned(
+        image_folder, tiny_opt_checkpoint, monkeypatch, capsys):
+    root, _ = image_folder
+    belt, huge, arm = (str(root / name)
+                       for name in ('belt.png', 'shift_a/z_last.png', 'shift_b/arm.png'))
+    open_image = Image.open
+
+    def open_short_of_memory(path, *args, **kwargs):
+        if str(path) == huge:
+            raise MemoryError  # what PIL raises when the pixels do not fit
+        return open_image(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, 'open', open_short_of_memory)
+    status = main(['--model', str(tiny_opt_checkpoint), '--batch-size', '1',
+                   '--max-new-tokens', '3', belt, huge, arm])
+    out, err = capsys.readouterr()
+    assert status == 0
+    assert [line['image'] for line in json_lines(out)] == [belt, arm]
+    assert f'{huge}: cannot read image (MemoryError), skipped' in err
+    assert 'captioned 2 images, skipped 1' in err and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('failure', ['allocator', 'MemoryError'])
+def test_out_of_memory_on_a_cpu_skips_the_batch_and_says_to_lower_batch_size(
+        image_folder, tiny_opt_checkpoint, monkeypatch, capsys, failure):
+    root, _ = image_folder
+    paths = [str(root / name) for name in ('belt.png', 'shift_b/arm.png', 'shift_a/z_last.png')]
+    caption = Blip2Captioner.caption
+
+    def caption_short_of_memory(captioner, frames, *args, **kwargs):
+        if len(frames) > 1:
+            if failure == 'allocator':
+                # A real failed allocation: torch's CPU allocator raises a plain RuntimeError.
+                torch.empty(1 << 62, dtype=torch.uint8)
+            raise MemoryError
+        return caption(captioner, frames, *args, **kwargs)
+
+    monkeypatch.setattr(Blip2Captioner, 'caption', caption_short_of_memory)
+    status = main(['--model', str(tiny_opt_checkpoint), '--batch-size', '2',
+                   '--max-new-tokens', '3'] + paths)
+    out, err = capsys.readouterr()
+    assert status == 0
+    assert [line['image'] for line in json_lines(out)] == paths[2:]
+    assert 'out of memory on a batch of 2 images, skipped them; lower --batch-size' in err
+    assert 'captioned 1 images, skipped 2' in err
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_with_escapes(
+        tmp_path, tiny_opt_checkpoint, capsys):
+    # capsys encodes strictly as UTF-8, as a pipe does under PYTHONIOENCODING=utf-8:strict.
+    path = os.path.join(str(tmp_path), os.fsdecode(b'caf\xe9.png'))
+    Image.fromarray(random_frame(9, 16, 16)).save(path, format='PNG')
+    status = main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3',
+                   str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert [line['image'] for line in json_lines(out)] == [f'{tmp_path}/caf\\xe9.png']
 
 
 def test_nothing_readable_exits_1(tmp_path, tiny_opt_checkpoint, capsys):

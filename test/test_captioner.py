@@ -20,6 +20,7 @@ preprocessing and the image processor agree to float rounding; preprocessing of 
 checked on its own, with the tolerance stated at PIXEL_TOLERANCE_LEVELS.
 """
 
+import json
 import os
 import shutil
 
@@ -33,6 +34,8 @@ from training.tiny_blip2 import build_tiny_blip2
 from transformers import (Blip2ForConditionalGeneration, Blip2Processor, OPTConfig,
                           OPTForCausalLM)
 
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          'models', 'factory-tiny')
 VQA_PROMPT = 'Question: is the conveyor empty? Answer:'
 # Prompts of different token lengths, so a batch of them needs padding.
 MIXED_PROMPTS = ['', 'a photo of', VQA_PROMPT, 'what is on the conveyor belt ?']
@@ -357,6 +360,16 @@ def test_max_new_tokens_is_respected(lively_checkpoints, language_model):
     assert [len(caption.split()) for caption in by_config] == [5] * 3
 
 
+def test_max_new_tokens_below_1_is_refused(tiny_opt_checkpoint):
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(tiny_opt_checkpoint, max_new_tokens=0)
+    assert_one_line(error, 'max_new_tokens must be 1 or more, not 0')
+    # 0 is not "the configured value": that would silently caption at another length.
+    captioner = make_captioner(tiny_opt_checkpoint, max_new_tokens=2, cache='static')
+    with pytest.raises(ValueError, match='max_new_tokens must be 1 or more, not 0'):
+        captioner.caption(model_size_frames(1), max_new_tokens=0)
+
+
 def test_static_cache_gives_the_same_captions(lively_checkpoints):
     frames = model_size_frames(3)
     dynamic = make_captioner(lively_checkpoints['opt'], max_new_tokens=6).caption(frames)
@@ -479,13 +492,15 @@ def test_a_step_that_cannot_be_compiled_runs_uncompiled_and_says_why(
     # A machine without a C++ compiler: inductor cannot build the CPU step. A fresh compile
     # cache, so nothing compiled earlier is found instead.
     monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path))
-    monkeypatch.setattr(torch._inductor.config.cpp, 'cxx', (str(tmp_path / 'no-such-c++'),))
-    monkeypatch.setattr(torch._inductor.config, 'fx_graph_cache', False)
     torch._dynamo.reset()
     folder = lively_checkpoints['opt']
     frames = model_size_frames(2, first_seed=460)
     captioner = make_captioner(folder, max_new_tokens=8, torch_compile=True)
-    with caplog.at_level('ERROR', logger='blip2_ros.captioner'):
+    # torch's own patch: monkeypatch.setattr would delete these settings when it undoes them
+    # (torch's config deletes on delattr), breaking every later compile in this process.
+    no_compiler = {'cpp.cxx': (str(tmp_path / 'no-such-c++'),), 'fx_graph_cache': False}
+    with caplog.at_level('ERROR', logger='blip2_ros.captioner'), \
+            torch._inductor.config.patch(no_compiler):
         captions = captioner.caption(frames, min_new_tokens=8)
     assert not captioner.compile_decode
     errors = [record.getMessage() for record in caplog.records
@@ -544,6 +559,70 @@ def test_folder_without_a_config_is_refused(tmp_path):
     with pytest.raises(ModelLoadError) as error:
         make_captioner(tmp_path / 'empty')
     assert_one_line(error, str(tmp_path / 'empty'))
+
+
+@pytest.mark.parametrize('local_files_only', [True, False])
+def test_a_name_that_is_neither_a_folder_nor_a_hub_id_is_one_clear_line(local_files_only):
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner('foo bar', local_files_only=local_files_only)
+    assert_one_line(error, "'foo bar'", 'no such folder, and not a valid hub id')
+
+
+def truncate(path):
+    """Cut a file to half its size, as an interrupted download or copy leaves it."""
+    with open(path, 'r+b') as stream:
+        stream.truncate(os.path.getsize(path) // 2)
+
+
+def test_a_truncated_weight_file_is_one_clear_line(tiny_opt_checkpoint, tmp_path):
+    folder = tmp_path / 'truncated'
+    shutil.copytree(tiny_opt_checkpoint, folder)
+    truncate(folder / 'model.safetensors')
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(folder)
+    assert_one_line(error, str(folder), 'weight file is damaged', 'save the checkpoint again')
+
+
+def test_a_checkpoint_without_its_tokenizer_files_is_refused(tiny_opt_checkpoint, tmp_path):
+    # transformers then makes a 2-token tokenizer without a pad token; captions would be
+    # garbage, or the first batch would fail on padding.
+    folder = tmp_path / 'no-tokenizer'
+    shutil.copytree(tiny_opt_checkpoint, folder)
+    os.remove(folder / 'tokenizer.json')
+    os.remove(folder / 'tokenizer_config.json')
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(folder)
+    assert_one_line(error, str(folder), 'no pad token', 'tokenizer.json', 'tokenizer_config.json')
+
+
+def test_small_word_level_tokenizers_of_the_tiny_and_demo_models_are_accepted(
+        tiny_t5_checkpoint):
+    # Their whole vocabularies are a few dozen words, as big as their language models' tables.
+    for folder in (tiny_t5_checkpoint, DEMO_MODEL):
+        captioner = make_captioner(folder, max_new_tokens=2)
+        assert len(captioner.caption(model_size_frames(1))) == 1
+
+
+def edit_json(path, edit):
+    with open(path, encoding='utf-8') as stream:
+        content = json.load(stream)
+    edit(content)
+    with open(path, 'w', encoding='utf-8') as stream:
+        json.dump(content, stream)
+
+
+@pytest.mark.parametrize('file_name, edit', [
+    ('processor_config.json', lambda config: config['image_processor'].update(resample='cubic')),
+    ('generation_config.json', lambda config: config.update(pad_token_id='none'))],
+    ids=['resample-text', 'pad-token-text'])
+def test_processor_or_generation_settings_that_do_not_work_are_one_clear_line(
+        tiny_opt_checkpoint, tmp_path, file_name, edit):
+    folder = tmp_path / 'bad-settings'
+    shutil.copytree(tiny_opt_checkpoint, folder)
+    edit_json(folder / file_name, edit)
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(folder)
+    assert_one_line(error, str(folder))
 
 
 @pytest.fixture(scope='module')
@@ -737,6 +816,15 @@ def test_prompt_learning_adapter_is_refused(lively_checkpoints, tmp_path):
         make_captioner(lively_checkpoints['opt'], adapter=str(tmp_path / 'prompt-tuning'))
     assert_one_line(error, 'prompt-learning', 'LoRA')
     assert 'cannot apply' not in str(error.value)
+
+
+def test_a_truncated_adapter_file_is_one_clear_line(lively_checkpoints, adapters, tmp_path):
+    folder = tmp_path / 'truncated-adapter'
+    shutil.copytree(adapters['whole_model'][0], folder)
+    truncate(folder / 'adapter_model.safetensors')
+    with pytest.raises(ModelLoadError) as error:
+        make_captioner(lively_checkpoints['opt'], adapter=str(folder))
+    assert_one_line(error, str(folder), 'damaged weight file', 'save or copy the adapter again')
 
 
 @pytest.mark.parametrize('layout', ['missing', 'empty'])

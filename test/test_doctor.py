@@ -127,6 +127,33 @@ def test_folder_that_is_not_a_usable_blip2(capsys, tmp_path, tiny_opt_checkpoint
     assert 'no complete weights' in line_about(lines, str(no_weights))
 
 
+def test_damaged_or_incomplete_weights_are_missing(capsys, tmp_path, tiny_opt_checkpoint):
+    truncated = tmp_path / 'truncated'
+    shutil.copytree(tiny_opt_checkpoint, truncated)
+    weights = truncated / 'model.safetensors'
+    with open(weights, 'r+b') as stream:
+        stream.truncate(os.path.getsize(weights) // 2)  # as an interrupted download leaves it
+    status, lines = run_doctor(capsys, '--model', str(truncated))
+    assert status == 1
+    line = line_about(lines, str(truncated))
+    assert line.startswith('MISSING') and 'model.safetensors is damaged' in line
+
+    sharded = tmp_path / 'sharded'
+    shutil.copytree(tiny_opt_checkpoint, sharded, ignore=shutil.ignore_patterns('*.safetensors'))
+    Blip2ForConditionalGeneration.from_pretrained(tiny_opt_checkpoint).save_pretrained(
+        sharded, max_shard_size='1MB')
+    shards = sorted(name for name in os.listdir(sharded) if name.endswith('.safetensors'))
+    assert len(shards) > 1 and (sharded / 'model.safetensors.index.json').is_file()
+    status, lines = run_doctor(capsys, '--model', str(sharded))
+    assert status == 0 and line_about(lines, str(sharded)).startswith('OK')
+
+    os.remove(sharded / shards[-1])
+    status, lines = run_doctor(capsys, '--model', str(sharded))
+    assert status == 1
+    line = line_about(lines, str(sharded))
+    assert line.startswith('MISSING') and f'are missing ({shards[-1]})' in line
+
+
 def fill_hub_cache(cache, repo_id, checkpoint, skip=()):
     """Lay a checkpoint out as the Hugging Face hub cache does (snapshot folder + refs/main)."""
     revision = '0123456789abcdef0123456789abcdef01234567'
