@@ -7,5 +7,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$("$ROOT/scripts/setup_env.sh")"
-cd "$ROOT"
+# No cd: relative paths the user passes (--model ./mine, --work-dir out) mean their own folder.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec "$VENV/bin/python" -m blip2_ros.demo "$@"

@@ -28,6 +28,8 @@ the frame's stamp).
 
 import argparse
 from collections import OrderedDict
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -50,10 +52,26 @@ DEFAULT_SIZE = (160, 120)
 MAX_PENDING_TRUTHS = 1000
 EXIT_ERROR = 2
 EXIT_BELOW_ACCURACY = 3
+# Seconds the nodes get to stop after SIGINT before they are killed.
+STOP_GRACE_SEC = 20.0
+FASTDDS_PROFILE = ('config', 'fastdds_large_frames.xml')
 
 
 class DemoError(RuntimeError):
     """Something the user can fix; the message is one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, taken down the same path as Ctrl-C so the nodes are stopped."""
+
+    def __init__(self, signum):
+        """Remember which signal it was, for the exit status."""
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
 
 
 def share_path(*parts):
@@ -100,6 +118,9 @@ def isolate_ros_environment():
     os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
     os.environ.setdefault('ROS_DOMAIN_ID', str(random.Random(os.getpid()).randint(30, 99)))
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    # Frames above Fast DDS's 512 KB shared-memory segment (640x480 rgb8 and up) would go out
+    # as UDP fragments, and the caption node's best-effort subscription would lose nearly all.
+    os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', share_path(*FASTDDS_PROFILE))
 
 
 def _child_environment():
@@ -115,14 +136,40 @@ def _child_environment():
     return env
 
 
+def _parent_death_signal():
+    """Return a preexec_fn that makes a child get SIGTERM when we die, or None off Linux."""
+    if not sys.platform.startswith('linux'):
+        return None
+    try:
+        # Resolved here, not after fork: the child runs only this one foreign call.
+        prctl = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6', use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    parent = os.getpid()
+
+    def preexec():
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+        # We may have died between fork and prctl; then no signal will ever come.
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
 class NodeProcess:
-    """A node running as a child process, in a session of its own so Ctrl-C reaches us first."""
+    """
+    A node running as a child process, in a session of its own so Ctrl-C reaches us first.
+
+    On Linux the child gets SIGTERM when this process dies, even by SIGKILL, so no node is
+    left running without the demo.
+    """
 
     def __init__(self, title, argv):
         """Start ``python -m <argv>``; ``title`` names it in messages."""
         self.title = title
         self.process = subprocess.Popen([sys.executable, '-m', *argv], env=_child_environment(),
-                                        start_new_session=True)
+                                        start_new_session=True,
+                                        preexec_fn=_parent_death_signal())
 
     def check(self):
         """Raise DemoError if the process has exited."""
@@ -130,15 +177,46 @@ class NodeProcess:
         if code is not None:
             raise DemoError(f'the {self.title} exited with code {code}; its message is above')
 
-    def stop(self):
-        """Ask the node to stop as Ctrl-C would, then make sure it has."""
+    def interrupt(self):
+        """Ask the node to stop as Ctrl-C would."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
+
+    def wait(self, timeout):
+        """Wait up to ``timeout`` seconds for the node to exit; return whether it has."""
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=max(timeout, 0.0))
         except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def kill(self):
+        """Kill the node if it still runs and reap it."""
+        if self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
+        self.process.wait()
+
+
+def stop_nodes(nodes, grace_sec=STOP_GRACE_SEC):
+    """
+    Stop every node: SIGINT to all, then wait; kill what is left after ``grace_sec``.
+
+    A second Ctrl-C (or SIGTERM) while waiting kills what is left at once; return True then.
+    """
+    interrupted = False
+    try:
+        # All are signalled before any wait, so one slow node cannot keep another running.
+        for node in nodes:
+            node.interrupt()
+        deadline = time.monotonic() + grace_sec
+        for node in nodes:
+            node.wait(deadline - time.monotonic())
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        for node in nodes:
+            node.kill()
+    return interrupted
 
 
 def start_nodes(model, width, height, rate_hz, seed, prompt):
@@ -163,8 +241,7 @@ def start_nodes(model, width, height, rate_hz, seed, prompt):
         nodes.append(NodeProcess('camera node', camera_args))
         nodes.append(NodeProcess('caption node', caption_args))
     except BaseException:
-        for node in nodes:
-            node.stop()
+        stop_nodes(nodes)
         raise
     return nodes
 
@@ -181,6 +258,8 @@ class Scoreboard:
         self.correct = 0
         self.latencies_ms = []
         self.done = threading.Event()
+        # The signal that cut the run short (SIGINT for Ctrl-C), or None.
+        self.interrupted_by = None
 
     def on_truth(self, message):
         """Remember the true caption of a frame by its stamp."""
@@ -284,11 +363,11 @@ def run_live(model, frames, rate_hz, width, height, seed, prompt, timeout, out=s
     try:
         nodes = start_nodes(model, width, height, rate_hz, seed, prompt)
         watch(scoreboard, listener, nodes, timeout)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt as error:
+        scoreboard.interrupted_by = getattr(error, 'signum', signal.SIGINT)
     finally:
-        for node in nodes:
-            node.stop()
+        if stop_nodes(nodes) and scoreboard.interrupted_by is None:
+            scoreboard.interrupted_by = signal.SIGINT
         listener.close()
         if scoreboard.matched:
             out.write(f'\n{scoreboard.correct} of {scoreboard.matched} captions equal the truth '
@@ -382,6 +461,9 @@ def main(argv=None):
     """Run the demo; return the exit status."""
     args = parse_args(argv)
     isolate_ros_environment()
+    # Killing the demo or closing its terminal must stop the nodes just as Ctrl-C does.
+    previous_handlers = {signum: signal.signal(signum, _raise_interrupted)
+                         for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         model = _choose_model(args)
         width, height = _frame_size(args, model)
@@ -390,6 +472,16 @@ def main(argv=None):
     except DemoError as error:
         print(f'error: {error}', file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt as error:
+        # Interrupted before the nodes started (e.g. while --from-scratch trains).
+        return 128 + getattr(error, 'signum', signal.SIGINT)
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+    if scoreboard.interrupted_by and not args.forever and scoreboard.matched < args.frames:
+        print(f'interrupted after {scoreboard.matched} of {args.frames} captions',
+              file=sys.stderr)
+        return 128 + scoreboard.interrupted_by
     if scoreboard.matched == 0:
         print('error: no captions arrived', file=sys.stderr)
         return EXIT_ERROR

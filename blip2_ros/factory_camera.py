@@ -39,7 +39,7 @@ from blip2_ros.parameters import declare, ParameterSpec
 from blip2_ros.synthetic_factory import COLOURS, COUNT_WORDS, KINDS, scene_at, SceneSpec
 import cv2
 import rclpy
-from rclpy.exceptions import ParameterException
+from rclpy.exceptions import InvalidTopicNameException, ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -224,6 +224,11 @@ def main(args=None):
                 rclpy.spin_once(node, timeout_sec=0.05)
     except (FactoryCameraError, ParameterException) as error:
         sys.exit(f'factory_camera: {" ".join(str(error).split())}')
+    except InvalidTopicNameException as error:
+        # rclpy's message spans three lines (reason, name, a caret under the bad character).
+        reason_and_name = ' '.join(line.strip() for line in str(error).splitlines()[:2])
+        sys.exit(f'factory_camera: {reason_and_name}; set topic, caption_topic and truth_topic '
+                 'to names such as /camera/image_raw')
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

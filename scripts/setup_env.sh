@@ -28,6 +28,21 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "creating $VENV" >&2
   "$PYTHON" -m venv "$VENV"
 fi
+# A venv made while python3.11-venv was missing (Debian, Ubuntu) has no pip; repair it.
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  echo "$VENV has no pip; adding it" >&2
+  if ! "$VENV/bin/python" -m ensurepip --upgrade >/dev/null 2>&1; then
+    # Only our own .venv is deleted and made again; a folder named by BLIP2_ROS_VENV is left.
+    [ "$VENV" = "$ROOT/.venv" ] && rm -rf "$VENV"
+    if ! "$PYTHON" -m venv "$VENV" >/dev/null 2>&1 || \
+       ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+      echo "error: $PYTHON cannot make a virtual environment with pip; install its venv" \
+           "module (e.g. sudo apt-get install python3.11-venv) and run this again" >&2
+      exit 1
+    fi
+  fi
+  rm -f "$VENV/.requirements.sha256"
+fi
 STAMP="$VENV/.requirements.sha256"
 WANTED="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-ml.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANTED" ]; then

@@ -17,9 +17,13 @@
 import io
 import json
 import os
+import queue
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
 from blip2_ros.demo import Scoreboard
@@ -43,6 +47,79 @@ def run_demo(*args, timeout=300):
     return subprocess.run(
         [sys.executable, '-m', 'blip2_ros.demo', *args], cwd=os.path.dirname(ROOT),
         env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True, timeout=timeout)
+
+
+class RunningDemo:
+    """The demo as a child process whose output lines arrive on a queue, and its two nodes."""
+
+    def __init__(self, *args, cwd=None, env=None):
+        self.process = subprocess.Popen(
+            [sys.executable, '-m', 'blip2_ros.demo', *args], cwd=cwd or os.path.dirname(ROOT),
+            env=env or {**os.environ, 'PYTHONPATH': ROOT}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        self.lines = queue.Queue()
+        self.output = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for_captions(self, count, timeout=60):
+        """Return once ``count`` caption lines are out; fail after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while seen < count:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                pytest.fail(f'no {count} captions in {timeout} s:\n' + ''.join(self.output))
+            seen += bool(LINE.match(line.rstrip('\n')))
+
+    def node_pids(self):
+        """Return the process ids of the demo's children, which are its two nodes."""
+        pids = []
+        for entry in os.listdir('/proc'):
+            try:
+                with open(f'/proc/{entry}/stat', encoding='utf-8') as stream:
+                    # The command name (field 2) may hold spaces; the parent pid follows it.
+                    parent = int(stream.read().rsplit(')', 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == self.process.pid:
+                pids.append(int(entry))
+        return pids
+
+    def finish(self, timeout=30):
+        """Wait for the demo to exit; return its exit status and everything it printed."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        time.sleep(0.2)  # the reader thread takes the last lines
+        return code, ''.join(self.output)
+
+
+def running(pid):
+    """Whether ``pid`` is a live process (a zombie counts as gone)."""
+    try:
+        with open(f'/proc/{pid}/stat', encoding='utf-8') as stream:
+            return stream.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+def still_running_after(pids, timeout=10):
+    """Return the ``pids`` still running after up to ``timeout`` seconds, and kill them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(map(running, pids)):
+        time.sleep(0.1)
+    left = [pid for pid in pids if running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)  # so a failing test leaves nothing behind
+    return left
 
 
 def exact_match_on_unseen_frames(model, count=200, seed=UNSEEN_SEED):
@@ -103,6 +180,96 @@ def test_demo_gives_up_with_one_line_when_no_caption_arrives_in_time():
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         'error: no captions arrived in 0.5 s')
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+def test_killing_the_demo_stops_both_nodes(signum):
+    """kill, timeout or a closed terminal: no node may outlive the demo, even after SIGKILL."""
+    demo = RunningDemo('--frames', '1000', '--timeout', '60')
+    pids = []
+    try:
+        demo.wait_for_captions(1)
+        pids = demo.node_pids()
+        assert len(pids) == 2, demo.output
+        demo.process.send_signal(signum)
+        code, output = demo.finish()
+    finally:
+        demo.process.kill()
+        demo.process.wait()
+        left = still_running_after(pids)
+    assert left == [], f'nodes left running after {signum.name}'
+    if signum != signal.SIGKILL:
+        assert code == 128 + signum, output
+        assert re.search(r'^interrupted after \d+ of 1000 captions$', output, re.MULTILINE), \
+            output
+
+
+@pytest.mark.ros
+def test_ctrl_c_before_all_frames_exits_130_and_a_second_one_stops_both_nodes():
+    """README: 0 means all --frames captions arrived; Ctrl-C twice must still stop both nodes."""
+    demo = RunningDemo('--frames', '1000', '--timeout', '60')
+    pids = []
+    try:
+        demo.wait_for_captions(2)
+        pids = demo.node_pids()
+        assert len(pids) == 2, demo.output
+        demo.process.send_signal(signal.SIGINT)
+        # Impatient: the second Ctrl-C comes while the nodes are shutting down.
+        time.sleep(0.3)
+        demo.process.send_signal(signal.SIGINT)
+        code, output = demo.finish()
+    finally:
+        demo.process.kill()
+        demo.process.wait()
+        left = still_running_after(pids)
+    assert left == [], 'a node was left running after a second Ctrl-C'
+    assert code == 130, output
+    assert re.search(r'^interrupted after \d+ of 1000 captions$', output, re.MULTILINE), output
+
+
+@pytest.mark.ros
+def test_ctrl_c_before_all_frames_exits_130():
+    demo = RunningDemo('--frames', '1000', '--timeout', '60')
+    pids = []
+    try:
+        demo.wait_for_captions(1)
+        pids = demo.node_pids()
+        demo.process.send_signal(signal.SIGINT)
+        code, output = demo.finish()
+    finally:
+        demo.process.kill()
+        demo.process.wait()
+        left = still_running_after(pids)
+    assert left == []
+    assert code == 130, output
+    lines = output.strip().splitlines()
+    assert re.fullmatch(r'\d+ of \d+ captions equal the truth .*', lines[-2]), output
+    assert re.fullmatch(r'interrupted after \d+ of 1000 captions', lines[-1]), output
+
+
+@pytest.mark.ros
+def test_full_hd_frames_reach_the_best_effort_caption_node():
+    """Raw 1920x1080 frames are over Fast DDS's 512 KB shared-memory default."""
+    env = {**os.environ, 'PYTHONPATH': ROOT}
+    env.pop('FASTDDS_DEFAULT_PROFILES_FILE', None)
+    demo = RunningDemo('--size', '1920x1080', '--frames', '3', '--rate-hz', '2', '--timeout',
+                       '25', env=env)
+    code, output = demo.finish(timeout=60)
+    assert code == 0, output
+    assert 'captions equal the truth' in output
+
+
+def test_run_demo_sh_resolves_relative_paths_against_the_callers_folder(tmp_path):
+    mine = tmp_path / 'mymodel'
+    mine.mkdir()
+    (mine / 'config.json').write_text('{}')
+    (mine / RECIPE_FILE).write_text('{}')
+    result = subprocess.run([os.path.join(ROOT, 'run_demo.sh'), '--model', './mymodel'],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: {mine / RECIPE_FILE} has no usable 'size'"), result.stderr
 
 
 def test_demo_rejects_a_missing_model_folder_without_starting_anything(tmp_path):

@@ -203,3 +203,16 @@ def test_parameters_are_declared_from_one_list_and_bad_values_refused(context):
     assert process.returncode != 0
     assert stderr.strip().splitlines() == [
         "factory_camera: reliability 'sometimes' is not one of: best_effort, reliable"]
+
+
+@pytest.mark.parametrize('topic, reason', [
+    ("''", 'topic name must not be empty string'),
+    ('/', 'topic name must not end with a forward slash')])
+def test_an_invalid_topic_name_is_one_line_and_exit_1(topic, reason):
+    process = camera_process(f'topic:={topic}')
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 1, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f'factory_camera: Invalid topic name: {reason}: ')
+    assert lines[0].endswith('to names such as /camera/image_raw')
