@@ -182,70 +182,43 @@ def test_demo_gives_up_with_one_line_when_no_caption_arrives_in_time():
         'error: no captions arrived in 0.5 s')
 
 
-@pytest.mark.ros
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
-def test_killing_the_demo_stops_both_nodes(signum):
-    """kill, timeout or a closed terminal: no node may outlive the demo, even after SIGKILL."""
-    demo = RunningDemo('--frames', '1000', '--timeout', '60')
-    pids = []
-    try:
-        demo.wait_for_captions(1)
-        pids = demo.node_pids()
-        assert len(pids) == 2, demo.output
-        demo.process.send_signal(signum)
-        code, output = demo.finish()
-    finally:
-        demo.process.kill()
-        demo.process.wait()
-        left = still_running_after(pids)
-    assert left == [], f'nodes left running after {signum.name}'
-    if signum != signal.SIGKILL:
-        assert code == 128 + signum, output
-        assert re.search(r'^interrupted after \d+ of 1000 captions$', output, re.MULTILINE), \
-            output
-
-
-@pytest.mark.ros
-def test_ctrl_c_before_all_frames_exits_130_and_a_second_one_stops_both_nodes():
-    """README: 0 means all --frames captions arrived; Ctrl-C twice must still stop both nodes."""
+def interrupt_running_demo(*signals):
+    """Send ``signals`` (0.3 s apart) to a long demo; return (exit code, output, nodes left)."""
     demo = RunningDemo('--frames', '1000', '--timeout', '60')
     pids = []
     try:
         demo.wait_for_captions(2)
         pids = demo.node_pids()
         assert len(pids) == 2, demo.output
-        demo.process.send_signal(signal.SIGINT)
-        # Impatient: the second Ctrl-C comes while the nodes are shutting down.
-        time.sleep(0.3)
-        demo.process.send_signal(signal.SIGINT)
+        for index, signum in enumerate(signals):
+            if index:
+                time.sleep(0.3)  # impatient: the next signal comes while the nodes stop
+            demo.process.send_signal(signum)
         code, output = demo.finish()
     finally:
         demo.process.kill()
         demo.process.wait()
         left = still_running_after(pids)
-    assert left == [], 'a node was left running after a second Ctrl-C'
-    assert code == 130, output
-    assert re.search(r'^interrupted after \d+ of 1000 captions$', output, re.MULTILINE), output
+    return code, output, left
 
 
 @pytest.mark.ros
-def test_ctrl_c_before_all_frames_exits_130():
-    demo = RunningDemo('--frames', '1000', '--timeout', '60')
-    pids = []
-    try:
-        demo.wait_for_captions(1)
-        pids = demo.node_pids()
-        demo.process.send_signal(signal.SIGINT)
-        code, output = demo.finish()
-    finally:
-        demo.process.kill()
-        demo.process.wait()
-        left = still_running_after(pids)
-    assert left == []
-    assert code == 130, output
-    lines = output.strip().splitlines()
-    assert re.fullmatch(r'\d+ of \d+ captions equal the truth .*', lines[-2]), output
-    assert re.fullmatch(r'interrupted after \d+ of 1000 captions', lines[-1]), output
+@pytest.mark.parametrize('signals', [
+    (signal.SIGINT,), (signal.SIGTERM,), (signal.SIGHUP,), (signal.SIGKILL,),
+    (signal.SIGINT, signal.SIGINT)], ids=['ctrl-c', 'term', 'hup', 'kill', 'ctrl-c-twice'])
+def test_stopping_the_demo_early_stops_both_nodes_and_says_so(signals):
+    """Ctrl-C (once or twice), kill, a closed terminal: no node outlives the demo."""
+    code, output, left = interrupt_running_demo(*signals)
+    assert left == [], f'nodes left running after {signals}'
+    if signals[0] != signal.SIGKILL:
+        # README: 0 only when all --frames captions arrived.
+        assert code == 128 + signals[0], output
+        assert re.search(r'^interrupted after \d+ of 1000 captions$', output, re.MULTILINE), \
+            output
+    if signals == (signal.SIGINT,):
+        lines = output.strip().splitlines()
+        assert re.fullmatch(r'\d+ of \d+ captions equal the truth .*', lines[-2]), output
+        assert re.fullmatch(r'interrupted after \d+ of 1000 captions', lines[-1]), output
 
 
 @pytest.mark.ros
