@@ -103,6 +103,15 @@ def load_split(folder, split):
     return records
 
 
+def unsplit_warning(folder, splits):
+    """Return the line that says how many captioned images no split names, or None."""
+    count = len(unsplit_images(folder, splits))
+    if not count:
+        return None
+    return (f'{count} images of annotations.json are in no split: re-run python -m '
+            f'training.split {folder} to use them')
+
+
 def unsplit_images(folder, splits=('train', 'val')):
     """
     Return the ids of captioned images of annotations.json that no split of ``splits`` names.

@@ -371,13 +371,12 @@ def _scores_json(scores):
 
 def evaluate_models(args):
     """Caption a split with the model (and the --compare baseline), score, write, print."""
-    from training.data import load_split, unsplit_images
+    from training.data import load_split, unsplit_warning
 
     records = [record for record in load_split(args.data, args.split) if record.captions]
-    unsplit = unsplit_images(args.data, ('train', 'val', args.split))
+    unsplit = unsplit_warning(args.data, ('train', 'val', args.split))
     if unsplit:
-        LOGGER.warning('%d images of annotations.json are in no split; re-run '
-                       'python -m training.split %s to use them', len(unsplit), args.data)
+        LOGGER.warning(unsplit)
     if args.max_images:
         records = records[:args.max_images]
     if not records:

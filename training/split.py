@@ -47,7 +47,7 @@ import tempfile
 import threading
 
 from training import coco
-from training.validate import check_dataset, DatasetError
+from training.validate import check_dataset, DatasetError, is_id
 
 RECORD_KEYS = ('width', 'height', 'bag', 'topic', 'timestamp_ns')
 SIDES = (('train', coco.TRAIN_SPLIT_FILE), ('val', coco.VAL_SPLIT_FILE))
@@ -72,10 +72,6 @@ class SplitSummary:
     unreviewed_captions: int = 0
 
 
-def _is_id(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def caption_texts(data, folder):
     """
     Return ``{image_id: [caption, ...]}`` of a COCO captions dict.
@@ -85,14 +81,14 @@ def caption_texts(data, folder):
     """
     notes = data['annotations']
     for index, note in enumerate(notes):
-        if (not isinstance(note, dict) or not _is_id(note.get('image_id'))
+        if (not isinstance(note, dict) or not is_id(note.get('image_id'))
                 or not isinstance(note.get('caption'), str)):
             raise DatasetError(
                 f'{os.path.join(folder, coco.ANNOTATIONS_FILE)} annotations[{index}] needs an '
                 f'integer image_id and a caption string; run python -m training.validate {folder}')
     captions = {}
     # Stable sort: ids that are not integers (validate reports them) keep their file order.
-    for note in sorted(notes, key=lambda note: note['id'] if _is_id(note.get('id')) else 0):
+    for note in sorted(notes, key=lambda note: note['id'] if is_id(note.get('id')) else 0):
         text = ' '.join(note['caption'].split())
         if text:
             captions.setdefault(note['image_id'], []).append(text)
@@ -124,7 +120,7 @@ def read_split_file(path, fix):
         if not isinstance(entry, dict):
             raise DatasetError(f'{where} is not a JSON object; {fix}')
         image_id, file_name = entry.get('image_id'), entry.get('file_name')
-        if not _is_id(image_id):
+        if not is_id(image_id):
             raise DatasetError(f'{where}: image_id must be an integer, not {image_id!r}; {fix}')
         if not isinstance(file_name, str) or not file_name:
             raise DatasetError(f'{where}: file_name must be a non-empty string, not '

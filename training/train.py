@@ -41,7 +41,7 @@ from blip2_ros.captioner import TRAINING_INFO_FILE
 import torch
 from training.coco import DatasetError, write_text_atomic
 from training.data import (CaptionCollator, CaptionPairs, generate_captions, load_split,
-                           split_path, unsplit_images)
+                           split_path, unsplit_warning)
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import IntervalStrategy, set_seed
@@ -788,10 +788,9 @@ def run(argv=None):
 
     # 4. Data: validate before anything expensive, then read the splits.
     validate_data(data_args.data)
-    unsplit = unsplit_images(data_args.data, (data_args.train_split, data_args.eval_split))
+    unsplit = unsplit_warning(data_args.data, (data_args.train_split, data_args.eval_split))
     if unsplit:
-        LOGGER.warning('%d images of annotations.json are in no split: re-run python -m '
-                       'training.split %s to use them', len(unsplit), data_args.data)
+        LOGGER.warning(unsplit)
     train_records = load_split(data_args.data, data_args.train_split)
     if not any(record.captions for record in train_records):
         raise TrainingError(f"split '{data_args.train_split}' of {data_args.data} has no "

@@ -30,10 +30,11 @@ import sys
 from PIL import Image
 from training.coco import DatasetError, IMAGES_DIR, read_annotations
 
-__all__ = ['DatasetError', 'check_dataset', 'validate_dataset']
+__all__ = ['DatasetError', 'check_dataset', 'is_id', 'validate_dataset']
 
 
-def _is_id(value):
+def is_id(value):
+    """Tell whether ``value`` is a COCO id: an integer, and not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -70,7 +71,7 @@ def _image_problem(path, entry):
 
 
 def _is_size(value):
-    return _is_id(value) and value > 0
+    return is_id(value) and value > 0
 
 
 def _size_problem(entry):
@@ -109,7 +110,7 @@ def validate_dataset(folder, decode_images=True):
         image_id = entry.get('id')
         file_name = entry.get('file_name')
         where = f'images[{index}] (id {image_id!r}, {file_name!r})'
-        if not _is_id(image_id):
+        if not is_id(image_id):
             problems.append(f'{where}: id must be an integer')
         elif image_id in image_ids:
             problems.append(f'{where}: duplicate id, also used by images[{image_ids[image_id]}]')
@@ -151,14 +152,14 @@ def validate_dataset(folder, decode_images=True):
             continue
         note_id = note.get('id')
         where = f'annotations[{index}] (id {note_id!r})'
-        if not _is_id(note_id):
+        if not is_id(note_id):
             problems.append(f'{where}: id must be an integer')
         elif note_id in annotation_ids:
             problems.append(
                 f'{where}: duplicate id, also used by annotations[{annotation_ids[note_id]}]')
         else:
             annotation_ids[note_id] = index
-        if note.get('image_id') not in image_ids or not _is_id(note.get('image_id')):
+        if note.get('image_id') not in image_ids or not is_id(note.get('image_id')):
             problems.append(f"{where}: image_id {note.get('image_id')!r} is not an image's id")
         caption = note.get('caption')
         if not isinstance(caption, str) or not caption.strip():
