@@ -54,7 +54,9 @@ Compressed images are JPEG or PNG. Their header is read first (with Pillow, whic
 nothing), so ``max_pixels`` rejects a decompression bomb before any pixel is decoded.
 ``compressedDepth`` payloads (a 12-byte configuration header followed by a PNG of the raw
 16UC1 depth) are decoded by skipping that header; 32FC1 (inverse depth) and RVL payloads
-are rejected as unsupported.
+are rejected as unsupported. A Bayer mosaic that image_transport compressed as is (PNG, or JPEG
+with ``jpeg_compress_bayer``; format ``'bayer_rggb8; png compressed '``) is demosaiced like a
+raw frame.
 """
 
 import functools
@@ -119,9 +121,16 @@ _MONO8 = _Layout(1, color_code=cv2.COLOR_GRAY2RGB)
 _UYVY = _Layout(2, color_code=cv2.COLOR_YUV2RGB_UYVY)
 _YUYV = _Layout(2, color_code=cv2.COLOR_YUV2RGB_YUY2)
 
-# Keys are lower case; ROS spells some encodings in upper case ('16UC1', '8UC3').
 # OpenCV names a Bayer pattern after the second row's first two pixels, one row
 # down from ROS's name, hence rggb -> BayerBG (the mapping cv_bridge uses).
+_BAYER_TO_RGB = {
+    'bayer_rggb': cv2.COLOR_BayerBG2RGB,
+    'bayer_bggr': cv2.COLOR_BayerRG2RGB,
+    'bayer_gbrg': cv2.COLOR_BayerGR2RGB,
+    'bayer_grbg': cv2.COLOR_BayerGB2RGB,
+}
+
+# Keys are lower case; ROS spells some encodings in upper case ('16UC1', '8UC3').
 _LAYOUTS = {
     'rgb8': _Layout(3),
     'bgr8': _BGR,
@@ -137,10 +146,7 @@ _LAYOUTS = {
     'bgr16': _Layout(3, 2, cv2.COLOR_BGR2RGB, _FIXED_SCALE),
     'rgba16': _Layout(4, 2, cv2.COLOR_RGBA2RGB, _FIXED_SCALE),
     'bgra16': _Layout(4, 2, cv2.COLOR_BGRA2RGB, _FIXED_SCALE),
-    'bayer_rggb8': _Layout(1, color_code=cv2.COLOR_BayerBG2RGB),
-    'bayer_bggr8': _Layout(1, color_code=cv2.COLOR_BayerRG2RGB),
-    'bayer_gbrg8': _Layout(1, color_code=cv2.COLOR_BayerGR2RGB),
-    'bayer_grbg8': _Layout(1, color_code=cv2.COLOR_BayerGB2RGB),
+    **{f'{pattern}8': _Layout(1, color_code=code) for pattern, code in _BAYER_TO_RGB.items()},
     'yuv422': _UYVY,
     'uyvy': _UYVY,
     'yuv422_yuy2': _YUYV,
@@ -267,6 +273,10 @@ def compressed_to_rgb(msg, max_pixels=None, min_size=None):
     width, height = _compressed_size(data, fmt)
     _check_pixels(width, height, max_pixels)
 
+    bayer_code = _stored_bayer_code(lowered, source_encoding)
+    if bayer_code is not None:
+        # A reduced-scale decode would average the mosaic's colours together.
+        min_size = None
     decoded = cv2.imdecode(data, _decode_flags(head, width, height, min_size))
     if decoded is None or decoded.size == 0:
         raise ImageConversionError(
@@ -280,7 +290,8 @@ def compressed_to_rgb(msg, max_pixels=None, min_size=None):
 
     channels = 1 if decoded.ndim == 2 else decoded.shape[2]
     if channels == 1:
-        return cv2.cvtColor(decoded.reshape(decoded.shape[:2]), cv2.COLOR_GRAY2RGB)
+        to_rgb = cv2.COLOR_GRAY2RGB if bayer_code is None else bayer_code
+        return cv2.cvtColor(decoded.reshape(decoded.shape[:2]), to_rgb)
     if channels == 3:
         return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
     if channels == 4:
@@ -349,6 +360,18 @@ def _as_bytes_array(data):
     except TypeError:
         # A plain list of ints, which rclpy messages also accept.
         return np.asarray(data, dtype=np.uint8).reshape(-1)
+
+
+def _stored_bayer_code(lowered_format, source_encoding):
+    """Return the demosaicing code when the compressed stream holds a raw Bayer mosaic."""
+    pattern = source_encoding.rstrip('0123456789')
+    code = _BAYER_TO_RGB.get(pattern)
+    if code is None or source_encoding[len(pattern):] not in ('8', '16'):
+        return None
+    # image_transport names what it compressed after 'compressed': nothing or the Bayer
+    # encoding itself for a mosaic, 'mono8' when it debayered to grey first.
+    stored = lowered_format.partition('compressed')[2].strip()
+    return code if stored in ('', source_encoding) else None
 
 
 def _check_pixels(width, height, max_pixels):

@@ -276,6 +276,38 @@ def test_compressed_16_bit_png_follows_the_source_encoding(fmt, expected_scale):
     np.testing.assert_array_equal(result, image_to_rgb(raw))
 
 
+@pytest.mark.parametrize('fmt, extension', [
+    ('bayer_rggb8; png compressed ', '.png'),
+    ('bayer_rggb8; jpeg compressed bayer_rggb8', '.jpg'),
+    ('bayer_gbrg16; png compressed ', '.png'),
+])
+def test_compressed_bayer_mosaic_is_demosaiced_like_a_raw_frame(as_message, fmt, extension):
+    # image_transport stores a Bayer mosaic as is in PNG, and in JPEG with jpeg_compress_bayer.
+    colour = (200, 90, 20)
+    pattern = fmt[len('bayer_'):len('bayer_rggb')]
+    mosaic = _bayer_mosaic(pattern, colour, height=256, width=320)
+    if '16' in fmt:
+        mosaic = mosaic.astype(np.uint16) * 257
+    params = [cv2.IMWRITE_JPEG_QUALITY, 100] if extension == '.jpg' else []
+    ok, encoded = cv2.imencode(extension, mosaic, params)
+    assert ok
+    msg = as_message(_compressed(fmt, encoded.tobytes()))
+    # min_size as the node passes it: a mosaic must not be decoded at reduced scale.
+    for result in (message_to_rgb(msg), message_to_rgb(msg, min_size=(32, 32))):
+        assert _converted(result).shape == (256, 320, 3)
+        centre = result[2:-2, 2:-2].astype(int)
+        assert np.abs(centre - np.array(colour)).max() <= 2, fmt
+
+
+def test_compressed_bayer_converted_to_mono_before_compression_stays_grey():
+    # The default: image_transport debayers to mono8, then compresses; nothing to demosaic.
+    grey = RNG.integers(0, 256, size=(8, 10), dtype=np.uint8)
+    ok, encoded = cv2.imencode('.jpg', grey)
+    decoded = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
+    msg = _compressed('bayer_rggb8; jpeg compressed mono8', encoded.tobytes())
+    np.testing.assert_array_equal(compressed_to_rgb(msg), np.repeat(decoded[..., None], 3, axis=2))
+
+
 def test_compressed_depth_16uc1_skips_the_config_header(as_message):
     depth = RNG.integers(0, 5000, size=(6, 9), dtype=np.uint16)
     header = struct.pack('<iff', 0, 0.0, 0.0)
