@@ -122,6 +122,22 @@ def test_scores_match_pycocoevalcap_called_directly(tmp_path):
     assert result.scores['exact_match'] == pytest.approx(2 / 3)
 
 
+@pytest.mark.skipif(not evaluate.java_available(), reason='the PTB tokenizer needs Java')
+def test_a_line_break_inside_a_caption_does_not_move_captions_to_other_images():
+    """PTB tokenizes line by line: a carriage return or U+2028 stays inside its caption."""
+    metrics = ('Bleu', 'ROUGE_L', 'CIDEr', 'exact_match')
+    expected = evaluate.score_captions(REFERENCES, PREDICTIONS, metrics=metrics).scores
+    references = {**REFERENCES, 2: ['One blue gear,\u2028on the belt.', REFERENCES[2][1]]}
+    predictions = {**PREDICTIONS, 1: 'two red boxes\r\non the conveyor'}
+
+    result = evaluate.score_captions(references, predictions, metrics=metrics)
+
+    assert result.tokenizer == 'ptb'
+    for name, value in expected.items():
+        assert result.scores[name] == pytest.approx(value, abs=1e-12), name
+    assert result.scores['exact_match'] == pytest.approx(2 / 3)
+
+
 def test_simple_tokenizer_looks_like_ptb_output():
     """The Java-free tokenizer lower-cases and drops the punctuation PTB drops."""
     assert evaluate.simple_tokenize('Two RED boxes, on the conveyor!') == \
@@ -191,6 +207,8 @@ def score_files_error(results_path, annotations_path):
      'annotations[6]: image_id must be an integer (or a string), not [1]'),
     ({'id': 9, 'image_id': 1, 'caption': None},
      'annotations[6]: caption must be a string, not null'),
+    # An empty prediction would equal it: exact match 1 for saying nothing.
+    ({'id': 9, 'image_id': 1, 'caption': ' '}, 'annotations[6]: caption is empty'),
 ])
 def test_a_bad_annotation_is_one_line_error(tmp_path, entry, expected):
     """An annotation without caption or image_id, or with an unusable one, names its index."""
@@ -228,6 +246,20 @@ def test_string_ids_against_integer_ids_name_the_type_mismatch(tmp_path):
     results_path.write_text(json.dumps([{'image_id': 99, 'caption': 'a box'}]))
     message = score_files_error(results_path, annotations_path)
     assert message.endswith('e.g. image 99')
+
+
+def test_results_files_are_replaced_whole(tmp_path):
+    """A write that fails half-way leaves the previous file as it was, and no other file."""
+    path = tmp_path / 'eval' / 'results_model.json'
+    evaluate.write_json(path, [{'image_id': 1, 'caption': 'one red box'}])
+    before = path.read_bytes()
+
+    with pytest.raises(TypeError):
+        evaluate.write_json(path, [{'image_id': 1, 'caption': 'two red boxes'},
+                                   {'image_id': 2, 'caption': object()}])
+
+    assert path.read_bytes() == before
+    assert [entry.name for entry in path.parent.iterdir()] == ['results_model.json']
 
 
 def make_dataset(folder, captions):
@@ -336,6 +368,42 @@ def test_explicit_prompt_is_for_both_and_a_baseline_without_one_gets_the_models(
     assert result_captions(borrowed, 'baseline') == expected['a photo of']
     report = json.loads((borrowed / 'metrics.json').read_text())
     assert report['models']['baseline']['prompt'] == 'a photo of'
+
+
+def test_a_model_that_fails_leaves_the_output_folder_as_it_was(
+        tmp_path, lively_opt_checkpoint, one_torch_thread):
+    """With --compare, the baseline's results are not written when the model cannot load."""
+    data = make_dataset(tmp_path / 'data', ['one red box', 'two blue boxes'])
+    out = tmp_path / 'eval'
+    out.mkdir()
+    (out / 'metrics.json').write_text('{"from": "an earlier run"}')
+
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main(['--model', str(tmp_path / 'no-such-model'), '--compare',
+                       str(lively_opt_checkpoint), '--data', str(data), '--out', str(out),
+                       '--max_new_tokens', '3', *QUICK_METRICS])
+
+    assert 'no-such-model' in str(raised.value)
+    assert [entry.name for entry in out.iterdir()] == ['metrics.json']
+    assert (out / 'metrics.json').read_text() == '{"from": "an earlier run"}'
+
+
+def test_a_caption_of_an_unknown_image_is_refused_before_captioning(tmp_path):
+    """Model mode checks the dataset as training does, instead of scoring fewer images."""
+    data = make_dataset(tmp_path / 'data', ['one red box', 'two blue boxes'])
+    annotations = json.loads((data / 'annotations.json').read_text())
+    annotations['annotations'][0]['image_id'] = 99
+    (data / 'annotations.json').write_text(json.dumps(annotations))
+    out = tmp_path / 'eval'
+
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main(['--model', str(tmp_path / 'not-loaded'), '--data', str(data),
+                       '--out', str(out), *QUICK_METRICS])
+
+    message = str(raised.value)
+    assert message.startswith('error: ') and '\n' not in message
+    assert "annotations[0] (id 1): image_id 99 is not an image's id" in message
+    assert not out.exists()
 
 
 def test_metrics_option_computes_only_the_chosen_metrics(tmp_path, capsys):

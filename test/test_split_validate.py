@@ -18,12 +18,12 @@ import json
 import os
 from pathlib import Path
 import signal
-import tempfile
 
 import cv2
 import numpy as np
 import pytest
 from training import bag_to_coco
+from training import coco
 from training import record_synthetic_bag
 from training import split
 from training import validate
@@ -111,8 +111,15 @@ CASES = {
         'annotations[3] (id 2)', 'duplicate id, also used by annotations[1]'),
     'empty caption': (lambda f: _edit(f, lambda d: d['annotations'][1].update(caption='  ')),
                       'annotations[1] (id 2)', 'caption is empty'),
+    'captions in a list': (
+        lambda f: _edit(f, lambda d: d['annotations'][1].update(caption=['a box', 'boxes'])),
+        'annotations[1] (id 2)', 'caption must be a string (one caption per annotation), '
+        'not list'),
     'caption of no image': (lambda f: _edit(f, lambda d: d['annotations'][0].update(image_id=99)),
                             'annotations[0] (id 1)', "image_id 99 is not an image's id"),
+    'caption of a list of images': (
+        lambda f: _edit(f, lambda d: d['annotations'][0].update(image_id=[1])),
+        'annotations[0] (id 1)', "image_id [1] is not an image's id"),
     'dot dot': (lambda f: _edit(f, lambda d: d['images'][0].update(file_name='../secret.png')),
                 "images[0] (id 1, '../secret.png')", "contains '..'"),
     'absolute': (lambda f: _edit(f, lambda d: d['images'][0].update(file_name='/etc/passwd')),
@@ -180,6 +187,22 @@ def test_a_dataset_made_from_real_bags_validates(tmp_path):
     (tmp_path / 'spot' / 'images' /
      read_images(tmp_path / 'spot')[0]['file_name']).write_bytes(b'\xff\xd8broken')
     assert len(validate_dataset(tmp_path / 'spot')) == 1
+
+
+def test_a_dataset_gets_the_permissions_of_any_new_file(tmp_path):
+    """Whoever may read the user's files (another user, a training container) can read it."""
+    folder = append_recording(tmp_path, 'line.bag', START_SEC, seed=0)
+    split.split_dataset(folder, 0.3, seed=0, block_seconds=1)
+    (tmp_path / 'plain').mkdir()
+    (tmp_path / 'plain.txt').write_text('')
+    folder_mode = (tmp_path / 'plain').stat().st_mode
+    file_mode = (tmp_path / 'plain.txt').stat().st_mode
+
+    assert folder.stat().st_mode == folder_mode
+    assert (folder / 'images').stat().st_mode == folder_mode
+    for name in ('annotations.json', 'train_split.jsonl', 'val_split.jsonl',
+                 f"images/{read_images(folder)[0]['file_name']}"):
+        assert (folder / name).stat().st_mode == file_mode, name
 
 
 def read_images(folder):
@@ -472,16 +495,16 @@ def test_a_failure_while_writing_leaves_the_old_split_files(tmp_path, monkeypatc
     folder = _recording(tmp_path)
     split.split_dataset(folder, 0.2, seed=1, block_seconds=10)
     old = _split_files(folder)
-    mkstemp = tempfile.mkstemp
+    create_temporary = coco.create_temporary
     calls = []
 
-    def disk_full_on_second_file(*args, **kwargs):
-        calls.append(kwargs.get('prefix'))
+    def disk_full_on_second_file(path):
+        calls.append(path)
         if len(calls) == 2:
             raise OSError(28, 'No space left on device')
-        return mkstemp(*args, **kwargs)
+        return create_temporary(path)
 
-    monkeypatch.setattr(tempfile, 'mkstemp', disk_full_on_second_file)
+    monkeypatch.setattr(coco, 'create_temporary', disk_full_on_second_file)
     with pytest.raises(OSError):
         split.split_dataset(folder, 0.2, seed=2, block_seconds=10, reshuffle=True)
     assert len(calls) == 2

@@ -46,7 +46,6 @@ from pathlib import Path
 import re
 import shutil
 import sys
-import tempfile
 import time
 
 from blip2_ros.image_conversion import ImageConversionError, message_to_rgb
@@ -570,8 +569,7 @@ class _Output:
         self.new_images = []
         self.new_annotations = []
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f'.{self.out.name}.partial-',
-                                             dir=self.out.parent))
+        self.staging = coco.create_folder(self.out.parent, f'.{self.out.name}.partial-')
         (self.staging / coco.IMAGES_DIR).mkdir()
 
     def file_name(self, bag, topic, time_ns, extension):

@@ -29,7 +29,7 @@ content always gives the same bytes and a reader never sees a half-written file.
 import json
 import os
 from pathlib import Path
-import tempfile
+import uuid
 
 ANNOTATIONS_FILE = 'annotations.json'
 IMAGES_DIR = 'images'
@@ -65,10 +65,27 @@ def dumps_line(data):
     return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(',', ':')) + '\n'
 
 
+# Not tempfile.mkstemp / mkdtemp: their files and folders are private (0600 / 0700), and
+# renamed into place they would keep other users, e.g. a training container's, out of the
+# dataset. These get the modes open() and mkdir() give, the umask applied.
+
+def create_temporary(path):
+    """Create a new file beside ``path`` to be renamed onto it; return (descriptor, its path)."""
+    path = Path(path)
+    temporary = path.parent / f'.{path.name}.{uuid.uuid4().hex}'
+    return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
+
+
+def create_folder(parent, prefix):
+    """Create a new, uniquely named folder ``parent``/``prefix``<random> and return its path."""
+    folder = Path(parent) / f'{prefix}{uuid.uuid4().hex}'
+    folder.mkdir()
+    return folder
+
+
 def write_text_atomic(path, text):
     """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+    descriptor, temporary = create_temporary(path)
     try:
         with os.fdopen(descriptor, 'w', encoding='utf-8') as stream:
             stream.write(text)

@@ -41,7 +41,7 @@ import shutil
 import subprocess
 import sys
 
-from training.coco import DatasetError, image_path
+from training.coco import DatasetError, dumps, image_path, write_text_atomic
 
 LOGGER = logging.getLogger('training.evaluate')
 
@@ -52,6 +52,8 @@ ALL_METRICS = ('Bleu', 'METEOR', 'ROUGE_L', 'CIDEr', 'SPICE', 'exact_match')
 # What pycocoevalcap's PTBTokenizer drops after tokenizing.
 PUNCTUATION_TOKENS = {"''", "'", '``', '`', '-lrb-', '-rrb-', '-lcb-', '-rcb-', '.', '?', '!',
                       ',', ':', '-', '--', '...', ';'}
+# What the PTB tokenizer's lexer (run with -preserveLines) ends a line at.
+PTB_LINE_BREAKS = re.compile(r'[\n\r\v\f\u2028\u2029]')
 
 
 class EvaluationError(RuntimeError):
@@ -93,8 +95,12 @@ def tokenize(captions, tokenizer):
         return {key: [simple_tokenize(text) for text in texts] for key, texts in captions.items()}
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+    # PTBTokenizer pairs its output lines with the captions in order and only replaces '\n':
+    # any other line break the Java lexer knows would shift every later caption to the wrong
+    # image.
     return PTBTokenizer().tokenize(
-        {key: [{'caption': text} for text in texts] for key, texts in captions.items()})
+        {key: [{'caption': PTB_LINE_BREAKS.sub(' ', text)} for text in texts]
+         for key, texts in captions.items()})
 
 
 def spice_models_installed():
@@ -267,6 +273,10 @@ def references_from_coco(annotations):
     references = {}
     for index, entry in enumerate(annotations['annotations']):
         image_id, caption = _id_and_caption(entry, f'annotations[{index}]')
+        # An empty reference would count an empty prediction as a perfect caption.
+        if not caption.strip():
+            raise EvaluationError(f'annotations[{index}]: caption is empty; remove it or give '
+                                  'the text')
         references.setdefault(image_id, []).append(caption)
     return references
 
@@ -293,12 +303,10 @@ def score_files(results_path, annotations_path, **options):
 
 
 def write_json(path, data):
-    """Write JSON with sorted keys (results and metrics files)."""
+    """Write JSON with sorted keys (results and metrics files), replacing ``path`` atomically."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(path, 'w', encoding='utf-8') as stream:
-        json.dump(data, stream, indent=1, sort_keys=True, ensure_ascii=False)
-        stream.write('\n')
+    write_text_atomic(path, dumps(data))
 
 
 def training_prompt(*folders, default=''):
@@ -372,7 +380,10 @@ def _scores_json(scores):
 def evaluate_models(args):
     """Caption a split with the model (and the --compare baseline), score, write, print."""
     from training.data import load_split, unsplit_warning
+    from training.validate import check_dataset
 
+    # As training does: captions of unknown images or duplicate ids would be scored silently.
+    check_dataset(args.data, decode_images=False)
     records = [record for record in load_split(args.data, args.split) if record.captions]
     unsplit = unsplit_warning(args.data, ('train', 'val', args.split))
     if unsplit:
@@ -396,6 +407,7 @@ def evaluate_models(args):
                                               default=prompt)
         runs.insert(0, ('baseline', args.compare, args.compare_adapter, baseline_prompt))
     columns = []
+    results = {}
     report = {'split': args.split, 'data': args.data, 'prompt': prompt, 'models': {}}
     for title, model, adapter, run_prompt in runs:
         LOGGER.info('%s: captioning with prompt %r', title, run_prompt)
@@ -405,11 +417,15 @@ def evaluate_models(args):
         scores = score_captions(references, predictions, metrics=metrics,
                                 tokenizer=args.tokenizer,
                                 spice='always' if args.spice else 'auto')
-        write_json(os.path.join(args.out, f'results_{title}.json'),
-                   [{'image_id': key, 'caption': value} for key, value in predictions.items()])
+        results[f'results_{title}.json'] = [{'image_id': key, 'caption': value}
+                                            for key, value in predictions.items()]
         report['models'][title] = {'model': model, 'adapter': adapter, 'prompt': run_prompt,
                                    **_scores_json(scores)}
         columns.append((title, scores))
+    # Only when every model has run: a failing one must not leave the other's results beside
+    # an older metrics.json.
+    for file_name, entries in results.items():
+        write_json(os.path.join(args.out, file_name), entries)
     write_json(os.path.join(args.out, 'metrics.json'), report)
     return columns
 

@@ -43,7 +43,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 
 from training import coco
@@ -201,7 +200,7 @@ def write_split_files(folder, texts):
     pairs = []
     try:
         for file_name, text in texts.items():
-            descriptor, temporary = tempfile.mkstemp(prefix=f'.{file_name}.', dir=folder)
+            descriptor, temporary = coco.create_temporary(os.path.join(folder, file_name))
             pairs.append((temporary, os.path.join(folder, file_name)))
             with os.fdopen(descriptor, 'w', encoding='utf-8') as stream:
                 stream.write(text)

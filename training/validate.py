@@ -159,10 +159,13 @@ def validate_dataset(folder, decode_images=True):
                 f'{where}: duplicate id, also used by annotations[{annotation_ids[note_id]}]')
         else:
             annotation_ids[note_id] = index
-        if note.get('image_id') not in image_ids or not is_id(note.get('image_id')):
+        if not is_id(note.get('image_id')) or note.get('image_id') not in image_ids:
             problems.append(f"{where}: image_id {note.get('image_id')!r} is not an image's id")
         caption = note.get('caption')
-        if not isinstance(caption, str) or not caption.strip():
+        if caption is not None and not isinstance(caption, str):
+            problems.append(f'{where}: caption must be a string (one caption per annotation), '
+                            f'not {type(caption).__name__}')
+        elif not isinstance(caption, str) or not caption.strip():
             problems.append(f'{where}: caption is empty')
     return problems
 
