@@ -40,4 +40,21 @@ def test_package_xml_is_valid_format_3():
     assert package.name == 'blip2_ros'
     exec_depends = {dependency.name for dependency in package.exec_depends}
     assert {'rclpy', 'sensor_msgs', 'std_msgs', 'std_srvs', 'diagnostic_msgs'} <= exec_depends
+    # caption.launch.py runs under `ros2 launch` (the launch tutorial's advice for launch files)
+    assert {'launch', 'launch_ros', 'ros2launch'} <= exec_depends
     assert package.get_build_type() == 'ament_python'
+
+
+@pytest.mark.linter
+@pytest.mark.xmllint
+def test_package_xml_leaves_the_machine_learning_packages_to_pip():
+    # `rosdep install --from-paths src` stops at a key rosdistro does not define (there is no
+    # python3-safetensors-pip or python3-peft-pip), and the -pip keys it does define would
+    # `sudo pip install` a CUDA torch into the system Python. requirements-ml.txt carries them.
+    package = parse_package(os.path.join(ROOT, 'package.xml'))
+    keys = {dependency.name for dependency in
+            package.exec_depends + package.build_depends + package.test_depends}
+    assert sorted(key for key in keys if key.endswith('-pip')) == []
+    with open(os.path.join(ROOT, 'requirements-ml.txt')) as stream:
+        requirements = {line.split('==')[0].strip() for line in stream if line.strip()}
+    assert {'torch', 'transformers', 'safetensors', 'peft'} <= requirements
