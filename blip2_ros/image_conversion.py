@@ -84,6 +84,8 @@ _COMPRESSED_DEPTH_HEADER_BYTES = 12
 
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 _JPEG_MAGIC = b'\xff\xd8'
+_JPEG_END = b'\xff\xd9'
+_JPEG_END_SEARCH_BYTES = 1024
 
 # libjpeg decodes at 1/2, 1/4 and 1/8 scale by truncating the DCT: fewer samples to
 # reconstruct, colour-convert and copy, and each output pixel is the average of its block.
@@ -270,6 +272,12 @@ def compressed_to_rgb(msg, max_pixels=None, min_size=None):
     if not (head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC)):
         raise ImageConversionError(
             'undecodable', f"compressed image '{fmt}' is neither a JPEG nor a PNG stream")
+    if head.startswith(_JPEG_MAGIC) and _JPEG_END not in _jpeg_tail(data):
+        # OpenCV 5 refuses such a frame itself; earlier releases, as ROS distributions ship,
+        # would decode it into a partly grey picture and the node would caption that.
+        raise ImageConversionError(
+            'undecodable',
+            f"compressed image '{fmt}' is truncated: no JPEG end marker ({data.size} bytes)")
     width, height = _compressed_size(data, fmt)
     _check_pixels(width, height, max_pixels)
 
@@ -372,6 +380,12 @@ def _stored_bayer_code(lowered_format, source_encoding):
     # encoding itself for a mosaic, 'mono8' when it debayered to grey first.
     stored = lowered_format.partition('compressed')[2].strip()
     return code if stored in ('', source_encoding) else None
+
+
+def _jpeg_tail(data):
+    """Return the last bytes of a JPEG stream, where its end marker is, past any zero padding."""
+    # Cameras pad frames with zeros, and some write a few bytes after the marker.
+    return data.tobytes().rstrip(b'\x00')[-_JPEG_END_SEARCH_BYTES:]
 
 
 def _check_pixels(width, height, max_pixels):

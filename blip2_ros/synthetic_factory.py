@@ -420,7 +420,9 @@ def render_layout(layout, size=(64, 64), noise_rng=None):
         # Raw random bytes masked to 0..15 take about half the time of integers(), and the
         # saturating add and subtract avoid an int16 copy: both matter at 1920x1080.
         noise = np.frombuffer(noise_rng.bytes(image.size), dtype=np.uint8).reshape(image.shape)
-        image = cv2.subtract(cv2.add(image, noise & 15), NOISE_OFFSET)
+        # The offset as a 4-value Scalar: OpenCV before 5 applies a bare number to the first
+        # channel only, which would tint every frame.
+        image = cv2.subtract(cv2.add(image, noise & 15), (NOISE_OFFSET,) * 3 + (0,))
     return np.ascontiguousarray(image), tuple(boxes)
 
 

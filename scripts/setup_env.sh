@@ -44,11 +44,15 @@ if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
   rm -f "$VENV/.requirements.sha256"
 fi
 STAMP="$VENV/.requirements.sha256"
-WANTED="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-ml.txt" | sha256sum | cut -d' ' -f1)"
+WANTED="$(cat "$ROOT"/requirements*.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANTED" ]; then
   echo "installing Python packages into $VENV (first time: a few minutes)" >&2
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
+  # Kept apart: only the tests that ask for them put these first on the path.
+  rm -rf "$VENV/distro"
+  "$VENV/bin/python" -m pip install --quiet --no-deps --target "$VENV/distro" \
+    -r "$ROOT/requirements-distro.txt"
   echo "$WANTED" > "$STAMP"
 fi
 

@@ -397,6 +397,21 @@ def test_bad_compressed_images_raise_with_a_reason(as_message):
         assert '\n' not in str(caught.value)
 
 
+def test_a_jpeg_cut_short_is_refused_whatever_opencv_would_make_of_it(as_message):
+    # OpenCV before 5, as ROS distributions ship it, decodes a cut-off JPEG into a partly grey
+    # picture; the missing end marker gives it away before decoding.
+    jpeg = cv2.imencode('.jpg', _rgb_pattern(40, 40))[1].tobytes()
+    for cut in (jpeg[:-2], jpeg[:len(jpeg) * 9 // 10]):
+        with pytest.raises(ImageConversionError, match='no JPEG end marker') as caught:
+            message_to_rgb(as_message(_compressed('jpeg', cut)))
+        assert caught.value.reason == 'undecodable'
+    # Zero padding, or a few bytes after the marker, is what some cameras send: still decoded.
+    whole = message_to_rgb(as_message(_compressed('jpeg', jpeg)))
+    for tail in (bytes(5000), b'\x00camera' * 10):
+        padded = message_to_rgb(as_message(_compressed('jpeg', jpeg + tail)))
+        np.testing.assert_array_equal(padded, whole)
+
+
 def test_a_message_that_is_not_an_image_is_rejected():
     text = String()
     text.data = 'hello'
