@@ -495,16 +495,16 @@ def test_a_failure_while_writing_leaves_the_old_split_files(tmp_path, monkeypatc
     folder = _recording(tmp_path)
     split.split_dataset(folder, 0.2, seed=1, block_seconds=10)
     old = _split_files(folder)
-    create_temporary = coco.create_temporary
+    write_temporary = coco.write_temporary
     calls = []
 
-    def disk_full_on_second_file(path):
+    def disk_full_on_second_file(path, text):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(28, 'No space left on device')
-        return create_temporary(path)
+        return write_temporary(path, text)
 
-    monkeypatch.setattr(coco, 'create_temporary', disk_full_on_second_file)
+    monkeypatch.setattr(coco, 'write_temporary', disk_full_on_second_file)
     with pytest.raises(OSError):
         split.split_dataset(folder, 0.2, seed=2, block_seconds=10, reshuffle=True)
     assert len(calls) == 2

@@ -69,11 +69,20 @@ def dumps_line(data):
 # renamed into place they would keep other users, e.g. a training container's, out of the
 # dataset. These get the modes open() and mkdir() give, the umask applied.
 
-def create_temporary(path):
-    """Create a new file beside ``path`` to be renamed onto it; return (descriptor, its path)."""
+def write_temporary(path, text):
+    """Write ``text`` to a new file beside ``path``, on disk, to be renamed onto it; return it."""
     path = Path(path)
     temporary = path.parent / f'.{path.name}.{uuid.uuid4().hex}'
-    return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, 'w', encoding='utf-8') as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except BaseException:
+        temporary.unlink()
+        raise
+    return temporary
 
 
 def create_folder(parent, prefix):
@@ -85,16 +94,11 @@ def create_folder(parent, prefix):
 
 def write_text_atomic(path, text):
     """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
-    descriptor, temporary = create_temporary(path)
+    temporary = write_temporary(path, text)
     try:
-        with os.fdopen(descriptor, 'w', encoding='utf-8') as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        temporary.unlink(missing_ok=True)
         raise
 
 

@@ -200,12 +200,8 @@ def write_split_files(folder, texts):
     pairs = []
     try:
         for file_name, text in texts.items():
-            descriptor, temporary = coco.create_temporary(os.path.join(folder, file_name))
-            pairs.append((temporary, os.path.join(folder, file_name)))
-            with os.fdopen(descriptor, 'w', encoding='utf-8') as stream:
-                stream.write(text)
-                stream.flush()
-                os.fsync(stream.fileno())
+            path = os.path.join(folder, file_name)
+            pairs.append((coco.write_temporary(path, text), path))
         _replace_together(pairs)
     finally:
         for temporary, _ in pairs:
