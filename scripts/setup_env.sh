@@ -49,10 +49,14 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANTED" ]; then
   echo "installing Python packages into $VENV (first time: a few minutes)" >&2
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
-  # Kept apart: only the tests that ask for them put these first on the path.
-  rm -rf "$VENV/distro"
-  "$VENV/bin/python" -m pip install --quiet --no-deps --target "$VENV/distro" \
-    -r "$ROOT/requirements-distro.txt"
+  # A second environment for test/test_jazzy.py: ROS 2 Jazzy's rclpy with Ubuntu 24.04's numpy
+  # and OpenCV, and everything else from this one, found after its own packages.
+  rm -rf "$VENV/jazzy"
+  "$PYTHON" -m venv "$VENV/jazzy"
+  "$VENV/jazzy/bin/python" -m pip install --quiet -r "$ROOT/requirements-jazzy.txt"
+  site_packages='import sysconfig; print(sysconfig.get_paths()["purelib"])'
+  "$VENV/bin/python" -c "$site_packages" > \
+    "$("$VENV/jazzy/bin/python" -c "$site_packages")/blip2_ros_main_environment.pth"
   echo "$WANTED" > "$STAMP"
 fi
 

@@ -650,8 +650,10 @@ def test_broken_frames_leave_stderr_to_the_throttled_log(harness_factory, lively
         wait_for(lambda count=count: harness.node.statistics()['rejected_frames'] == count,
                  what=f'{count} rejected frames')
     stderr = capfd.readouterr().err
-    # OpenCV would add a warning line of its own for every frame.
-    assert 'PNG input buffer is incomplete' not in stderr, stderr
+    if int(cv2.__version__.split('.')[0]) >= 5:
+        # OpenCV would add a warning line of its own for every frame. Before OpenCV 5, as ROS
+        # distributions ship it, libpng prints that line itself, out of anyone's reach.
+        assert 'PNG input buffer is incomplete' not in stderr, stderr
     assert stderr.count('dropped a frame from /cam/compressed') == 1, stderr
 
 
