@@ -168,9 +168,20 @@ def check_messages():
 def check_cv_bridge():
     """cv_bridge is optional: the node converts images itself where it is absent."""
     # Decided the way the node decides, so PyPI's broken ROS 1 port is never imported here.
-    from blip2_ros.image_conversion import cv_bridge_in_use
+    from blip2_ros.image_conversion import cv_bridge_failure, cv_bridge_in_use
     if cv_bridge_in_use():
         return Check(OK, 'cv_bridge from the ROS 2 install converts raw images')
+    failure = cv_bridge_failure()
+    if failure is not None:
+        import numpy
+        what = (f'cv_bridge from the ROS 2 install does not load ({_one_line(failure)}): the '
+                'node converts images with blip2_ros.image_conversion instead')
+        if int(numpy.__version__.split('.')[0]) >= 2:
+            return Check(WARN, what, f'numpy {numpy.__version__} is first on the path, and the '
+                         "distribution's cv_bridge is built for its numpy 1.x: pip uninstall "
+                         "numpy opencv-python-headless in this environment, so that apt's are "
+                         'used (README: On a robot with ROS 2)')
+        return Check(WARN, what, 'reinstall it: apt install --reinstall ros-<distro>-cv-bridge')
     return Check(WARN, 'no ROS 2 cv_bridge: the node converts images with '
                        'blip2_ros.image_conversion (numpy/OpenCV, same encodings) instead',
                  'nothing needed; on a ROS 2 install, apt install ros-<distro>-cv-bridge '

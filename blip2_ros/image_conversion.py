@@ -73,6 +73,7 @@ __all__ = [
     'ImageConversionError',
     'SUPPORTED_ENCODINGS',
     'compressed_to_rgb',
+    'cv_bridge_failure',
     'cv_bridge_in_use',
     'image_to_rgb',
     'message_to_rgb',
@@ -310,29 +311,35 @@ def compressed_to_rgb(msg, max_pixels=None, min_size=None):
 
 def cv_bridge_in_use():
     """Return True when raw rclpy Image messages are converted with ROS 2's cv_bridge."""
-    return _ros_cv_bridge() is not None
+    return _ros_cv_bridge()[0] is not None
+
+
+def cv_bridge_failure():
+    """Return the error the ROS 2 install's cv_bridge fails to load with, or None."""
+    return _ros_cv_bridge()[1]
 
 
 @functools.lru_cache(maxsize=None)
 def _ros_cv_bridge():
-    """Return a CvBridge from the ROS 2 install, or None where the distribution has none."""
+    """Return (a CvBridge from the ROS 2 install or None, the error loading it or None)."""
     try:
         from ament_index_python.packages import get_package_prefix
         prefix = os.path.abspath(get_package_prefix('cv_bridge'))
         spec = importlib.util.find_spec('cv_bridge')
     except (ImportError, LookupError, OSError, ValueError):
-        return None
+        return None, None
     # Located before it is imported, so a cv_bridge from elsewhere (PyPI's ROS 1 port) never
     # runs. abspath, not resolve: a colcon --symlink-install links out of the prefix.
     origin = os.path.abspath(spec.origin) if spec is not None and spec.origin else ''
     if not origin or os.path.commonpath([origin, prefix]) != prefix:
-        return None
+        return None, None
     try:
         from cv_bridge import CvBridge
-        return CvBridge()
-    except Exception:
-        # A half-installed cv_bridge fails in many ways; none of them is fatal here.
-        return None
+        return CvBridge(), None
+    except Exception as error:
+        # A half-installed cv_bridge fails in many ways; none of them is fatal here, the
+        # numpy path converts the frames.
+        return None, error
 
 
 def _is_rclpy_image(msg):
@@ -343,7 +350,7 @@ def _is_rclpy_image(msg):
 
 def _convert_with_cv_bridge(msg, height, width):
     """Return cv_bridge's rgb8 conversion, or None to leave the frame to the numpy path."""
-    bridge = _ros_cv_bridge()
+    bridge, _ = _ros_cv_bridge()
     if bridge is None:
         return None
     try:

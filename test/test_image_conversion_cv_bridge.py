@@ -170,6 +170,28 @@ def test_a_cv_bridge_that_fails_to_load_leaves_the_numpy_path(ros_prefix):
     np.testing.assert_array_equal(message_to_rgb(msg), _numpy_path(msg))
 
 
+def test_the_doctor_names_why_the_installed_cv_bridge_does_not_load(ros_prefix):
+    from blip2_ros import doctor
+    # What a cv_bridge built for numpy 1.x says under numpy 2 (vision_opencv issue 535).
+    ros_prefix('raise ImportError("numpy.core.multiarray failed to import")\n')
+    assert not image_conversion.cv_bridge_in_use()
+    assert str(image_conversion.cv_bridge_failure()) == 'numpy.core.multiarray failed to import'
+
+    check = doctor.check_cv_bridge()
+
+    assert check.status == doctor.WARN
+    assert check.what.startswith('cv_bridge from the ROS 2 install does not load (numpy.core.')
+    assert f'numpy {np.__version__} is first on the path' in check.fix
+    assert 'pip uninstall numpy opencv-python-headless' in check.fix
+
+
+def test_without_a_ros_cv_bridge_the_doctor_says_none_is_needed(ros_prefix):
+    from blip2_ros import doctor
+    ros_prefix(STAND_IN, registered=False)
+    assert image_conversion.cv_bridge_failure() is None
+    assert doctor.check_cv_bridge().what.startswith('no ROS 2 cv_bridge')
+
+
 def test_rclpy_images_go_to_cv_bridge_except_where_it_differs(stand_in):
     stand_in.answer = _marked_frame
     for encoding in _all_encodings():
