@@ -224,6 +224,20 @@ def test_reliable_subscription_hears_reliable_publisher(harness_factory, lively_
     assert harness.wait_for_infos(1)[0]['stamp']['sec'] == 3
 
 
+@pytest.mark.parametrize('reliability, expected', [
+    ('best_effort', ReliabilityPolicy.BEST_EFFORT), ('reliable', ReliabilityPolicy.RELIABLE)])
+def test_camera_subscriptions_offer_the_reliability_asked_for(
+        harness_factory, lively_opt_checkpoint, reliability, expected):
+    # What DDS advertises for the caption node's subscription, as `ros2 topic info -v` shows.
+    harness = harness_factory(lively_opt_checkpoint, ['/cam_qos'], reliability=reliability)
+
+    def advertised():
+        return [info.qos_profile.reliability
+                for info in harness.peer.get_subscriptions_info_by_topic('/cam_qos')]
+    wait_for(advertised, what='the camera subscription in the ROS graph')
+    assert advertised() == [expected]
+
+
 # The default, the static cache with the decode loop, and the loop's step compiled at start-up.
 FAST_PATH_SETTINGS = [{}, {'cache': 'static'}, {'torch_compile': True}]
 
@@ -252,6 +266,43 @@ def test_two_cameras_are_captioned_in_one_batch(harness_factory, lively_opt_chec
     reference = Blip2Captioner(CaptionerConfig(model=str(lively_opt_checkpoint)))
     expected = reference.caption([frames['/left'], frames['/right']], max_new_tokens=8)
     assert [by_topic['/left'], by_topic['/right']] == expected
+
+
+def test_max_batch_size_splits_the_cameras_into_smaller_batches(
+        harness_factory, lively_opt_checkpoint):
+    topics = ['/a', '/b', '/c']
+    harness = harness_factory(lively_opt_checkpoint, topics, max_new_tokens=8, max_batch_size=2)
+    publishers = {topic: harness.publisher(Image, topic) for topic in topics}
+    assert harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=False)).success
+    frames = {topic: make_frame(60 + index) for index, topic in enumerate(topics)}
+    for index, topic in enumerate(topics):
+        publishers[topic].publish(image_message(frames[topic], stamp_sec=index))
+    wait_for(lambda: all(camera['received'] == 1 for camera in
+                         harness.node.statistics()['cameras'].values()), what='three frames')
+    harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=True))
+    infos = harness.wait_for_infos(3)
+    assert sorted(info['batch_size'] for info in infos) == [1, 2, 2]
+    by_topic = {info['source_topic']: info['caption'] for info in infos}
+    expected = harness.node.captioner.caption([frames[topic] for topic in topics],
+                                              max_new_tokens=8)
+    assert [by_topic[topic] for topic in topics] == expected
+
+
+def test_caption_now_captions_the_newest_frame_of_any_camera(
+        harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/a', '/b'], max_new_tokens=8)
+    publishers = {topic: harness.publisher(Image, topic) for topic in ('/a', '/b')}
+    assert harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=False)).success
+    frames = [make_frame(80), make_frame(81), make_frame(82)]
+    for count, (topic, frame) in enumerate(zip(['/a', '/b', '/a'], frames), start=1):
+        publishers[topic].publish(image_message(frame, stamp_sec=count))
+        wait_for(lambda count=count: sum(camera['received'] for camera in
+                                         harness.node.statistics()['cameras'].values()) == count,
+                 what=f'frame {count}')
+        response = harness.call(Trigger, '/blip2_caption/caption_now', Trigger.Request())
+        assert response.success
+        assert response.message == harness.node.captioner.caption([frame], max_new_tokens=8)[0]
+    assert [info['source_topic'] for info in harness.wait_for_infos(3)] == ['/a', '/b', '/a']
 
 
 def test_disable_pauses_captioning_and_caption_now_still_answers(
@@ -431,6 +482,24 @@ def test_diagnostics_warn_while_frames_are_rejected(harness_factory, lively_opt_
     heard = len(harness.diagnostics)
     wait_for(lambda: any(status.level == status.OK for status in statuses(harness)[heard:]),
              what='diagnostics OK again')
+
+
+def test_diagnostics_warn_about_frames_rejected_between_two_good_ones(
+        harness_factory, lively_opt_checkpoint):
+    # The newest frame is good again, so only the count says that frames are being lost.
+    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4,
+                              stale_input_timeout=60.0)
+    camera = harness.publisher(Image, '/cam')
+    depth = image_message(make_frame(72))
+    depth.encoding = '32FC7'
+    camera.publish(depth)
+    wait_for(lambda: harness.node.statistics()['rejected_frames'] == 1, what='the rejection')
+    camera.publish(image_message(make_frame(73)))
+    harness.wait_for_infos(1)
+    wait_for(lambda: any(status.level == status.WARN
+                         and '1 frames rejected since the last report' in status.message
+                         for status in statuses(harness)),
+             what='a warning that counts the rejected frame')
 
 
 # The thread ends with an exception on purpose; pytest would warn about it.
@@ -620,6 +689,8 @@ def test_caption_length_beyond_the_model_stops_the_node_at_start_up(lively_opt_c
     ('caption_topic:=blip2 caption', "caption_topic: 'blip2 caption' is not a valid topic"),
     ('max_new_tokens:=1000', 'max_new_tokens out of range'),
     ('max_rate_hz:=2', 'parameter max_rate_hz'),
+    ('max_batch_size:=0', 'max_batch_size out of range'),
+    ('reliability:=reliabel', "reliability must be 'best_effort' or 'reliable', not 'reliabel'"),
 ])
 def test_bad_settings_stop_the_node_in_one_line_before_the_model_loads(setting, expected):
     # No model in that folder: an error about the setting shows it was checked first.

@@ -24,8 +24,8 @@ import json
 import os
 import shutil
 
-from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, ModelLoadError,
-                                 resize_like_pil)
+from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, MAX_STATIC_CACHES,
+                                 ModelLoadError, resize_like_pil)
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
@@ -318,6 +318,19 @@ def test_prompt_and_caption_longer_than_the_positions_of_opt_are_refused(tiny_op
     assert_one_line(error, 'shorten the prompt or lower max_new_tokens')
 
 
+def test_a_prompt_and_caption_that_fill_the_positions_of_opt_exactly_are_accepted(
+        tiny_opt_checkpoint):
+    # 8 image tokens, BOS and 100 prompt words take 109 of the 128 positions: 19 new tokens
+    # fill them exactly, and such a caption runs to its end.
+    long_prompt = ' '.join(['conveyor'] * 100)
+    captioner = make_captioner(tiny_opt_checkpoint, max_new_tokens=19, prompt=long_prompt)
+    assert captioner.length_problem(long_prompt, 19) is None
+    assert 'need 129 positions' in captioner.length_problem(long_prompt, 20)
+    special = captioner.processor.tokenizer.all_special_ids
+    (caption,) = captioner.caption(model_size_frames(1), suppress_tokens=special)
+    assert len(caption.split()) == 19
+
+
 def test_t5_has_no_fixed_position_limit(tiny_t5_checkpoint):
     captioner = make_captioner(tiny_t5_checkpoint, max_new_tokens=5)
     long_prompt = ' '.join(['conveyor'] * 200)
@@ -397,10 +410,11 @@ def refuse_generate(captioner):
 
 
 def word_id(folder, caption):
-    """Return the token id of the caption's most frequent word."""
+    """Return the token id of the caption's most frequent word (the first in order on a tie)."""
     words = caption.split()
     tokenizer = Blip2Processor.from_pretrained(folder).tokenizer
-    return tokenizer.convert_tokens_to_ids(max(set(words), key=words.count))
+    # sorted: a set's order changes with PYTHONHASHSEED, and so would the word of a tie.
+    return tokenizer.convert_tokens_to_ids(max(sorted(set(words)), key=words.count))
 
 
 @pytest.mark.usefixtures('one_torch_thread')
@@ -429,6 +443,46 @@ def test_the_decode_loop_ends_each_caption_at_its_own_end_token(
     longer = by_generate.caption(frames, prompt=MIXED_PROMPTS, min_new_tokens=7)
     assert by_loop.caption(frames, prompt=MIXED_PROMPTS, min_new_tokens=7) == longer
     assert sum(map(len, longer)) > sum(map(len, ended)), (ended, longer)
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+def test_the_decode_loop_stops_once_every_caption_has_ended(lively_checkpoints):
+    # Captions padded to max_new_tokens read the same as captions that stopped, so only the
+    # number of decode steps shows it: each step past the last end token is wasted latency.
+    folder = lively_checkpoints['opt']
+    frames = model_size_frames(len(MIXED_PROMPTS), first_seed=400)
+    free = make_captioner(folder, max_new_tokens=10).caption(frames, prompt=MIXED_PROMPTS)
+    model = Blip2ForConditionalGeneration.from_pretrained(folder)
+    words = ' '.join(free).split()
+    end_word = max(sorted(set(words)), key=words.count)  # sorted: the same word every run
+    model.language_model.generation_config.eos_token_id = word_id(folder, end_word)
+    captioner = refuse_generate(wrap(folder, model, max_new_tokens=30, cache='static'))
+    decode_step, steps = captioner._decode_step, []
+
+    def counted_step(*args):
+        steps.append(args)
+        return decode_step(*args)
+
+    captioner._decode_step = counted_step
+    captions = captioner.caption(frames, prompt=MIXED_PROMPTS)
+    assert all(caption.split()[-1] == end_word for caption in captions), captions
+    # Every caption ended before the limit; running on to it takes 29 steps.
+    assert len(steps) < 29, (len(steps), captions)
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+def test_generate_options_given_to_one_call_are_honoured_on_the_static_cache(
+        lively_checkpoints):
+    # The decode loop implements greedy decoding and min_new_tokens alone; a call that asks
+    # for anything else must go to generate(), which honours it.
+    folder = lively_checkpoints['opt']
+    frames = model_size_frames(3, first_seed=420)
+    static = make_captioner(folder, max_new_tokens=10, cache='static')
+    assert static.decode_loop
+    penalised = static.caption(frames, repetition_penalty=3.0)
+    dynamic = make_captioner(folder, max_new_tokens=10)
+    assert penalised == dynamic.caption(frames, repetition_penalty=3.0)
+    assert penalised != dynamic.caption(frames)
 
 
 @pytest.mark.usefixtures('one_torch_thread')
@@ -972,6 +1026,22 @@ def test_a_batch_shape_reuses_its_static_cache(lively_checkpoints, language_mode
     assert length % 16 == 0 and length >= (6 + 1 if language_model == 't5' else 40 + 6)
     # T5's cross-attention cache holds exactly the encoder's input.
     assert (captioner._static_cache_for(2, 41, 6)[0] is cache) == (language_model == 'opt')
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+def test_static_caches_are_bounded_and_the_least_recently_used_goes_first(lively_checkpoints):
+    # A node that sees many batch shapes must not keep a KV cache for each forever.
+    captioner = make_captioner(lively_checkpoints['opt'], max_new_tokens=4, cache='static')
+    frames = model_size_frames(MAX_STATIC_CACHES + 2)
+    for count in range(1, MAX_STATIC_CACHES + 1):
+        captioner.caption(frames[:count])
+    assert len(captioner._static_caches) == MAX_STATIC_CACHES
+    captioner.caption(frames[:1])  # used again: now the most recent
+    captioner.caption(frames[:MAX_STATIC_CACHES + 1])
+    assert len(captioner._static_caches) == MAX_STATIC_CACHES
+    # The batch of 2 was the least recently used.
+    assert sorted(key[0] for key in captioner._static_caches) == [1] + list(
+        range(3, MAX_STATIC_CACHES + 2))
 
 
 @pytest.mark.usefixtures('one_torch_thread')

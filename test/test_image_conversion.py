@@ -21,6 +21,7 @@ what the bag converter sees).
 """
 
 import array
+import io
 import os
 from pathlib import Path
 import struct
@@ -534,6 +535,25 @@ def test_reduced_decode_equals_the_full_decode_once_resized(frame_size, min_size
         difference = np.abs(_resized(reduced_rgb, min_size) - full)
         assert difference.mean() <= REDUCED_MEAN_LEVELS, seed
         assert np.percentile(difference, 99) <= REDUCED_P99_LEVELS, seed
+
+
+def test_a_reduced_decode_ignores_exif_orientation_as_the_full_decode_does():
+    # A camera that tags its JPEGs as stored sideways (EXIF orientation 6): the full decode
+    # never turns them, so a reduced one must not either, or only large frames would reach
+    # the model turned by 90 degrees.
+    from PIL import Image as PilImage
+    exif = PilImage.Exif()
+    exif[0x0112] = 6
+    stream = io.BytesIO()
+    PilImage.fromarray(_scene(3, (1080, 1920)).image).save(stream, 'JPEG', exif=exif,
+                                                           quality=90)
+    msg = _compressed('rgb8; jpeg compressed bgr8', stream.getvalue())
+    full = message_to_rgb(msg)
+    reduced = message_to_rgb(msg, min_size=(224, 224))
+    assert full.shape == (1080, 1920, 3)
+    assert reduced.shape == (540, 960, 3)
+    difference = np.abs(_resized(reduced, (224, 224)) - _resized(full, (224, 224)))
+    assert difference.mean() <= REDUCED_MEAN_LEVELS
 
 
 def test_real_spot_jpegs_decoded_reduced_stay_as_close_to_their_raw_twins(realdata):
