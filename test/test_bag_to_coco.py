@@ -227,6 +227,33 @@ def test_every_image_and_caption_matches_what_was_recorded(tmp_path, capsys, sto
     assert not [p for p in tmp_path.iterdir() if '.partial' in p.name]
 
 
+def test_a_topic_caption_older_than_caption_max_age_does_not_apply(tmp_path, capsys):
+    scene = Scene()
+    bag = write_bag(tmp_path, 'shift1', 'mcap', scene.records)
+    out = tmp_path / 'dataset'
+    code, stdout, stderr = _run([
+        bag, '--image-topic', '/cam/raw', '--image-topic', '/cam/compressed',
+        '--caption-topic', '/operator/caption', '--caption-max-age', '0.1', '--out', out],
+        capsys)
+    assert code == 0, stderr
+    frames = _by_frame(read_annotations(out))
+    expected = {}
+    too_old = 0
+    for topic, pictures in (('/cam/raw', scene.raw), ('/cam/compressed', scene.jpeg)):
+        for time_ns in pictures:
+            caption = scene.caption_at(time_ns, 100 * MS)
+            if caption is not None:
+                expected[(topic, time_ns)] = caption
+            elif scene.caption_at(time_ns, 10**12) is not None:
+                too_old += 1  # a caption was said, but more than 0.1 s before the frame
+    assert too_old >= 3
+    captions = _captions(read_annotations(out))
+    assert {key: captions[image['id']] for key, image in frames.items()} == {
+        key: [caption] for key, caption in expected.items()}
+    skipped = len(scene.raw) + len(scene.jpeg) - len(expected)
+    assert f'no_caption: {skipped}' in stdout
+
+
 def test_same_command_twice_gives_identical_output(tmp_path, capsys):
     bag = write_bag(tmp_path, 'run', 'sqlite3', Scene(seed=3).records)
     outputs = []
@@ -298,6 +325,73 @@ def test_appending_a_bag_later_keeps_every_existing_id(tmp_path, capsys):
     for name, payload in files_before.items():
         assert (out / 'images' / name).read_bytes() == payload
     assert validate_dataset(out) == []
+
+
+def test_appending_after_frames_were_deleted_by_hand_gives_unused_ids(tmp_path, capsys):
+    first_bag = write_bag(tmp_path, 'day1', 'sqlite3', Scene(seed=4).records)
+    second_bag = write_bag(tmp_path, 'day2', 'mcap', Scene(seed=5, start=T0 + 10**12).records)
+    out = tmp_path / 'dataset'
+    args = ['--image-topic', '/cam/raw', '--caption-topic', '/operator/caption',
+            '--caption-max-age', '0.25', '--out', out]
+    assert _run([first_bag, *args], capsys)[0] == 0
+    # A user drops a bad frame, as the README says: its entry, its captions and its file.
+    path = out / 'annotations.json'
+    data = json.loads(path.read_text())
+    dropped = data['images'].pop(0)
+    data['annotations'] = [note for note in data['annotations']
+                           if note['image_id'] != dropped['id']]
+    path.write_text(json.dumps(data))
+    (out / 'images' / dropped['file_name']).unlink()
+    assert validate_dataset(out) == []
+    old_image_ids = {image['id'] for image in data['images']}
+    old_note_ids = {note['id'] for note in data['annotations']}
+
+    code, _, stderr = _run([second_bag, *args], capsys)
+    assert code == 0, stderr
+    after = read_annotations(out)
+    new_images = [image for image in after['images'] if image['bag'] == 'day2']
+    new_notes = after['annotations'][len(old_note_ids):]
+    assert new_images and new_notes
+    assert min(image['id'] for image in new_images) > max(old_image_ids)
+    assert min(note['id'] for note in new_notes) > max(old_note_ids)
+    assert validate_dataset(out) == []
+
+
+def test_a_failed_write_of_annotations_json_leaves_the_old_one(tmp_path, capsys):
+    """A disk that fills up while the appended dataset is written keeps the old, whole file."""
+    first_bag = write_bag(tmp_path, 'day1', 'sqlite3',
+                          Scene(seed=4, raw_frames=40, jpeg_frames=0).records)
+    second_bag = write_bag(tmp_path, 'day2', 'mcap',
+                           Scene(seed=5, start=T0 + 10**12, raw_frames=40, jpeg_frames=0).records)
+    out = tmp_path / 'dataset'
+    assert _run([first_bag, '--image-topic', '/cam/raw', '--out', out], capsys)[0] == 0
+    before = (out / 'annotations.json').read_bytes()
+    images_before = sorted(path.name for path in (out / 'images').iterdir())
+    largest_image = max(p.stat().st_size for p in (out / 'images').iterdir())
+    # Files may grow to 1.5 times the old annotations.json: every frame fits, the new
+    # annotations.json (twice the frames) does not.
+    limit = len(before) * 3 // 2
+    assert largest_image < limit
+
+    def limit_file_size():
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    completed = subprocess.run(
+        [sys.executable, '-m', 'training.bag_to_coco', str(second_bag), '--image-topic',
+         '/cam/raw', '--quiet', '--out', str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size,
+        env=dict(os.environ, PYTHONDONTWRITEBYTECODE='1'))
+    assert completed.returncode == 1, completed.stderr[-2000:]
+    assert completed.stderr.startswith('bag_to_coco: error: [Errno 27] File too large')
+    assert completed.stderr.endswith(f'the dataset folder {out} was left as it was\n')
+    assert completed.stderr.count('\n') == 1
+    assert (out / 'annotations.json').read_bytes() == before
+    # The new frames went back out of images/ with the rest of the unfinished append.
+    assert sorted(path.name for path in (out / 'images').iterdir()) == images_before
+    assert validate_dataset(out) == []
+    assert not [p for p in tmp_path.iterdir() if '.partial' in p.name]
+    assert not [p for p in out.iterdir() if p.name.startswith('.annotations.json.')]
 
 
 def _wait_for_text(process, log, text, timeout=120):
@@ -439,6 +533,29 @@ def test_captions_file_time_ranges(tmp_path, capsys, suffix):
     }
     assert 'kept images without a caption: 2' in stdout
     assert all(note['source'] == 'captions_file' for note in dataset['annotations'])
+
+
+def test_captions_file_rows_in_any_order_give_the_same_captions(tmp_path, capsys):
+    scene = Scene(seed=8, jpeg_frames=0)
+    bag = write_bag(tmp_path, 'ranges', 'ros1', scene.records)
+    times = sorted(scene.raw)
+    seconds = [f'{t // 10**9}.{t % 10**9:09d}' for t in times]
+    # Written by hand, newest first: the file is not sorted by time.
+    rows = [(seconds[4], seconds[5], 'one red box'),
+            (seconds[2], seconds[3], 'an empty conveyor'),
+            (seconds[0], seconds[1], 'a worker at the belt')]
+    sidecar = tmp_path / 'labels.csv'
+    sidecar.write_text(''.join(f'{start},{end},{caption}\n' for start, end, caption in rows))
+    out = tmp_path / 'dataset'
+    code, _, stderr = _run([bag, '--image-topic', '/cam/raw', '--captions-file', sidecar,
+                            '--out', out], capsys)
+    assert code == 0, stderr
+    dataset = read_annotations(out)
+    captions = _captions(dataset)
+    assert {image['timestamp_ns']: captions[image['id']] for image in dataset['images']} == {
+        times[0]: ['a worker at the belt'], times[1]: ['a worker at the belt'],
+        times[2]: ['an empty conveyor'], times[3]: ['an empty conveyor'],
+        times[4]: ['one red box'], times[5]: ['one red box']}
 
 
 @pytest.mark.parametrize('content, suffix, expected', [

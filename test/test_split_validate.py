@@ -430,6 +430,59 @@ def test_new_frames_join_the_side_of_their_block_and_removed_ones_are_dropped(
     assert 'dropped: 5 images of the existing split files are no longer captioned' in stdout
 
 
+# At 0.3 no ten-second block has a val majority: val holds only the old val images, which
+# split once counted as none and refused.
+@pytest.mark.parametrize('val_fraction', ['0.5', '0.3'])
+def test_a_resplit_with_longer_blocks_keeps_old_sides_and_follows_their_majority(
+        tmp_path, capsys, val_fraction):
+    # Every other frame split in one-second blocks; then all frames split in ten-second
+    # blocks, each of which holds old frames of both sides.
+    times = [('line', 1000 * SECOND + i * SECOND) for i in range(100)]
+    first = make_dataset(tmp_path / 'first', times[::2])
+    assert split.main([str(first), '--val-fraction', val_fraction, '--block-seconds', '1']) == 0
+    before = sides_by_file(first)
+    data = make_dataset(tmp_path / 'data', times)
+    for name in ('train_split.jsonl', 'val_split.jsonl'):
+        (data / name).write_bytes((first / name).read_bytes())
+    assert split.main([str(data), '--val-fraction', val_fraction, '--block-seconds', '10']) == 0
+    after = sides_by_file(data)
+    assert {name: after[name] for name in before} == before
+    mixed = 0
+    for block in range(10):
+        names = [f'line__cam__{time_ns}.png' for _, time_ns in times[block * 10:block * 10 + 10]]
+        old = [before[name] for name in names if name in before]
+        new = {after[name] for name in names if name not in before}
+        majority = 'val' if old.count('val') > old.count('train') else 'train'
+        assert new == {majority}, (block, old, new)
+        mixed += len(set(old)) == 2
+    assert mixed >= 3
+
+
+def test_cameras_of_one_bag_at_the_same_moment_are_on_the_same_side(tmp_path):
+    folder = make_dataset(tmp_path / 'data', [('line', 1000 * SECOND + i * SECOND)
+                                              for i in range(100)])
+
+    def add_second_camera(data):
+        for image in list(data['images']):
+            name = image['file_name'].replace('__cam__', '__cam2__')
+            (folder / 'images' / name).write_bytes(
+                (folder / 'images' / image['file_name']).read_bytes())
+            copy = dict(image, id=image['id'] + 100, file_name=name, topic='/cam2')
+            data['images'].append(copy)
+            data['annotations'].append({'id': copy['id'], 'image_id': copy['id'],
+                                        'caption': f"camera 2 frame {image['id']}"})
+
+    _edit(folder, add_second_camera)
+    assert validate_dataset(folder) == []
+    split.split_dataset(folder, 0.3, seed=0, block_seconds=1)
+    sides = {}
+    for side in ('train', 'val'):
+        for record in read_split(folder / f'{side}_split.jsonl'):
+            sides.setdefault(record['timestamp_ns'], set()).add(side)
+    assert len(sides) == 100
+    assert all(len(moment) == 1 for moment in sides.values()), sides
+
+
 def test_existing_split_files_that_contradict_each_other_are_refused(tmp_path, capsys):
     folder = _recording(tmp_path)
     assert split.main([str(folder), '--val-fraction', '0.2', '--block-seconds', '10']) == 0

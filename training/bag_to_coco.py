@@ -613,10 +613,22 @@ class _Output:
         if self.new_images or self.new_annotations:
             images_dir = self.out / coco.IMAGES_DIR
             images_dir.mkdir(exist_ok=True)
-            for entry in self.new_images:
-                name = entry['file_name']
-                os.replace(self.staging / coco.IMAGES_DIR / name, images_dir / name)
-            coco.write_text_atomic(self.out / coco.ANNOTATIONS_FILE, coco.dumps(self.dataset))
+            # The new annotations.json is on disk before any image moves in: a full disk
+            # stops the append here, and renames take no space.
+            annotations = coco.write_temporary(self.out / coco.ANNOTATIONS_FILE,
+                                               coco.dumps(self.dataset))
+            moved = []
+            try:
+                for entry in self.new_images:
+                    name = entry['file_name']
+                    os.replace(self.staging / coco.IMAGES_DIR / name, images_dir / name)
+                    moved.append(name)
+                os.replace(annotations, self.out / coco.ANNOTATIONS_FILE)
+            except BaseException:
+                for name in moved:
+                    os.replace(images_dir / name, self.staging / coco.IMAGES_DIR / name)
+                annotations.unlink(missing_ok=True)
+                raise
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def discard(self):
@@ -982,6 +994,11 @@ def main(argv=None):
                                progress_interval=progress_every, on_wait=progress)
     except ConversionError as error:
         print(f'bag_to_coco: error: {error}', file=sys.stderr)
+        return 1
+    except OSError as error:
+        # A full disk or a folder without write permission: nothing was moved into the dataset.
+        print(f"bag_to_coco: error: {error}; the dataset folder {values['out']} was left as it "
+              'was', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print('bag_to_coco: interrupted; the dataset folder was left as it was', file=sys.stderr)

@@ -246,8 +246,10 @@ def split_dataset(folder, val_fraction, seed=0, block_seconds=30.0, decode_image
             block_sides[key] = 'val' if old.count('val') > old.count('train') else 'train'
     new_blocks = sorted(key for key in blocks if key not in block_sides)
     random.Random(seed).shuffle(new_blocks)
-    val_count = sum(len(blocks[key]) for key, side in block_sides.items() if side == 'val')
-    has_train = 'train' in block_sides.values()
+    # Old images stay on their own side, new ones go to their block's: count where they end.
+    ends = [kept.get(image['id'], side) for key, side in block_sides.items()
+            for image in blocks[key]]
+    val_count, has_train = ends.count('val'), 'train' in ends
     target = val_fraction * len(images)
     for index, key in enumerate(new_blocks):
         # Leave at least one block to train on.
