@@ -202,3 +202,47 @@ def test_frames_appended_after_splitting_are_reported_until_split_runs(
             f'{data} to use them') in caplog.text
     assert split.main([str(data), '--val-fraction', '0.2', '--block-seconds', '1']) == 0
     assert unsplit_images(data) == []
+
+
+def test_a_caption_after_a_prompt_is_tokenized_as_the_words_that_follow_it():
+    """
+    With a byte-level BPE tokenizer (OPT's kind) 'two' and ' two' are different tokens.
+
+    The model generates the caption as the words after the prompt, so the collator must train
+    on the tokens of 'a photo of two red boxes', not of 'a photo of' and 'two red boxes' apart.
+    """
+    import numpy as np
+    from tokenizers import decoders, models, pre_tokenizers, processors, Tokenizer, trainers
+    from training.data import CaptionCollator, IGNORE_INDEX
+    from transformers import Blip2Processor, BlipImageProcessor, PreTrainedTokenizerFast
+
+    texts = ['a photo of two red boxes on the conveyor', 'a photo of one blue gear',
+             'two boxes', 'red gear on the belt']
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts * 5, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=['<pad>', '</s>', '<image>'],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(
+        single='</s> $A', special_tokens=[('</s>', bpe.token_to_id('</s>'))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token='<pad>',
+                                        eos_token='</s>', bos_token='</s>')
+    assert (tokenizer('two', add_special_tokens=False)['input_ids']
+            != tokenizer(' two', add_special_tokens=False)['input_ids'])
+    processor = Blip2Processor(image_processor=BlipImageProcessor(size={'height': 32,
+                                                                        'width': 32}),
+                               tokenizer=tokenizer, num_query_tokens=4)
+    image_token_id = tokenizer.convert_tokens_to_ids('<image>')
+    collator = CaptionCollator(processor, image_token_id, 4, is_encoder_decoder=False,
+                               prompt='a photo of')
+    batch = collator([{'image': np.zeros((32, 32, 3), np.uint8),
+                       'caption': 'two red boxes on the conveyor'}])
+
+    whole = tokenizer('a photo of two red boxes on the conveyor')['input_ids']
+    prompt = tokenizer('a photo of')['input_ids']
+    assert whole[:len(prompt)] == prompt
+    eos = tokenizer.eos_token_id
+    assert batch['input_ids'][0].tolist() == [image_token_id] * 4 + whole + [eos]
+    assert batch['labels'][0].tolist() == (
+        [IGNORE_INDEX] * (4 + len(prompt)) + whole[len(prompt):] + [eos])

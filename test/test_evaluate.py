@@ -122,6 +122,17 @@ def test_scores_match_pycocoevalcap_called_directly(tmp_path):
     assert result.scores['exact_match'] == pytest.approx(2 / 3)
 
 
+def test_exact_match_counts_a_prediction_equal_to_any_reference():
+    """Every reference of an image counts, not only the first one."""
+    references = {1: ['two red boxes on the conveyor', 'A conveyor with two red boxes.'],
+                  2: ['one blue gear', 'a blue gear on the belt', 'One gear, blue.'],
+                  3: ['a robot arm', 'an arm of a robot']}
+    predictions = {1: 'a conveyor with two red boxes', 2: 'one gear blue', 3: 'a robot'}
+    result = evaluate.score_captions(references, predictions, metrics=('exact_match',),
+                                     tokenizer='simple')
+    assert result.scores == {'exact_match': pytest.approx(2 / 3)}
+
+
 @pytest.mark.skipif(not evaluate.java_available(), reason='the PTB tokenizer needs Java')
 def test_a_line_break_inside_a_caption_does_not_move_captions_to_other_images():
     """PTB tokenizes line by line: a carriage return or U+2028 stays inside its caption."""

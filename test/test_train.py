@@ -564,6 +564,47 @@ def test_sigterm_in_the_last_step_finishes_the_run(
     assert (output / 'model.safetensors').exists()
 
 
+def test_a_second_signal_stops_at_once_without_saving(
+        tmp_path, dataset, tiny_opt_checkpoint, monkeypatch):
+    """Ctrl-C twice: no checkpoint, no model, and the handlers from before are back."""
+    def two_signals_in_step_two(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train.GracefulStopCallback, 'on_step_begin', two_signals_in_step_two)
+    previous = signal.getsignal(signal.SIGTERM)
+    output = tmp_path / 'out'
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tiny_opt_checkpoint, dataset, output, 'qformer', '--max_steps', '5',
+                  '--save_steps', '1')
+    assert signal.getsignal(signal.SIGTERM) == previous
+    assert [step for step, _ in train.list_checkpoints(output)] == [1]
+    assert not (output / 'model.safetensors').exists()
+
+
+def test_lora_target_modules_choose_the_adapted_projections(
+        tmp_path, dataset, tiny_opt_checkpoint):
+    """--lora_target_modules replaces the default q_proj,v_proj; unknown names are refused."""
+    def trainable(targets):
+        model_args, _, training_args = train.parse_arguments([
+            '--model', str(tiny_opt_checkpoint), '--data', str(dataset), '--output_dir',
+            str(tmp_path / 'unused'), '--method', 'lora', '--use_cpu', 'true',
+            '--lora_target_modules', targets])
+        model, _ = train.load_model(model_args, training_args)
+        model = train.apply_method(model, model_args)
+        return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+    names = trainable(' k_proj, out_proj ')
+    pattern = re.compile(r'base_model\.model\.language_model\..*\.(k_proj|out_proj)'
+                         r'\.lora_[AB]\.default\.weight')
+    assert names and all(pattern.fullmatch(name) for name in names), sorted(names)
+    adapted = {name.split('.lora_')[0].rsplit('.', 1)[1] for name in names}
+    assert adapted == {'k_proj', 'out_proj'}
+    with pytest.raises(train.TrainingError, match='matched no module'):
+        trainable('no_such_proj')
+
+
 def test_resuming_a_finished_run_is_refused_until_the_schedule_grows(
         tmp_path, dataset, tiny_opt_checkpoint):
     """The Trainer would train one step past the end and overwrite the saved model."""
