@@ -401,3 +401,53 @@ def test_runs_as_a_module(image_folder, tiny_opt_checkpoint):
     assert result.returncode == 0, result.stderr
     assert [line['image'] for line in json_lines(result.stdout)] == [
         str(root / 'belt.png'), str(root / 'webcam.jpg')]
+
+
+def test_folders_that_link_back_to_themselves_twice_are_walked_once(
+        tmp_path, tiny_opt_checkpoint):
+    # Two links back to the top make every level twice as many paths as the last: without the
+    # guard the walk goes on until the kernel's 40-link limit, 2**40 folders later.
+    root = tmp_path / 'camera'
+    root.mkdir()
+    Image.fromarray(random_frame(10, 16, 16)).save(root / 'belt.png')
+    (root / 'left').symlink_to(root, target_is_directory=True)
+    (root / 'right').symlink_to(root, target_is_directory=True)
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    try:
+        result = subprocess.run(
+            [sys.executable, '-m', 'blip2_ros.caption_images', '--model',
+             str(tiny_opt_checkpoint), '--max-new-tokens', '3', str(root)],
+            capture_output=True, text=True, env=environment, timeout=90, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail('caption_images still walking a folder that links back to itself')
+    assert result.returncode == 0, result.stderr
+    assert [line['image'] for line in json_lines(result.stdout)] == [str(root / 'belt.png')]
+
+
+def test_the_default_batch_size_captions_every_image_of_a_full_batch(
+        image_folder, lively_checkpoint, capsys):
+    root, frames = image_folder
+    names = ['belt.png', 'shift_a/z_last.png', 'shift_b/arm.png', 'webcam_raw.png']
+    paths = [str(root / name) for name in names]
+    assert main(['--model', str(lively_checkpoint), '--max-new-tokens', '6'] + paths) == 0
+    out, err = capsys.readouterr()
+    captioner = Blip2Captioner(CaptionerConfig(model=str(lively_checkpoint), max_new_tokens=6))
+    assert json_lines(out) == [
+        {'image': path, 'caption': caption}
+        for path, caption in zip(paths, captioner.caption([frames[name] for name in names]))]
+    assert 'captioned 4 images, skipped 0' in err
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_passed_off_as_one(
+        image_folder, tiny_opt_checkpoint, monkeypatch, capsys):
+    root, _ = image_folder
+
+    def caption_with_a_bug(captioner, frames, *args, **kwargs):
+        torch.ones(2) @ torch.ones(3)  # a real torch RuntimeError: shapes that do not match
+
+    monkeypatch.setattr(Blip2Captioner, 'caption', caption_with_a_bug)
+    with pytest.raises(RuntimeError, match='size'):
+        main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3',
+              str(root / 'belt.png')])
+    err = capsys.readouterr().err
+    assert 'out of memory' not in err and 'lower --batch-size' not in err

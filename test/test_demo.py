@@ -26,7 +26,7 @@ import threading
 import time
 
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
-from blip2_ros.demo import Scoreboard
+from blip2_ros.demo import MAX_PENDING_TRUTHS, Scoreboard, STOP_GRACE_SEC
 from blip2_ros.synthetic_factory import DEFAULT_SPEC, scene_at
 import pytest
 from std_msgs.msg import String
@@ -273,6 +273,80 @@ def test_scoreboard_matches_captions_to_frames_by_stamp():
                                                    '100.0')
     assert LINE.match(lines[1]).group(2, 3, 4, 5) == (
         'MISS', 'one red bolt on the conveyor', 'one red box on the conveyor', '50.0')
+
+
+def stamped(sec, caption, nanosec=5):
+    """Return a truth or caption_info message: a caption and the stamp of its frame."""
+    return String(data=json.dumps({'stamp': {'sec': sec, 'nanosec': nanosec},
+                                   'caption': caption}))
+
+
+def test_scoreboard_drops_the_oldest_pending_truths_and_keeps_matching_new_frames():
+    # Frames the busy caption node skipped leave their truths behind; past the limit the
+    # oldest go, and captions of new frames still find theirs.
+    board = Scoreboard(frames=0, out=io.StringIO())
+    for sec in range(1, MAX_PENDING_TRUTHS + 2):
+        board.on_truth(stamped(sec, f'truth {sec}'))
+    assert len(board.truth_by_stamp) == MAX_PENDING_TRUTHS
+    board.on_caption(stamped(1, 'truth 1'))
+    assert board.matched == 0, 'the oldest truth was dropped'
+    board.on_caption(stamped(MAX_PENDING_TRUTHS + 1, f'truth {MAX_PENDING_TRUTHS + 1}'))
+    assert (board.matched, board.correct) == (1, 1)
+
+
+def test_scoreboard_scores_a_frame_once_when_it_is_captioned_twice():
+    # caption_now captions the newest frame again: the second caption is not a second frame.
+    board = Scoreboard(frames=0, out=io.StringIO())
+    board.on_truth(stamped(7, 'one red box on the conveyor'))
+    board.on_caption(stamped(7, 'one red box on the conveyor'))
+    board.on_caption(stamped(7, 'one red bolt on the conveyor'))
+    assert (board.matched, board.correct, board.accuracy) == (1, 1, 1.0)
+
+
+def test_scoreboard_latency_is_the_median():
+    board = Scoreboard(frames=0, out=io.StringIO())
+    assert board.latency_p50() == 0.0
+    now = time.time()
+    for index, age_sec in enumerate((0.1, 0.3, 9.0)):
+        stamp = now - age_sec
+        sec, nanosec = int(stamp), int((stamp % 1) * 1e9)
+        board.on_truth(stamped(sec, 'one red box on the conveyor', nanosec))
+        board.on_caption(stamped(sec, 'one red box on the conveyor', nanosec))
+    assert board.matched == 3
+    # One slow caption (9 s) does not move the median off the typical 0.3 s.
+    assert 250 <= board.latency_p50() < 2000
+
+
+@pytest.mark.ros
+def test_demo_exits_3_when_the_accuracy_ends_below_min_accuracy(tiny_opt_checkpoint):
+    # An untrained model never says the true caption: 0% against a bar of 50%.
+    result = run_demo('--model', str(tiny_opt_checkpoint), '--frames', '2',
+                      '--min-accuracy', '0.5', '--timeout', '120')
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert '0 of 2 captions equal the truth (0.0%)' in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        'error: exact match 0.0% is below --min-accuracy 50.0%')
+
+
+@pytest.mark.ros
+def test_ctrl_c_lets_both_nodes_stop_by_themselves_without_waiting_for_the_kill():
+    """The nodes get SIGINT first and stop at once; the kill is only for a node that hangs."""
+    demo = RunningDemo('--frames', '1000', '--timeout', '60')
+    pids = []
+    try:
+        demo.wait_for_captions(2)
+        pids = demo.node_pids()
+        assert len(pids) == 2, demo.output
+        start = time.monotonic()
+        demo.process.send_signal(signal.SIGINT)
+        code, output = demo.finish(timeout=STOP_GRACE_SEC + 30)
+        took = time.monotonic() - start
+    finally:
+        demo.process.kill()
+        demo.process.wait()
+        left = still_running_after(pids)
+    assert left == [] and code == 128 + signal.SIGINT, output
+    assert took < STOP_GRACE_SEC / 2, f'the demo took {took:.1f} s to stop after Ctrl-C'
 
 
 # The committed demo model -----------------------------------------------------------------

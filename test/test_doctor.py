@@ -14,6 +14,7 @@
 
 """The environment doctor: what it reports on this machine, and its exit status."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -202,3 +203,45 @@ def test_command_line_entry_point(tmp_path):
     assert lines[0] == 'blip2_ros doctor' and len(lines) >= 15
     assert any(line.startswith('MISSING model folder') for line in lines)
     assert str(tmp_path / 'absent') in result.stdout
+
+
+def test_a_node_dependency_that_does_not_import_is_missing_not_a_warning(capsys, monkeypatch):
+    # transformers goes through the same check as torch, numpy, OpenCV and Pillow.
+    monkeypatch.setitem(sys.modules, 'transformers', None)
+    status, lines = run_doctor(capsys)
+    assert status == 1
+    line = line_about(lines, 'transformers not importable')
+    assert line.startswith('MISSING') and 'pip install -r requirements-ml.txt' in line
+    assert lines[-1].startswith('1 missing')
+
+
+@pytest.mark.parametrize('removed', [('processor_config.json',),
+                                     ('tokenizer.json', 'tokenizer_config.json')])
+def test_a_model_folder_without_its_processor_files_is_missing(capsys, tmp_path,
+                                                               tiny_opt_checkpoint, removed):
+    folder = tmp_path / 'weights-only'
+    shutil.copytree(tiny_opt_checkpoint, folder)
+    for name in removed:
+        os.remove(folder / name)
+    status, lines = run_doctor(capsys, '--model', str(folder))
+    assert status == 1
+    line = line_about(lines, f"model '{folder}'")
+    assert line.startswith('MISSING') and 'lacks its processor files' in line
+
+
+def test_a_model_too_big_for_this_machine_is_a_warning(capsys, tmp_path, tiny_opt_checkpoint):
+    # The weights stay tiny; the config claims a vocabulary that makes about 10**12 parameters,
+    # which the doctor counts on the meta device: more than any GPU or RAM holds.
+    folder = tmp_path / 'huge'
+    shutil.copytree(tiny_opt_checkpoint, folder)
+    config = json.loads((folder / 'config.json').read_text())
+    config['text_config']['vocab_size'] = 2 ** 40 // config['text_config']['hidden_size']
+    (folder / 'config.json').write_text(json.dumps(config))
+    status, lines = run_doctor(capsys, '--model', str(folder))
+    assert status == 0  # it may run somewhere else: a warning, not a missing piece
+    assert line_about(lines, f"model '{folder}'").startswith('OK')
+    fits = line_about(lines, 'the model needs about')
+    assert fits.startswith('WARN') and 'more than' in fits and '->' in fits
+
+    status, lines = run_doctor(capsys, '--model', str(tiny_opt_checkpoint))
+    assert not [line for line in lines if 'the model needs about' in line]

@@ -184,6 +184,32 @@ def test_best_effort_camera_with_a_narrow_scene_spec(context):
                               scene_at(12, truth['index'], (24, 32), camera.spec).image)
 
 
+def test_jpeg_frames_are_encoded_at_the_jpeg_quality_asked_for(context):
+    camera = FactoryCamera(context=context, parameter_overrides=[
+        Parameter('publish_compressed', value=True), Parameter('jpeg_quality', value=20),
+        Parameter('rate_hz', value=50.0), Parameter('width', value=64),
+        Parameter('height', value=48), Parameter('seed', value=3)])
+    listener = Listener(context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(camera)
+    executor.add_node(listener.node)
+    try:
+        spin_until(executor, lambda: len(listener.jpegs) >= 3 and len(listener.truths) >= 3,
+                   what='3 JPEG frames')
+    finally:
+        executor.shutdown()
+        camera.destroy_node()
+        listener.node.destroy_node()
+    truths = {stamp_key(truth['stamp']): truth for truth in listener.truths}
+    matched = [jpeg for jpeg in listener.jpegs if stamp_key(jpeg.header.stamp) in truths]
+    assert len(matched) >= 2
+    for jpeg in matched:
+        scene = scene_at(3, truths[stamp_key(jpeg.header.stamp)]['index'], (48, 64))
+        ok, expected = cv2.imencode('.jpg', cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR),
+                                    [cv2.IMWRITE_JPEG_QUALITY, 20])
+        assert ok and bytes(jpeg.data) == expected.tobytes()
+
+
 def test_parameters_are_declared_from_one_list_and_bad_values_refused(context):
     camera = FactoryCamera(context=context)
     try:

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from rosbags.rosbag2 import Reader
 from rosbags.typesys import get_typestore, Stores
+from training.demo_model import DemoRecipe
 from training.record_synthetic_bag import DEFAULT_START_SEC, main as record_main
 
 # OpenCV hue (0..180) of each colour name; the test reads colours from pixels, not the layout.
@@ -74,6 +75,19 @@ def test_same_seed_and_index_give_the_same_frame():
     assert np.array_equal(streamed[2].image, first.image)
     assert not np.array_equal(scene_at(4, 7).image, first.image)
     assert not np.array_equal(scene_at(3, 8).image, first.image)
+
+
+def test_the_demo_streams_share_no_frame():
+    """The demo model's fresh-frame score and the live demo use frames training never saw."""
+    recipe = DemoRecipe()
+    streams = ((recipe.seed, recipe.frames), (recipe.fresh_seed, recipe.fresh_frames),
+               (2026, 300))  # 2026: the demo camera's default --seed
+    seen = {}
+    for seed, count in streams:
+        for index in range(count):
+            layout = scene_at(seed, index, (16, 16)).layout
+            assert layout not in seen, f'frame {index} of stream {seed} is {seen.get(layout)}'
+            seen[layout] = (seed, index)
 
 
 def test_count_colour_and_kind_vary_independently_and_uniformly():
