@@ -299,12 +299,19 @@ def test_two_bags_of_different_formats_merge_into_one_dataset(tmp_path, capsys):
     assert dataset['annotations'] == []
 
 
-def test_appending_a_bag_later_keeps_every_existing_id(tmp_path, capsys):
+def _two_days(tmp_path, second_storage):
+    """Write the bags of two days; return them, the dataset folder and the converter options."""
     first_bag = write_bag(tmp_path, 'day1', 'sqlite3', Scene(seed=4).records)
-    second_bag = write_bag(tmp_path, 'day2', 'ros1', Scene(seed=5, start=T0 + 10**12).records)
+    second_bag = write_bag(tmp_path, 'day2', second_storage,
+                           Scene(seed=5, start=T0 + 10**12).records)
     out = tmp_path / 'dataset'
     args = ['--image-topic', '/cam/raw', '--caption-topic', '/operator/caption',
             '--caption-max-age', '0.25', '--out', out]
+    return first_bag, second_bag, out, args
+
+
+def test_appending_a_bag_later_keeps_every_existing_id(tmp_path, capsys):
+    first_bag, second_bag, out, args = _two_days(tmp_path, 'ros1')
     assert _run([first_bag, *args], capsys)[0] == 0
     before = read_annotations(out)
     files_before = {p.name: p.read_bytes() for p in (out / 'images').iterdir()}
@@ -328,11 +335,7 @@ def test_appending_a_bag_later_keeps_every_existing_id(tmp_path, capsys):
 
 
 def test_appending_after_frames_were_deleted_by_hand_gives_unused_ids(tmp_path, capsys):
-    first_bag = write_bag(tmp_path, 'day1', 'sqlite3', Scene(seed=4).records)
-    second_bag = write_bag(tmp_path, 'day2', 'mcap', Scene(seed=5, start=T0 + 10**12).records)
-    out = tmp_path / 'dataset'
-    args = ['--image-topic', '/cam/raw', '--caption-topic', '/operator/caption',
-            '--caption-max-age', '0.25', '--out', out]
+    first_bag, second_bag, out, args = _two_days(tmp_path, 'mcap')
     assert _run([first_bag, *args], capsys)[0] == 0
     # A user drops a bad frame, as the README says: its entry, its captions and its file.
     path = out / 'annotations.json'
@@ -493,12 +496,17 @@ def test_dedup_drops_near_identical_frames_of_a_still_scene(tmp_path):
     assert bag_to_coco.convert_bags([bag], options).frames_kept == len(frames)
 
 
-@pytest.mark.parametrize('suffix', ['.csv', '.jsonl'])
-def test_captions_file_time_ranges(tmp_path, capsys, suffix):
+def _ranges_bag(tmp_path):
+    """Write a ROS 1 bag of raw frames; return it, their times and the times as seconds."""
     scene = Scene(seed=8, jpeg_frames=0)
     bag = write_bag(tmp_path, 'ranges', 'ros1', scene.records)
     times = sorted(scene.raw)
-    seconds = [f'{t // 10**9}.{t % 10**9:09d}' for t in times]
+    return bag, times, [f'{t // 10**9}.{t % 10**9:09d}' for t in times]
+
+
+@pytest.mark.parametrize('suffix', ['.csv', '.jsonl'])
+def test_captions_file_time_ranges(tmp_path, capsys, suffix):
+    bag, times, seconds = _ranges_bag(tmp_path)
     ranges = [(seconds[0], seconds[1], 'a worker, at the belt'),
               (seconds[1], seconds[2], 'an empty conveyor'),
               (seconds[4], seconds[4], 'one red box')]
@@ -536,10 +544,7 @@ def test_captions_file_time_ranges(tmp_path, capsys, suffix):
 
 
 def test_captions_file_rows_in_any_order_give_the_same_captions(tmp_path, capsys):
-    scene = Scene(seed=8, jpeg_frames=0)
-    bag = write_bag(tmp_path, 'ranges', 'ros1', scene.records)
-    times = sorted(scene.raw)
-    seconds = [f'{t // 10**9}.{t % 10**9:09d}' for t in times]
+    bag, times, seconds = _ranges_bag(tmp_path)
     # Written by hand, newest first: the file is not sorted by time.
     rows = [(seconds[4], seconds[5], 'one red box'),
             (seconds[2], seconds[3], 'an empty conveyor'),

@@ -147,30 +147,42 @@ def test_camera_process_publishes_frames_with_matching_truth(context):
         assert min(distances, key=distances.get) == key and distances[key] < 10
 
 
-def test_best_effort_camera_with_a_narrow_scene_spec(context):
-    camera = FactoryCamera(context=context, parameter_overrides=[
-        Parameter('reliability', value='best_effort'), Parameter('rate_hz', value=50.0),
-        Parameter('width', value=32), Parameter('height', value=24),
-        Parameter('topic', value='/line_2/image'), Parameter('caption_topic', value=''),
-        Parameter('kinds', value=['gear']), Parameter('colours', value=['blue', 'red']),
-        Parameter('seed', value=12)])
-    listener = Listener(context, ReliabilityPolicy.BEST_EFFORT, topic='/line_2/image')
+def listen_to_camera(context, overrides, listener, condition, what, check_graph=None):
+    """Run a FactoryCamera with ``overrides`` beside ``listener`` until ``condition()``."""
+    camera = FactoryCamera(context=context, parameter_overrides=overrides)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(camera)
     executor.add_node(listener.node)
     try:
-        spin_until(executor, lambda: len(listener.images) >= 10 and len(listener.truths) >= 10,
-                   what='10 best-effort frames')
-        offered = listener.node.get_publishers_info_by_topic('/line_2/image')
-        assert [info.qos_profile.reliability for info in offered] == [
-            ReliabilityPolicy.BEST_EFFORT]
-        # An empty caption_topic turns the plain caption off; the truth topic stays.
-        assert listener.node.count_publishers('/factory/true_caption') == 0
-        assert listener.node.count_publishers('/line_2/image/compressed') == 0
+        spin_until(executor, condition, what=what)
+        if check_graph:
+            check_graph(listener.node)
     finally:
         executor.shutdown()
         camera.destroy_node()
         listener.node.destroy_node()
+    return camera
+
+
+def test_best_effort_camera_with_a_narrow_scene_spec(context):
+    listener = Listener(context, ReliabilityPolicy.BEST_EFFORT, topic='/line_2/image')
+
+    def check_graph(node):
+        offered = node.get_publishers_info_by_topic('/line_2/image')
+        assert [info.qos_profile.reliability for info in offered] == [
+            ReliabilityPolicy.BEST_EFFORT]
+        # An empty caption_topic turns the plain caption off; the truth topic stays.
+        assert node.count_publishers('/factory/true_caption') == 0
+        assert node.count_publishers('/line_2/image/compressed') == 0
+
+    camera = listen_to_camera(context, [
+        Parameter('reliability', value='best_effort'), Parameter('rate_hz', value=50.0),
+        Parameter('width', value=32), Parameter('height', value=24),
+        Parameter('topic', value='/line_2/image'), Parameter('caption_topic', value=''),
+        Parameter('kinds', value=['gear']), Parameter('colours', value=['blue', 'red']),
+        Parameter('seed', value=12)], listener,
+        lambda: len(listener.images) >= 10 and len(listener.truths) >= 10,
+        what='10 best-effort frames', check_graph=check_graph)
     assert listener.captions == [] and listener.jpegs == []
     assert {truth['kind'] for truth in listener.truths} == {'gear'}
     assert {truth['colour'] for truth in listener.truths} <= {'blue', 'red'}
@@ -185,21 +197,12 @@ def test_best_effort_camera_with_a_narrow_scene_spec(context):
 
 
 def test_jpeg_frames_are_encoded_at_the_jpeg_quality_asked_for(context):
-    camera = FactoryCamera(context=context, parameter_overrides=[
+    listener = Listener(context)
+    listen_to_camera(context, [
         Parameter('publish_compressed', value=True), Parameter('jpeg_quality', value=20),
         Parameter('rate_hz', value=50.0), Parameter('width', value=64),
-        Parameter('height', value=48), Parameter('seed', value=3)])
-    listener = Listener(context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(camera)
-    executor.add_node(listener.node)
-    try:
-        spin_until(executor, lambda: len(listener.jpegs) >= 3 and len(listener.truths) >= 3,
-                   what='3 JPEG frames')
-    finally:
-        executor.shutdown()
-        camera.destroy_node()
-        listener.node.destroy_node()
+        Parameter('height', value=48), Parameter('seed', value=3)], listener,
+        lambda: len(listener.jpegs) >= 3 and len(listener.truths) >= 3, what='3 JPEG frames')
     truths = {stamp_key(truth['stamp']): truth for truth in listener.truths}
     matched = [jpeg for jpeg in listener.jpegs if stamp_key(jpeg.header.stamp) in truths]
     assert len(matched) >= 2
