@@ -30,6 +30,7 @@ import torch
 
 from training.coco import ANNOTATIONS_FILE, DatasetError, image_path, read_annotations
 from training.split import caption_texts, read_split_file
+from training.validate import is_id
 
 IGNORE_INDEX = -100
 ALL_SPLIT = 'all'
@@ -57,7 +58,7 @@ def _images_by_id(coco, folder):
     """Return ``{id: file_name}`` of the images of annotations.json."""
     images = {}
     for index, image in enumerate(coco['images']):
-        if (not isinstance(image, dict) or not isinstance(image.get('id'), int)
+        if (not isinstance(image, dict) or not is_id(image.get('id'))
                 or not isinstance(image.get('file_name'), str)):
             raise DatasetError(
                 f'{os.path.join(folder, ANNOTATIONS_FILE)} images[{index}] needs an integer id '
