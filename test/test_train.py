@@ -491,7 +491,7 @@ def _record_weight_saves(monkeypatch):
 
 
 @pytest.mark.parametrize('method,extra', [('qformer', []), ('lora', ['--merge_lora'])])
-def test_checkpoints_and_model_folders_hold_the_training_prompt(
+def test_checkpoints_and_model_folders_hold_the_training_prompt_and_are_readable(
         tmp_path, dataset, tiny_opt_checkpoint, monkeypatch, method, extra):
     """
     Every checkpoint records the training prompt, and a model folder has it before its weights.
@@ -501,8 +501,12 @@ def test_checkpoints_and_model_folders_hold_the_training_prompt(
     """
     present = _record_weight_saves(monkeypatch)
     output = tmp_path / 'out'
-    assert run_train(tiny_opt_checkpoint, dataset, output, method, '--max_steps', '2',
-                     '--save_steps', '1', '--prompt', 'a photo of', *extra) == 0
+    umask = os.umask(0o022)
+    try:
+        assert run_train(tiny_opt_checkpoint, dataset, output, method, '--max_steps', '2',
+                         '--save_steps', '1', '--prompt', 'a photo of', *extra) == 0
+    finally:
+        os.umask(umask)
     for step in (1, 2):
         checkpoint = output / f'checkpoint-{step}'
         # How the node, caption_images and training.evaluate find the prompt of a folder.
@@ -514,6 +518,11 @@ def test_checkpoints_and_model_folders_hold_the_training_prompt(
     for folder in folders:
         assert train.TRAINING_INFO_FILE in present[str(folder)], folder
         assert training_prompt(str(folder)) == 'a photo of'
+        # A node running as another user can read the weights, as it can the rest.
+        weights = list(folder.glob('*.safetensors'))
+        assert weights, folder
+        for path in weights:
+            assert path.stat().st_mode & 0o777 == 0o644, path
 
 
 def test_stop_after_steps_at_the_last_step_saves_the_model(

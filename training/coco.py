@@ -69,6 +69,13 @@ def dumps_line(data):
 # renamed into place they would keep other users, e.g. a training container's, out of the
 # dataset. These get the modes open() and mkdir() give, the umask applied.
 
+def usual_mode(folder=False):
+    """Return the mode open() (or, for a folder, mkdir()) gives a new file: the umask applied."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def write_temporary(path, text):
     """Write ``text`` to a new file beside ``path``, on disk, to be renamed onto it; return it."""
     path = Path(path)

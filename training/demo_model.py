@@ -49,6 +49,7 @@ import tempfile
 import time
 
 from blip2_ros.synthetic_factory import DEFAULT_SPEC
+from training.coco import usual_mode
 
 LOGGER = logging.getLogger('training.demo_model')
 
@@ -379,11 +380,9 @@ def _write_model_folder(trained, out, recipe, results, command):
 
 def _make_readable(folder):
     """Give the folder and its files the usual permissions (temporary files start private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    os.chmod(folder, usual_mode(folder=True))
     for name in os.listdir(folder):
-        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+        os.chmod(os.path.join(folder, name), usual_mode())
 
 
 def parse_args(argv=None):

@@ -33,13 +33,14 @@ import json
 import logging
 import math
 import os
+from pathlib import Path
 import re
 import signal
 import sys
 
 from blip2_ros.captioner import TRAINING_INFO_FILE
 import torch
-from training.coco import DatasetError, write_text_atomic
+from training.coco import DatasetError, usual_mode, write_text_atomic
 from training.data import (CaptionCollator, CaptionPairs, generate_captions, load_split,
                            split_path, unsplit_warning)
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
@@ -721,6 +722,17 @@ def write_training_info(folder, info):
                       json.dumps(info, indent=1, sort_keys=True) + '\n')
 
 
+def share_weight_files(folder):
+    """
+    Give the weight files in ``folder`` the mode other saved files get (0644 under umask 022).
+
+    safetensors 0.8 writes through a temporary file that is always 0600 (safetensors issue
+    782), so a model copied to a robot whose node runs as another user would not load.
+    """
+    for path in Path(folder).glob('*.safetensors'):
+        os.chmod(path, usual_mode())
+
+
 def merge_lora(trainer, model_args, info, processor, output_dir):
     """Write base + adapter merged into one full model under OUTPUT_DIR/merged."""
     from peft import PeftModel
@@ -739,6 +751,7 @@ def merge_lora(trainer, model_args, info, processor, output_dir):
     processor.save_pretrained(merged_dir)
     write_training_info(merged_dir, info)
     model.save_pretrained(merged_dir)
+    share_weight_files(merged_dir)
     return merged_dir
 
 
@@ -865,6 +878,8 @@ def run(argv=None):
         processor.save_pretrained(output_dir)
         write_training_info(output_dir, info)
     trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        share_weight_files(output_dir)
     merged_dir = ''
     if trainer.is_world_process_zero() and model_args.merge_lora:
         merged_dir = merge_lora(trainer, model_args, info, processor, output_dir)
