@@ -67,13 +67,14 @@ def serve_node(parameters_file, name):
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
-    from blip2_ros.caption_node import CaptionNode, keep_large_buffers_in_the_heap
+    from blip2_ros.caption_node import (CaptionNode, INFERENCE_THREAD,
+                                        keep_large_buffers_in_the_heap)
 
     keep_large_buffers_in_the_heap()
     rclpy.init(args=['--ros-args', '--params-file', parameters_file, '-r', f'__node:={name}'])
     node = CaptionNode()
     worker = next(thread for thread in threading.enumerate()
-                  if thread.name == 'blip2_inference')
+                  if thread.name == INFERENCE_THREAD)
     # No frame has arrived yet, so the worker has not started torch's thread team: the team
     # inherits this name when it starts, which lets /proc tell inference CPU time apart.
     with open(f'/proc/self/task/{worker.native_id}/comm', 'w') as stream:

@@ -27,6 +27,8 @@ import ctypes
 import ctypes.util
 import json
 import os
+import signal
+import sys
 import threading
 import time
 
@@ -54,6 +56,8 @@ from std_srvs.srv import SetBool, Trigger
 import torch
 
 NODE_NAME = 'blip2_caption'
+# The thread that runs every model call (see CaptionNode.__init__).
+INFERENCE_THREAD = 'blip2_inference'
 
 
 # The single list of parameters: the node declares these, config/caption_node.yaml holds the same
@@ -281,10 +285,13 @@ class CaptionNode(Node):
         # Every inference call runs on this one thread: torch keeps CUDA graphs per thread, so
         # graphs recorded by the warm-up are replayed only by later calls on the same thread.
         self._worker = threading.Thread(target=self._run_worker, args=(warm_up_batch_sizes,),
-                                        name='blip2_inference', daemon=True)
+                                        name=INFERENCE_THREAD, daemon=True)
         warm_up_start = time.monotonic()
         self._worker.start()
-        self._warmed_up.wait()
+        # In short waits: a stop signal that the OS hands to another thread is acted on only
+        # when this (the main) thread runs Python code again.
+        while not self._warmed_up.wait(timeout=0.1):
+            pass
         if self._warm_up_error is not None:
             raise ModelLoadError(f'compiling the decode step failed: '
                                  f'{_first_line(self._warm_up_error)}')
@@ -696,7 +703,10 @@ class CaptionNode(Node):
             with self._work_ready:
                 self._stopping = True
                 self._work_ready.notify_all()
-            if self._worker.is_alive() and self._worker is not threading.current_thread():
+            # Still compiling at start-up: that cannot be cut short, so nothing waits for it
+            # (main() ends the process without it).
+            if (self._warmed_up.is_set() and self._worker.is_alive()
+                    and self._worker is not threading.current_thread()):
                 self._worker.join(timeout=30.0)
         return super().destroy_node()
 
@@ -727,11 +737,24 @@ def main(args=None):
     # node logs one line when the model is loaded.
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()
+    starting = True
+
+    def stop_start_up(signum, frame):
+        # rclpy's own handler runs first and shuts the context down, which ends spin(); while
+        # the model loads and compiles (minutes on a robot) nothing would look until the end.
+        if starting:
+            raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        # Before rclpy.init, so that rclpy's handler passes the signal on to this one.
+        signal.signal(signal.SIGTERM, stop_start_up)
     rclpy.init(args=args)
     node = None
     exit_code = 0
+    stopped_starting = False
     try:
         node = CaptionNode()
+        starting = False
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
         executor.spin()
@@ -740,11 +763,25 @@ def main(args=None):
         rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
         exit_code = 1
     except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        stopped_starting = starting
+    except Exception:  # noqa: B902 - only to tell a stop during start-up from a bug
+        if rclpy.ok():
+            raise
+        # A stop signal that Python ignores (SIGINT in a background job) still shut the
+        # context down during start-up; the next ROS call then failed. Nothing is wrong.
+        stopped_starting = True
     finally:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+    if stopped_starting or any(thread.name == INFERENCE_THREAD and thread.is_alive()
+                               for thread in threading.enumerate()):
+        # The inference thread may still be compiling (or only half started), or captioning
+        # past destroy_node's wait: Python's exit would end it inside torch, which aborts the
+        # process ('terminate called without an active exception').
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
     return exit_code
 
 

@@ -115,3 +115,30 @@ def test_node_process_captions_a_frame_and_exits_cleanly_on_ctrl_c(tiny_opt_chec
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown(context=context)
+
+
+@pytest.mark.parametrize('stop_signal', [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_while_the_model_compiles_ends_the_node_at_once(
+        tiny_opt_checkpoint, tmp_path, stop_signal):
+    # ros2 launch stops nodes with SIGINT, then SIGTERM; docker stop and systemd use SIGTERM.
+    # Compiling takes minutes on a robot and cannot be cut short: the node must neither wait
+    # for it nor crash. A fresh compile cache makes the compile take long here too.
+    environment = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / 'compile_cache'))
+    process = run_node('-p', f'model:={tiny_opt_checkpoint}', '-p', 'torch_compile:=true',
+                       environment=environment)
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if 'compiling the decode step' in line:
+                break
+        assert lines and 'compiling the decode step' in lines[-1], ''.join(lines)
+        process.send_signal(stop_signal)
+        process.wait(timeout=60)
+        stderr = ''.join(lines) + process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert 'compiled in' not in stderr, 'the node waited for the compile to end'
+    assert 'Traceback' not in stderr and 'terminate called' not in stderr, stderr
