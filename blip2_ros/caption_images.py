@@ -18,7 +18,8 @@ Caption image files and folders with BLIP-2, without ROS.
 Prints one JSON object per image on stdout, ``{"image": path, "caption": text}``, in a fixed
 order (folders are searched recursively, paths sorted). Unreadable images are reported on
 stderr and skipped. Exit status: 0 when at least one image was captioned, 1 when none could be,
-2 when the model cannot be loaded.
+2 when the model cannot be loaded, 130 on Ctrl-C; a reader that stops early (``| head``) ends
+it quietly.
 
     python -m blip2_ros.caption_images --model Salesforce/blip2-opt-2.7b photos/ extra.jpg
 """
@@ -32,6 +33,8 @@ import numpy as np
 
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')
 EXIT_OK, EXIT_NOTHING_CAPTIONED, EXIT_MODEL_ERROR = 0, 1, 2
+# As a shell reports a program stopped by SIGINT or SIGPIPE.
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
 
 
 class ImageLoadError(Exception):
@@ -161,6 +164,19 @@ def _out_of_memory(error, torch):
 
 def main(argv=None):
     """Caption the images under the given paths; return the exit status."""
+    try:
+        return _caption_paths(argv)
+    except KeyboardInterrupt:
+        _warn('interrupted; every caption printed so far is complete')
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader stopped reading (head, a closed pager). Python would still flush stdout
+        # at exit and print a second error: point it at /dev/null instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _caption_paths(argv):
     from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, ModelLoadError,
                                      training_prompt)
     import torch
@@ -208,8 +224,9 @@ def main(argv=None):
             skipped += len(frames)
             continue
         for path, caption in zip(paths, captions):
-            print(json.dumps({'image': _printable(path), 'caption': caption},
-                             ensure_ascii=False))
+            # One write per line: Ctrl-C between the text and its newline would cut it.
+            sys.stdout.write(json.dumps({'image': _printable(path), 'caption': caption},
+                                        ensure_ascii=False) + '\n')
         sys.stdout.flush()
         captioned += len(frames)
     _warn(f'captioned {captioned} images, skipped {skipped}'

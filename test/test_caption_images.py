@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 import shutil
+import signal
 import sqlite3
 import struct
 import subprocess
@@ -451,3 +452,50 @@ def test_an_error_that_is_not_out_of_memory_is_not_passed_off_as_one(
               str(root / 'belt.png')])
     err = capsys.readouterr().err
     assert 'out of memory' not in err and 'lower --batch-size' not in err
+
+
+@pytest.fixture
+def many_images(tmp_path):
+    """Write 200 small PNGs, more than either test below lets the command caption."""
+    for index in range(200):
+        assert cv2.imwrite(str(tmp_path / f'{index:03d}.png'), random_frame(index, 16, 16))
+    return tmp_path
+
+
+def start_captioning(folder, checkpoint):
+    return subprocess.Popen(
+        [sys.executable, '-m', 'blip2_ros.caption_images', '--model', str(checkpoint),
+         '--batch-size', '1', '--max-new-tokens', '3', str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def test_ctrl_c_stops_with_130_and_complete_lines(many_images, tiny_opt_checkpoint):
+    process = start_captioning(many_images, tiny_opt_checkpoint)
+    try:
+        first = process.stdout.readline()
+        process.send_signal(signal.SIGINT)
+        rest, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert 'Traceback' not in stderr and 'caption_images: interrupted' in stderr, stderr
+    lines = json_lines(first + rest)
+    assert 1 <= len(lines) < 200
+    assert lines[0]['image'] == str(many_images / '000.png')
+
+
+def test_a_reader_that_stops_early_ends_it_quietly(many_images, tiny_opt_checkpoint):
+    # caption_images photos/ | head -1
+    process = start_captioning(many_images, tiny_opt_checkpoint)
+    try:
+        assert json.loads(process.stdout.readline())['image'] == str(many_images / '000.png')
+        process.stdout.close()
+        stderr = process.stderr.read()
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 141, stderr
+    assert 'Traceback' not in stderr and 'Broken pipe' not in stderr, stderr
