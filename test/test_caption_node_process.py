@@ -67,9 +67,10 @@ def test_bad_setting_stops_the_node_with_one_clear_line(tiny_opt_checkpoint, set
     assert len(fatal) == 1 and expected in fatal[0], stderr
 
 
-@pytest.mark.parametrize('wait_policy', ['PASSIVE', None])
-def test_node_process_captions_a_frame_and_exits_cleanly_on_ctrl_c(tiny_opt_checkpoint,
-                                                                   wait_policy):
+@pytest.mark.parametrize('wait_policy, stop_signal', [('PASSIVE', signal.SIGINT),
+                                                      (None, signal.SIGTERM)])
+def test_node_process_captions_a_frame_and_exits_cleanly_on_a_stop_signal(
+        tiny_opt_checkpoint, wait_policy, stop_signal):
     environment = {name: value for name, value in os.environ.items()
                    if name != 'OMP_WAIT_POLICY'}
     if wait_policy:
@@ -101,7 +102,7 @@ def test_node_process_captions_a_frame_and_exits_cleanly_on_ctrl_c(tiny_opt_chec
             publisher.publish(message)
             assert time.monotonic() < deadline, 'no caption arrived'
             time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 0, stderr
         assert 'Traceback' not in stderr
