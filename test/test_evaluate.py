@@ -399,6 +399,32 @@ def test_a_model_that_fails_leaves_the_output_folder_as_it_was(
     assert (out / 'metrics.json').read_text() == '{"from": "an earlier run"}'
 
 
+def test_ctrl_c_during_the_second_model_writes_nothing(
+        tmp_path, lively_opt_checkpoint, one_torch_thread, monkeypatch, capsys):
+    data = make_dataset(tmp_path / 'data', ['one red box', 'two blue boxes'])
+    out = tmp_path / 'eval'
+    out.mkdir()
+    (out / 'metrics.json').write_text('{"from": "an earlier run"}')
+    caption_split = evaluate.caption_split
+    calls = []
+
+    def interrupted_second_time(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return caption_split(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, 'caption_split', interrupted_second_time)
+    status = evaluate.main(['--model', str(lively_opt_checkpoint), '--compare',
+                            str(lively_opt_checkpoint), '--data', str(data), '--out', str(out),
+                            '--max_new_tokens', '3', *QUICK_METRICS])
+
+    assert status == 130 and len(calls) == 2
+    assert 'evaluate: interrupted' in capsys.readouterr().err
+    assert [entry.name for entry in out.iterdir()] == ['metrics.json']
+    assert (out / 'metrics.json').read_text() == '{"from": "an earlier run"}'
+
+
 def test_a_caption_of_an_unknown_image_is_refused_before_captioning(tmp_path):
     """Model mode checks the dataset as training does, instead of scoring fewer images."""
     data = make_dataset(tmp_path / 'data', ['one red box', 'two blue boxes'])

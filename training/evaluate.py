@@ -495,6 +495,10 @@ def main(argv=None):
         raise SystemExit(f"error: {' '.join(str(error).split())}") from None
     except OSError as error:
         raise SystemExit(f'error: {_one_line(error)}') from None
+    except KeyboardInterrupt:
+        print('evaluate: interrupted; results are written only once every model has run',
+              file=sys.stderr)
+        return 130
     print(format_table(columns))
     return 0
 
