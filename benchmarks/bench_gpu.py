@@ -780,6 +780,39 @@ def start_watchdog(run, grace_s):
     threading.Thread(target=watch, daemon=True).start()
 
 
+def add_inductor_argument(parser):
+    """Add --inductor NAME=VALUE: compiler settings to try on the fast path."""
+    parser.add_argument('--inductor', action='append', default=[], metavar='NAME=VALUE',
+                        help='set torch._inductor.config NAME (a Python literal VALUE) before '
+                             'anything compiles, e.g. coordinate_descent_tuning=True or '
+                             'max_autotune=True; repeatable, recorded in the JSON')
+
+
+def apply_inductor_settings(settings):
+    """Set each NAME=VALUE of --inductor on torch._inductor.config; return them as a dict."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    applied = {}
+    for setting in settings:
+        name, _, text = setting.partition('=')
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f'--inductor {setting}: VALUE must be a Python literal') from None
+        owner, _, attribute = name.strip().rpartition('.')
+        target = inductor_config
+        try:
+            for part in filter(None, owner.split('.')):
+                target = getattr(target, part)
+            setattr(target, attribute, value)
+        except AttributeError as error:
+            raise SystemExit(f'--inductor {setting}: {error}') from None
+        applied[name.strip()] = value
+    return applied
+
+
 def main(argv=None):
     """Run the GPU benchmark (or its tiny CPU smoke version with --quick)."""
     parser = common.argument_parser(
@@ -791,6 +824,7 @@ def main(argv=None):
                         help='wall-clock budget of the whole run in seconds (default 420)')
     parser.add_argument('--models', default='opt,t5',
                         help='comma-separated: opt (blip2-opt-2.7b), t5 (blip2-flan-t5-xl)')
+    add_inductor_argument(parser)
     args = parser.parse_args(argv)
     common.quiet_libraries()
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
@@ -801,6 +835,7 @@ def main(argv=None):
         return 2
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     run = Run(args, device)
+    run.results['inductor'] = apply_inductor_settings(args.inductor)
     start_watchdog(run, grace_s=45.0)
     floor_bandwidth, source, measured = memory_bandwidth(device)
     run.results['bandwidth'] = {'floor_bytes_per_s': floor_bandwidth, 'source': source,

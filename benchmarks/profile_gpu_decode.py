@@ -28,12 +28,13 @@ path for batch 1, then prints
 
     python3 benchmarks/profile_gpu_decode.py          # on the GPU machine, about 2 minutes
     python3 benchmarks/profile_gpu_decode.py --quick  # tiny model, any machine: a smoke run
+    python3 benchmarks/profile_gpu_decode.py --inductor coordinate_descent_tuning=True
 """
 
+import argparse
 import gzip
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -106,7 +107,14 @@ def main(argv=None):
 
     from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
 
-    quick = '--quick' in (sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='a tiny model: a smoke run')
+    bench_gpu.add_inductor_argument(parser)
+    args = parser.parse_args(argv)
+    settings = bench_gpu.apply_inductor_settings(args.inductor)
+    if settings:
+        print(f'inductor settings: {settings}')
+    quick = args.quick
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     processor = bench_gpu.build_processor('opt', quick)
     model = bench_gpu.to_bfloat16(bench_gpu.build_model('opt', quick, processor, device))
