@@ -392,15 +392,21 @@ def test_bad_arguments_exit_2(arguments, capsys):
     assert capsys.readouterr().err.strip()
 
 
+def start_caption_images(checkpoint, *arguments):
+    """Start ``python -m blip2_ros.caption_images`` with ``checkpoint`` and 3 new tokens."""
+    return subprocess.Popen(
+        [sys.executable, '-m', 'blip2_ros.caption_images', '--model', str(checkpoint),
+         '--max-new-tokens', '3', *map(str, arguments)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
 def test_runs_as_a_module(image_folder, tiny_opt_checkpoint):
     root, _ = image_folder
-    environment = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run(
-        [sys.executable, '-m', 'blip2_ros.caption_images', '--model', str(tiny_opt_checkpoint),
-         '--max-new-tokens', '3', str(root / 'belt.png'), str(root / 'webcam.jpg')],
-        capture_output=True, text=True, env=environment, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr
-    assert [line['image'] for line in json_lines(result.stdout)] == [
+    process = start_caption_images(tiny_opt_checkpoint, root / 'belt.png', root / 'webcam.jpg')
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert [line['image'] for line in json_lines(stdout)] == [
         str(root / 'belt.png'), str(root / 'webcam.jpg')]
 
 
@@ -413,16 +419,15 @@ def test_folders_that_link_back_to_themselves_twice_are_walked_once(
     Image.fromarray(random_frame(10, 16, 16)).save(root / 'belt.png')
     (root / 'left').symlink_to(root, target_is_directory=True)
     (root / 'right').symlink_to(root, target_is_directory=True)
-    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    process = start_caption_images(tiny_opt_checkpoint, root)
     try:
-        result = subprocess.run(
-            [sys.executable, '-m', 'blip2_ros.caption_images', '--model',
-             str(tiny_opt_checkpoint), '--max-new-tokens', '3', str(root)],
-            capture_output=True, text=True, env=environment, timeout=90, check=False)
+        stdout, stderr = process.communicate(timeout=90)
     except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
         pytest.fail('caption_images still walking a folder that links back to itself')
-    assert result.returncode == 0, result.stderr
-    assert [line['image'] for line in json_lines(result.stdout)] == [str(root / 'belt.png')]
+    assert process.returncode == 0, stderr
+    assert [line['image'] for line in json_lines(stdout)] == [str(root / 'belt.png')]
 
 
 def test_the_default_batch_size_captions_every_image_of_a_full_batch(
@@ -462,16 +467,8 @@ def many_images(tmp_path):
     return tmp_path
 
 
-def start_captioning(folder, checkpoint):
-    return subprocess.Popen(
-        [sys.executable, '-m', 'blip2_ros.caption_images', '--model', str(checkpoint),
-         '--batch-size', '1', '--max-new-tokens', '3', str(folder)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)))
-
-
 def test_ctrl_c_stops_with_130_and_complete_lines(many_images, tiny_opt_checkpoint):
-    process = start_captioning(many_images, tiny_opt_checkpoint)
+    process = start_caption_images(tiny_opt_checkpoint, '--batch-size', '1', many_images)
     try:
         first = process.stdout.readline()
         process.send_signal(signal.SIGINT)
@@ -488,7 +485,7 @@ def test_ctrl_c_stops_with_130_and_complete_lines(many_images, tiny_opt_checkpoi
 
 def test_a_reader_that_stops_early_ends_it_quietly(many_images, tiny_opt_checkpoint):
     # caption_images photos/ | head -1
-    process = start_captioning(many_images, tiny_opt_checkpoint)
+    process = start_caption_images(tiny_opt_checkpoint, '--batch-size', '1', many_images)
     try:
         assert json.loads(process.stdout.readline())['image'] == str(many_images / '000.png')
         process.stdout.close()
