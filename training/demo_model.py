@@ -381,8 +381,9 @@ def _write_model_folder(trained, out, recipe, results, command):
 def _make_readable(folder):
     """Give the folder and its files the usual permissions (temporary files start private)."""
     os.chmod(folder, usual_mode(folder=True))
+    mode = usual_mode()
     for name in os.listdir(folder):
-        os.chmod(os.path.join(folder, name), usual_mode())
+        os.chmod(os.path.join(folder, name), mode)
 
 
 def parse_args(argv=None):

@@ -729,8 +729,9 @@ def share_weight_files(folder):
     safetensors 0.8 writes through a temporary file that is always 0600 (safetensors issue
     782), so a model copied to a robot whose node runs as another user would not load.
     """
+    mode = usual_mode()
     for path in Path(folder).glob('*.safetensors'):
-        os.chmod(path, usual_mode())
+        os.chmod(path, mode)
 
 
 def merge_lora(trainer, model_args, info, processor, output_dir):
