@@ -39,20 +39,9 @@ import tempfile
 import time
 
 import bench_gpu
+import common
 
 NEW_TOKENS = 30
-
-
-def caption_ms(captioner, frames, device, repeats, **options):
-    """Median wall time of ``repeats`` captions, milliseconds."""
-    times = []
-    for _ in range(repeats):
-        bench_gpu.synchronize(device)
-        started = time.perf_counter()
-        captioner.caption(frames, **options)
-        bench_gpu.synchronize(device)
-        times.append((time.perf_counter() - started) * 1000.0)
-    return sorted(times)[len(times) // 2]
 
 
 def weight_reads_ms(language_model, device, repeats=50):
@@ -125,11 +114,14 @@ def main(argv=None):
     started = time.perf_counter()
     captioner.caption(frames, **forced)
     print(f'first call (compiling) {time.perf_counter() - started:.1f} s')
-    for _ in range(2):
-        captioner.caption(frames, **forced)
-        captioner.caption(frames, max_new_tokens=1)
-    full = caption_ms(captioner, frames, device, 7, **forced)
-    first = caption_ms(captioner, frames, device, 7, max_new_tokens=1)
+
+    def median_ms(**options):
+        times = common.time_calls(lambda: captioner.caption(frames, **options), 7, warmup=2,
+                                  synchronize=lambda: bench_gpu.synchronize(device))
+        return common.summary(times)['p50']
+
+    full = median_ms(**forced)
+    first = median_ms(max_new_tokens=1)
     step_bytes = bench_gpu.decode_step_bytes(model)
     print(f'{NEW_TOKENS} tokens {full:.2f} ms, first token {first:.2f} ms, decode '
           f'{(full - first) / (NEW_TOKENS - 1):.3f} ms/token ({step_bytes / 1e9:.2f} GB read '
