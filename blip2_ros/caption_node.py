@@ -774,7 +774,13 @@ def main(args=None):
     finally:
         if node is not None:
             node.destroy_node()
-        rclpy.try_shutdown()
+        try:
+            rclpy.try_shutdown()
+        except Exception:  # noqa: B902 - rclpy raises its RCLError here
+            # rclpy's signal handler shuts the context down on a thread of its own; after a
+            # stop during start-up that can finish between try_shutdown's check and its call.
+            if rclpy.ok():
+                raise
     if stopped_starting or any(thread.name == INFERENCE_THREAD and thread.is_alive()
                                for thread in threading.enumerate()):
         # The inference thread may still be compiling (or only half started), or captioning
