@@ -50,6 +50,10 @@ COMPILED_VERSIONS = 64
 # The decode loop asks the GPU whether every caption has ended only every few tokens: asking
 # waits for the GPU, and the CPU should stay ahead of it, queueing the next steps.
 EOS_CHECK_INTERVAL = 4
+# torch.compile's settings on GPUs: 'reduce-overhead' (CUDA graphs), and kernels tuned by
+# coordinate descent, which the one-row products of a batch-1 decode step need to read the
+# weights near the GPU's bandwidth (OneRowLinear).
+CUDA_COMPILE_OPTIONS = {'triton.cudagraphs': True, 'coordinate_descent_tuning': True}
 # Generation settings that change greedy decoding and that the decode loop does not implement,
 # with their neutral values. A checkpoint whose generation config sets one decodes through
 # generate(), which honours them.
@@ -60,6 +64,39 @@ LOGITS_PROCESSING_SETTINGS = {
     'forced_eos_token_id': None, 'min_length': 0, 'min_new_tokens': None,
     'exponential_decay_length_penalty': None, 'renormalize_logits': False,
 }
+
+
+class OneRowLinear(torch.nn.Linear):
+    """
+    An nn.Linear whose one-row product, when compiled, is a reduction inductor writes and tunes.
+
+    A batch-1 decode step multiplies one row by every weight matrix of the language model, so
+    its speed is how fast those weights are read. cuBLAS's kernels for one row read them at
+    about half of an H200's bandwidth; inductor's own reduction kernel, tuned by coordinate
+    descent, reads them faster (docs/benchmarks.md). That is why torch decomposes bias-free
+    one-row matmuls this way when coordinate_descent_tuning is on; Linear layers with a bias
+    (OPT's) escape that decomposition, so this class does it for them. Eager calls, and calls
+    with more rows, are nn.Linear's.
+    """
+
+    def forward(self, input):  # noqa: A002 - nn.Linear's argument name
+        """Compute ``input @ weight.T + bias``."""
+        if not torch.compiler.is_compiling() or input.shape[:-1].numel() != 1:
+            return super().forward(input)
+        # In float32, as torch's own decomposition computes it; inductor fuses the upcast,
+        # the product and the sum into one kernel that reads the weight once.
+        output = (input.unsqueeze(-2).float() * self.weight.float()).sum(-1)
+        if self.bias is not None:
+            output = output + self.bias.float()
+        return output.to(input.dtype)
+
+
+def use_one_row_reductions(module, enable=True):
+    """Make every plain nn.Linear in ``module`` a OneRowLinear (or, with enable False, undo it)."""
+    old, new = (torch.nn.Linear, OneRowLinear) if enable else (OneRowLinear, torch.nn.Linear)
+    for layer in module.modules():
+        if type(layer) is old:
+            layer.__class__ = new
 
 
 class ModelLoadError(RuntimeError):
@@ -450,16 +487,19 @@ class Blip2Captioner:
         if self._decoder_start_id is None:
             self._decoder_start_id = getattr(
                 self.model.config.text_config, 'decoder_start_token_id', None)
-        # The image encoder and the decode step, compiled: fixed shapes per batch size.
+        # Everything before the first token, and the decode step: fixed shapes per batch size.
         self._compiled = {}
         if self.compile_decode and self.decode_loop:
             limits = torch._dynamo.config
             limits.recompile_limit = max(limits.recompile_limit, COMPILED_VERSIONS)
+            options = None
+            if self.device.type == 'cuda':
+                options = CUDA_COMPILE_OPTIONS
+                use_one_row_reductions(language_model)
             # fullgraph: a graph break would silently split the step and lose the CUDA graph.
-            mode = 'reduce-overhead' if self.device.type == 'cuda' else None
             self._compiled = {
-                function.__name__: torch.compile(function, mode=mode, fullgraph=True)
-                for function in (self._image_features, self._decode_step)}
+                function.__name__: torch.compile(function, options=options, fullgraph=True)
+                for function in (self._prefill, self._decode_step)}
         elif self.compile_decode:
             LOGGER.warning('torch_compile needs greedy decoding without logits processors; '
                            'decoding runs uncompiled')
@@ -604,11 +644,22 @@ class Blip2Captioner:
             while len(self._static_caches) >= MAX_STATIC_CACHES:
                 del self._static_caches[next(iter(self._static_caches))]
             text_config = self.model.config.text_config
-            cache = StaticCache(config=text_config, max_cache_len=decoder_length)
+            caches = [StaticCache(config=text_config, max_cache_len=decoder_length)]
             if self.is_encoder_decoder:
                 # Cross-attention keys and values cover exactly the encoder's input.
-                cache = EncoderDecoderCache(
-                    cache, StaticCache(config=text_config, max_cache_len=encoder_length))
+                caches.append(StaticCache(config=text_config, max_cache_len=encoder_length))
+            # Allocated now rather than by the first forward pass: tensors made inside a
+            # compiled prefill would belong to its CUDA graph, and the next replay would
+            # overwrite them.
+            heads = (getattr(text_config, 'num_key_value_heads', None)
+                     or text_config.num_attention_heads)
+            head_size = (getattr(text_config, 'd_kv', None)
+                         or getattr(text_config, 'head_dim', None)
+                         or text_config.hidden_size // text_config.num_attention_heads)
+            for part in caches:
+                part.early_initialization(batch_size, heads, head_size,
+                                          self.model.language_model.dtype, self.device)
+            cache = EncoderDecoderCache(*caches) if self.is_encoder_decoder else caches[0]
         else:
             cache.reset()
         self._static_caches[key] = cache  # most recently used last
@@ -684,13 +735,6 @@ class Blip2Captioner:
             return_dict=True).last_hidden_state
         return model.language_projection(query_output.to(image_embeds.dtype))
 
-    def _embed(self, pixel_values, input_ids):
-        """Put the image queries into the prompt's embeddings, in place of the placeholders."""
-        image_features = self._run('_image_features', pixel_values)
-        embeds = self.model.get_input_embeddings()(input_ids)
-        placeholders = (input_ids == self.image_token_id).unsqueeze(-1)
-        return embeds.masked_scatter(placeholders, image_features.to(embeds.dtype))
-
     def _decode(self, pixel_values, input_ids, attention_mask, max_new_tokens, min_new_tokens):
         """
         Greedy decoding on the static cache; returns the new token ids, padded after EOS.
@@ -698,43 +742,26 @@ class Blip2Captioner:
         Before ``min_new_tokens`` tokens, end-of-sequence tokens are ruled out, as generate()
         does for its ``min_new_tokens``.
 
-        The prompt (and for T5 the encoder and the first decoder token) runs as usual; every
-        later token comes from ``_decode_step``, whose shapes never change, so with torch_compile
-        it is one compiled graph replayed per token. Tokens stay on the device, and the host
-        asks whether all captions have ended only every EOS_CHECK_INTERVAL tokens.
+        ``_prefill`` runs the image encoder and the prompt and picks the first token; every
+        later token comes from ``_decode_step``, whose shapes never change. With torch_compile
+        each is one compiled graph (a CUDA graph on GPUs), replayed per call and per token.
+        Tokens stay on the device, and the host asks whether all captions have ended only
+        every EOS_CHECK_INTERVAL tokens.
         """
-        language_model = self.model.language_model
         batch_size, prompt_length = input_ids.shape
         cache, cache_length = self._static_cache_for(batch_size, prompt_length, max_new_tokens)
-        embeds = self._embed(pixel_values, input_ids)
-        if self.is_encoder_decoder:
-            encoder_states = language_model.get_encoder()(
-                inputs_embeds=embeds, attention_mask=attention_mask,
-                return_dict=True).last_hidden_state
-            context = (encoder_states, attention_mask)
-            positions = None
-            start = torch.full((batch_size, 1), self._decoder_start_id, device=self.device)
-            logits = language_model(
-                encoder_outputs=(encoder_states,), attention_mask=attention_mask,
-                decoder_input_ids=start, past_key_values=cache, use_cache=True).logits
-        else:
-            # The mask covers the whole cache: slots not written yet are hidden by causality.
-            mask = torch.ones((batch_size, cache_length), dtype=attention_mask.dtype,
-                              device=self.device)
-            mask[:, :prompt_length] = attention_mask
-            # Left padding: each row counts its positions from its own first real token.
-            positions = (attention_mask.cumsum(1) - 1).clamp_(min=0)
-            logits = language_model(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True).logits
-            context = (mask,)
-            positions = positions[:, -1:]
         eos_ban, eos_bias = self._eos_ban, self._no_eos_bias
-        tokens = (logits[:, -1] + (eos_ban if min_new_tokens > 0 else eos_bias)).argmax(-1)
-        unfinished = ~torch.isin(tokens, self._eos_ids)
+        cuda_graphs = bool(self._compiled) and self.device.type == 'cuda'
+        tokens, unfinished, context, positions = self._run(
+            '_prefill', cache, pixel_values, input_ids, attention_mask, cache_length,
+            eos_ban if min_new_tokens > 0 else eos_bias)
+        if cuda_graphs:
+            # A CUDA graph's outputs live in its memory until its next replay.
+            tokens, unfinished = tokens.clone(), unfinished.clone()
+            context = tuple(value.clone() for value in context)
+            positions = positions if positions is None else positions.clone()
         output = torch.full((batch_size, max_new_tokens), self._pad_id, device=self.device)
         output[:, 0] = tokens
-        cuda_graphs = bool(self._compiled) and self.device.type == 'cuda'
         check_interval = EOS_CHECK_INTERVAL if self.device.type == 'cuda' else 1
         length = 1
         while length < max_new_tokens:
@@ -746,7 +773,6 @@ class Blip2Captioner:
                 eos_ban if length < min_new_tokens else eos_bias)
             output[:, length] = tokens
             if cuda_graphs:
-                # The step's outputs live in the CUDA graph's memory until its next replay.
                 tokens, unfinished = tokens.clone(), unfinished.clone()
                 positions = positions if positions is None else positions.clone()
             length += 1
@@ -771,6 +797,45 @@ class Blip2Captioner:
             self._compiled = {}
             self.compile_decode = False
             return getattr(self, name)(*args)
+
+    def _prefill(self, cache, pixel_values, input_ids, attention_mask, cache_length, eos_bias):
+        """
+        Image queries, prompt and the first new token; fills the cache for the decode steps.
+
+        Returns the first tokens, which captions have not ended yet, what every decode step
+        reads besides the cache (the attention mask; for T5 the encoder's output and mask) and
+        the last positions (None for T5).
+        """
+        language_model = self.model.language_model
+        batch_size, prompt_length = input_ids.shape
+        # The image queries take the place of the query-token placeholders, which
+        # _encode_prompts puts first in every row.
+        text_embeds = self.model.get_input_embeddings()(input_ids[:, self.num_query_tokens:])
+        image_features = self._image_features(pixel_values).to(text_embeds.dtype)
+        embeds = torch.cat([image_features, text_embeds], dim=1)
+        if self.is_encoder_decoder:
+            encoder_states = language_model.get_encoder()(
+                inputs_embeds=embeds, attention_mask=attention_mask,
+                return_dict=True).last_hidden_state
+            start = torch.full((batch_size, 1), self._decoder_start_id, device=self.device)
+            logits = language_model(
+                encoder_outputs=(encoder_states,), attention_mask=attention_mask,
+                decoder_input_ids=start, past_key_values=cache, use_cache=True).logits
+            context, positions = (encoder_states, attention_mask), None
+        else:
+            # The mask covers the whole cache: slots not written yet are hidden by causality.
+            mask = torch.ones((batch_size, cache_length), dtype=attention_mask.dtype,
+                              device=self.device)
+            mask[:, :prompt_length] = attention_mask
+            # Left padding: each row counts its positions from its own first real token.
+            positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+            logits = language_model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True).logits
+            context, positions = (mask,), positions[:, -1:]
+        tokens = (logits[:, -1] + eos_bias).argmax(-1)
+        unfinished = ~torch.isin(tokens, self._eos_ids)
+        return tokens, unfinished, context, positions
 
     def _decode_step(self, cache, context, tokens, unfinished, positions, eos_bias):
         """Feed each caption's last token, pick the next one; finished captions get padding."""
