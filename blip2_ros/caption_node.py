@@ -100,11 +100,12 @@ PARAMETERS = (
     ParameterSpec('cache', 'dynamic', "KV cache of the decoder: dynamic (transformers' "
                   'generate), or static: fixed shapes, and greedy captions come from a decode '
                   'loop that keeps the tokens on the device. Same captions either way.'),
-    ParameterSpec('torch_compile', False, "Compile the decoder's per-token step: a CUDA graph "
-                  'on a GPU, C++ code on a CPU (needs a C++ compiler). Implies the static '
-                  'cache. The node compiles at start-up, before it subscribes: about 80 s for '
-                  'blip2-opt-2.7b on an H200, and again for a second camera (batch size 2). '
-                  'If compiling fails it logs why and decodes uncompiled.'),
+    ParameterSpec('torch_compile', False, 'Compile what comes before the first caption token '
+                  "(image encoder, prompt) and the decoder's per-token step: CUDA graphs on a "
+                  'GPU, C++ code on a CPU (needs a C++ compiler). Implies the static cache. The '
+                  'node compiles at start-up, before it subscribes: minutes for blip2-opt-2.7b '
+                  'on a GPU, and again for a second camera (batch size 2). If compiling fails '
+                  'it logs why and decodes uncompiled.'),
     ParameterSpec('torch_threads', 0, "CPU threads torch may use; 0 keeps torch's default. On "
                   'a busy CPU-only machine 1 is often much faster (see docs/benchmarks.md).',
                   integer_range=(0, 256)),

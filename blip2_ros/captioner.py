@@ -50,10 +50,12 @@ COMPILED_VERSIONS = 64
 # The decode loop asks the GPU whether every caption has ended only every few tokens: asking
 # waits for the GPU, and the CPU should stay ahead of it, queueing the next steps.
 EOS_CHECK_INTERVAL = 4
-# torch.compile's settings on GPUs: 'reduce-overhead' (CUDA graphs), and kernels tuned by
-# coordinate descent, which the one-row products of a batch-1 decode step need to read the
-# weights near the GPU's bandwidth (OneRowLinear).
-CUDA_COMPILE_OPTIONS = {'triton.cudagraphs': True, 'coordinate_descent_tuning': True}
+# torch.compile's settings on GPUs: 'reduce-overhead' (CUDA graphs) for everything before the
+# first token; for the decode step also kernels tuned by coordinate descent, which its one-row
+# products need to read the weights near the GPU's bandwidth (OneRowLinear). Tuning costs
+# compile time, so only the graph that runs once per token gets it.
+CUDA_COMPILE_OPTIONS = {'triton.cudagraphs': True}
+CUDA_STEP_COMPILE_OPTIONS = dict(CUDA_COMPILE_OPTIONS, coordinate_descent_tuning=True)
 # Generation settings that change greedy decoding and that the decode loop does not implement,
 # with their neutral values. A checkpoint whose generation config sets one decodes through
 # generate(), which honours them.
@@ -71,12 +73,12 @@ class OneRowLinear(torch.nn.Linear):
     An nn.Linear whose one-row product, when compiled, is a reduction inductor writes and tunes.
 
     A batch-1 decode step multiplies one row by every weight matrix of the language model, so
-    its speed is how fast those weights are read. cuBLAS's kernels for one row read them at
-    about half of an H200's bandwidth; inductor's own reduction kernel, tuned by coordinate
-    descent, reads them faster (docs/benchmarks.md). That is why torch decomposes bias-free
-    one-row matmuls this way when coordinate_descent_tuning is on; Linear layers with a bias
-    (OPT's) escape that decomposition, so this class does it for them. Eager calls, and calls
-    with more rows, are nn.Linear's.
+    its speed is how fast those weights are read. For OPT-2.7b's layers, which have a bias,
+    cuBLAS's kernels read them at 1.5 to 2.3 TB/s on an H200; this reduction, tuned by
+    coordinate descent, at 2.3 to 3.3 TB/s (benchmarks/bench_gpu_matmul.py). torch makes
+    such a reduction itself, with coordinate_descent_tuning on, of one-row matmuls without a
+    bias, so only layers with a bias need this class. Eager calls, and calls with more rows,
+    are nn.Linear's.
     """
 
     def forward(self, input):  # noqa: A002 - nn.Linear's argument name
@@ -92,10 +94,10 @@ class OneRowLinear(torch.nn.Linear):
 
 
 def use_one_row_reductions(module, enable=True):
-    """Make every plain nn.Linear in ``module`` a OneRowLinear (or, with enable False, undo it)."""
+    """Make each nn.Linear with a bias in ``module`` a OneRowLinear (enable False: undo it)."""
     old, new = (torch.nn.Linear, OneRowLinear) if enable else (OneRowLinear, torch.nn.Linear)
     for layer in module.modules():
-        if type(layer) is old:
+        if type(layer) is old and layer.bias is not None:
             layer.__class__ = new
 
 
@@ -492,14 +494,15 @@ class Blip2Captioner:
         if self.compile_decode and self.decode_loop:
             limits = torch._dynamo.config
             limits.recompile_limit = max(limits.recompile_limit, COMPILED_VERSIONS)
-            options = None
-            if self.device.type == 'cuda':
-                options = CUDA_COMPILE_OPTIONS
+            cuda = self.device.type == 'cuda'
+            if cuda:
                 use_one_row_reductions(language_model)
-            # fullgraph: a graph break would silently split the step and lose the CUDA graph.
+            # fullgraph: a graph break would silently split a graph and lose its CUDA graph.
             self._compiled = {
-                function.__name__: torch.compile(function, options=options, fullgraph=True)
-                for function in (self._prefill, self._decode_step)}
+                function.__name__: torch.compile(function, options=options if cuda else None,
+                                                 fullgraph=True)
+                for function, options in ((self._prefill, CUDA_COMPILE_OPTIONS),
+                                          (self._decode_step, CUDA_STEP_COMPILE_OPTIONS))}
         elif self.compile_decode:
             LOGGER.warning('torch_compile needs greedy decoding without logits processors; '
                            'decoding runs uncompiled')
@@ -613,10 +616,10 @@ class Blip2Captioner:
         """
         Caption a blank frame once per batch size, so that compiling happens now.
 
-        With torch_compile, the first batch size compiles the decode step and the second one
-        compiles it again for any batch size (tens of seconds each on a GPU); every later size
-        only records its CUDA graph. Call this at start-up with the batch sizes to expect, so
-        the first camera frames are not the ones that wait.
+        With torch_compile, the first batch size compiles the prefill and the decode step, and
+        the second one compiles them again for any batch size (minutes each for a full-size
+        model on a GPU); every later size only records its CUDA graphs. Call this at start-up
+        with the batch sizes to expect, so the first camera frames are not the ones that wait.
         """
         height, width = self.image_size if self.fast_preprocessing else (224, 224)
         blank = np.zeros((height, width, 3), np.uint8)
