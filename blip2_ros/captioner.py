@@ -425,6 +425,8 @@ class Blip2Captioner:
 
         For code that builds or trains the model itself (benchmarks, evaluation during
         training); ``config`` supplies the generation options, its loading fields are ignored.
+        With torch_compile on a GPU, the language model's Linear layers with a bias become
+        OneRowLinear layers, which compute what they did except inside compiled code.
         """
         captioner = cls.__new__(cls)
         captioner.config = config or CaptionerConfig(model=str(model.name_or_path or ''))
