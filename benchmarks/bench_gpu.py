@@ -557,12 +557,11 @@ def benchmark_model(run, language_model, name, bandwidth, keep_for_training):
     # The rows the goals judge first (batch 1 and 4), so that a short budget skips baselines.
     run.section('compile', f'{name} fast', measure_captioner, run, fast, entry, 'fast',
                 BATCH_SIZES, repeats, 3)
-    # The baselines below run nn.Linear's matmuls: the fast captioner's OneRowLinear layers
-    # would otherwise go into every compiled graph (generate's too).
-    use_one_row_reductions(model.language_model, enable=False)
     if device.type == 'cuda':
         # The fast path as it was before OneRowLinear: the same compiled graphs with cuBLAS's
-        # kernels for the one-row products.
+        # kernels for the one-row products. The layers stay nn.Linear for the baselines below
+        # too: OneRowLinear would otherwise go into every compiled graph (generate's too).
+        # (On a CPU the captioner never makes them OneRowLinear.)
         cublas = Blip2Captioner.from_model(model, processor, CaptionerConfig(
             model=name, max_new_tokens=NEW_TOKENS, cache='static', torch_compile=True))
         use_one_row_reductions(model.language_model, enable=False)

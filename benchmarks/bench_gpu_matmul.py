@@ -33,8 +33,7 @@ step's weight reads.
     python3 benchmarks/bench_gpu_matmul.py --quick   # small shapes, any machine: a smoke run
 """
 
-import time
-
+import bench_gpu
 import common
 
 # name, in features, out features, bias, matrices of this shape in OPT-2.7b
@@ -61,22 +60,13 @@ def time_layers(layers, row, options, repeats):
         return [layer(row) for layer in layers]
 
     compiled = torch.compile(apply_all, options=options, fullgraph=True)
-    cuda = row.device.type == 'cuda'
 
     def call():
-        if cuda:
+        if row.device.type == 'cuda':
             torch.compiler.cudagraph_mark_step_begin()
         return compiled(layers, row)
 
-    def synchronize():
-        if cuda:
-            torch.cuda.synchronize(row.device)
-
-    started = time.perf_counter()
-    call()
-    synchronize()
-    first_s = time.perf_counter() - started
-    times = common.time_calls(call, repeats, warmup=3, synchronize=synchronize)
+    first_s, times = bench_gpu.time_caption(call, row.device, repeats, warmup=4)
     outputs = [output.clone() for output in call()]
     return common.summary(times)['p50'], first_s, outputs
 
