@@ -104,8 +104,10 @@ PARAMETERS = (
                   "(image encoder, prompt) and the decoder's per-token step: CUDA graphs on a "
                   'GPU, C++ code on a CPU (needs a C++ compiler). Implies the static cache. The '
                   'node compiles at start-up, before it subscribes: minutes for blip2-opt-2.7b '
-                  'on a GPU, and again for a second camera (batch size 2). If compiling fails '
-                  'it logs why and decodes uncompiled.'),
+                  'on a GPU, and again for a second camera (batch size 2). Compiled code is '
+                  'kept in ~/.cache/blip2_ros/torch_compile (or $TORCHINDUCTOR_CACHE_DIR), '
+                  'and later starts reuse it. If compiling fails it logs why and decodes '
+                  'uncompiled.'),
     ParameterSpec('torch_threads', 0, "CPU threads torch may use; 0 keeps torch's default. On "
                   'a busy CPU-only machine 1 is often much faster (see docs/benchmarks.md).',
                   integer_range=(0, 256)),
@@ -298,8 +300,10 @@ class CaptionNode(Node):
             raise ModelLoadError(f'compiling the decode step failed: '
                                  f'{_first_line(self._warm_up_error)}')
         if warm_up_batch_sizes:
+            kept = self.captioner.compile_cache
             self.get_logger().info(
-                f'compiled in {time.monotonic() - warm_up_start:.0f} s')
+                f'compiled in {time.monotonic() - warm_up_start:.0f} s'
+                + (f'; kept in {kept}, so the next start is faster' if kept else ''))
 
         camera_qos = self._camera_qos(self.get_parameter('reliability').value)
         subscription_group = MutuallyExclusiveCallbackGroup()

@@ -101,6 +101,44 @@ def use_one_row_reductions(module, enable=True):
             layer.__class__ = new
 
 
+def compile_cache_folder():
+    """Return where torch.compile keeps compiled code unless TORCHINDUCTOR_CACHE_DIR says."""
+    home = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(home, 'blip2_ros', 'torch_compile')
+
+
+def keep_compiled_code():
+    """
+    Make torch.compile keep what it compiles where a reboot leaves it; return that folder.
+
+    torch keeps compiled code and kernel tunings in the system's temporary folder, which a
+    reboot empties, so a robot's node would compile for minutes at every start. With the cache
+    kept, a later start reuses it. A TORCHINDUCTOR_CACHE_DIR that names another folder than
+    torch's default wins. If the folder cannot be made (a read-only home), torch's default stays
+    and None is returned. This sets TORCHINDUCTOR_CACHE_DIR for the whole process, as torch
+    itself does (to its default) when it imports its compiler.
+    """
+    chosen = os.environ.get('TORCHINDUCTOR_CACHE_DIR')
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        torch_default = os.path.abspath(default_cache_dir())
+    except ImportError:  # another torch: take any folder set as the user's choice
+        torch_default = None
+    if chosen and os.path.abspath(chosen) != torch_default:
+        return chosen
+    folder = compile_cache_folder()
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        LOGGER.info('compiled code is not kept across reboots: %s', _one_line(error))
+        return None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        LOGGER.info('compiled code is not kept across reboots: cannot write to %s', folder)
+        return None
+    os.environ['TORCHINDUCTOR_CACHE_DIR'] = folder
+    return folder
+
+
 class ModelLoadError(RuntimeError):
     """A checkpoint, adapter, device or dtype that cannot be used; the message is one line."""
 
@@ -493,7 +531,9 @@ class Blip2Captioner:
                 self.model.config.text_config, 'decoder_start_token_id', None)
         # Everything before the first token, and the decode step: fixed shapes per batch size.
         self._compiled = {}
+        self.compile_cache = None
         if self.compile_decode and self.decode_loop:
+            self.compile_cache = keep_compiled_code()
             limits = torch._dynamo.config
             limits.recompile_limit = max(limits.recompile_limit, COMPILED_VERSIONS)
             cuda = self.device.type == 'cuda'

@@ -23,10 +23,12 @@ checked on its own, with the tolerance stated at PIXEL_TOLERANCE_LEVELS.
 import json
 import os
 import shutil
+import subprocess
+import sys
 
-from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, MAX_STATIC_CACHES,
-                                 ModelLoadError, OneRowLinear, resize_like_pil,
-                                 use_one_row_reductions)
+from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, keep_compiled_code,
+                                 MAX_STATIC_CACHES, ModelLoadError, OneRowLinear,
+                                 resize_like_pil, use_one_row_reductions)
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
@@ -617,6 +619,63 @@ def test_a_step_that_cannot_be_compiled_runs_uncompiled_and_says_why(
     assert captions == make_captioner(folder, max_new_tokens=8).caption(
         frames, min_new_tokens=8)
     torch._dynamo.reset()
+
+
+# A process that compiles a captioner once, as the node does at start-up, and says what it did.
+COMPILE_ONCE = """
+import json, sys
+import numpy as np
+import torch
+from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+captioner = Blip2Captioner(CaptionerConfig(model=sys.argv[1], device='cpu', max_new_tokens=4,
+                                           torch_compile=True))
+captioner.warm_up([1])
+frame = np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+counters = torch._dynamo.utils.counters['inductor']
+print(json.dumps({'folder': captioner.compile_cache, 'caption': captioner.caption([frame]),
+                  'compiled': captioner.compile_decode,
+                  'hits': counters['fxgraph_cache_hit'],
+                  'misses': counters['fxgraph_cache_miss']}))
+"""
+
+
+def test_compiled_code_is_kept_for_the_next_start(tiny_opt_checkpoint, tmp_path):
+    # torch keeps it in the temporary folder, which a reboot empties: a robot would compile
+    # for minutes at every start.
+    environment = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), OMP_NUM_THREADS='1')
+    environment.pop('TORCHINDUCTOR_CACHE_DIR', None)
+    starts = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, '-c', COMPILE_ONCE, str(tiny_opt_checkpoint)],
+                                env=environment, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        starts.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    folder = str(tmp_path / 'blip2_ros' / 'torch_compile')
+    assert [start['folder'] for start in starts] == [folder, folder]
+    assert all(start['compiled'] for start in starts)
+    # The first start compiles and writes its code there; the second finds all of it.
+    assert starts[0]['misses'] > 0 and os.listdir(folder)
+    assert starts[1]['hits'] >= starts[0]['misses'] and starts[1]['misses'] == 0, starts
+    assert starts[1]['caption'] == starts[0]['caption']
+
+
+def test_the_compile_cache_folder_the_user_chose_wins(monkeypatch, tmp_path):
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'chosen'))
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    assert keep_compiled_code() == str(tmp_path / 'chosen')
+    assert not (tmp_path / 'xdg').exists()
+
+
+def test_a_compile_cache_folder_that_cannot_be_made_leaves_torchs_default(
+        monkeypatch, tmp_path, caplog):
+    # A read-only or odd home must not stop compiling.
+    (tmp_path / 'not-a-folder').write_text('')
+    monkeypatch.delenv('TORCHINDUCTOR_CACHE_DIR', raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'not-a-folder'))
+    with caplog.at_level('INFO', logger='blip2_ros.captioner'):
+        assert keep_compiled_code() is None
+    assert 'TORCHINDUCTOR_CACHE_DIR' not in os.environ
+    assert any('not kept across reboots' in record.getMessage() for record in caplog.records)
 
 
 # ---------------------------------------------------------------------------------------------
