@@ -23,6 +23,10 @@ L2 cache cannot hold them) are each multiplied by one row in one compiled graph,
 the captioner compiles on GPUs (CUDA graph, coordinate descent tuning):
 
 * ``cuBLAS``: plain nn.Linear layers: the matmul kernels torch picks (the baseline);
+* ``bias apart`` (layers with a bias): the product without the bias, then the bias added.
+  With coordinate descent tuning on, torch itself rewrites a one-row product without a bias
+  as a reduction (its output embedding row shows that), so this measures torch's own
+  reduction where OneRowLinear writes one;
 * ``OneRowLinear``: the captioner's layers, a reduction inductor writes and tunes.
 
 Prints the time per matrix, the bandwidth it reads the weights at, the ratio against cuBLAS
@@ -48,8 +52,20 @@ MIN_COPIES = 8
 COLUMNS = [('shape', 'shape'), ('in_features', 'in'), ('out_features', 'out'),
            ('matrices', 'matrices'), ('mb_per_matrix', 'MB each'),
            ('cublas_us', 'cuBLAS us'), ('cublas_tb_s', 'cuBLAS TB/s'),
+           ('bias_apart_us', 'bias apart us'), ('bias_apart_tb_s', 'bias apart TB/s'),
            ('one_row_us', 'OneRowLinear us'), ('one_row_tb_s', 'OneRowLinear TB/s'),
            ('speedup', 'x faster than cuBLAS'), ('max_relative_difference', 'max rel. diff')]
+
+
+def bias_apart_class():
+    """Return an nn.Linear that adds its bias after a bias-free product."""
+    import torch
+
+    class BiasApartLinear(torch.nn.Linear):
+        def forward(self, input):  # noqa: A002 - nn.Linear's argument name
+            return torch.nn.functional.linear(input, self.weight) + self.bias
+
+    return BiasApartLinear
 
 
 def time_layers(layers, row, options, repeats):
@@ -85,24 +101,40 @@ def measure(shape, device, dtype, options, repeats):
     cublas_ms, cublas_first_s, expected = time_layers(layers, row, options, repeats)
     # A fresh start: torch would otherwise run the graph it compiled for nn.Linear again.
     torch._dynamo.reset()
+    bias_apart_ms = bias_apart_first_s = bias_apart_outputs = None
+    if bias:
+        for layer in layers:
+            layer.__class__ = bias_apart_class()
+        bias_apart_ms, bias_apart_first_s, bias_apart_outputs = time_layers(
+            layers, row, options, repeats)
+        torch._dynamo.reset()
     for layer in layers:
         # Bias-free ones too, though the captioner leaves those to torch: to show why.
         layer.__class__ = OneRowLinear
     one_row_ms, one_row_first_s, outputs = time_layers(layers, row, options, repeats)
-    difference = max(float((output.float() - reference.float()).abs().max()
-                           / reference.float().abs().max())
-                     for output, reference in zip(outputs, expected))
+
+    def difference(outputs):
+        return max(float((output.float() - reference.float()).abs().max()
+                         / reference.float().abs().max())
+                   for output, reference in zip(outputs, expected))
+
     weight_bytes = in_features * out_features * torch.tensor([], dtype=dtype).element_size()
     row_of_table = {
         'shape': name, 'in_features': in_features, 'out_features': out_features,
         'bias': bias, 'matrices': matrices, 'copies_timed': copies,
         'mb_per_matrix': weight_bytes / 1e6,
         'cublas_us': cublas_ms * 1000.0 / copies, 'one_row_us': one_row_ms * 1000.0 / copies,
+        'bias_apart_us': None if bias_apart_ms is None else bias_apart_ms * 1000.0 / copies,
         'cublas_first_call_s': cublas_first_s, 'one_row_first_call_s': one_row_first_s,
-        'max_relative_difference': difference,
+        'bias_apart_first_call_s': bias_apart_first_s,
+        'max_relative_difference': difference(outputs),
+        'bias_apart_max_relative_difference': (None if bias_apart_outputs is None
+                                               else difference(bias_apart_outputs)),
     }
-    for key in ('cublas', 'one_row'):
-        row_of_table[f'{key}_tb_s'] = weight_bytes / (row_of_table[f'{key}_us'] * 1e-6) / 1e12
+    for key in ('cublas', 'bias_apart', 'one_row'):
+        microseconds = row_of_table[f'{key}_us']
+        row_of_table[f'{key}_tb_s'] = (None if microseconds is None
+                                       else weight_bytes / (microseconds * 1e-6) / 1e12)
     row_of_table['speedup'] = row_of_table['cublas_us'] / row_of_table['one_row_us']
     torch._dynamo.reset()
     return row_of_table
@@ -134,16 +166,20 @@ def main(argv=None):
         with torch.inference_mode():
             row = measure(shape, device, dtype, options, repeats=5 if args.quick else 50)
         results['rows'].append(row)
-        print(f"{row['shape']}: cuBLAS {row['cublas_us']:.1f} us, OneRowLinear "
+        print(f"{row['shape']}: cuBLAS {row['cublas_us']:.1f} us, bias apart "
+              f"{common.format_value(row['bias_apart_us'], 1)} us, OneRowLinear "
               f"{row['one_row_us']:.1f} us per matrix ({row['speedup']:.2f}x)", flush=True)
-    step = {key: sum(row[f'{key}_us'] * row['matrices'] for row in results['rows']) / 1000.0
-            for key in ('cublas', 'one_row')}
+    # Bias apart leaves bias-free layers as they are: their nn.Linear time counts.
+    step = {key: sum((row[f'{key}_us'] if row[f'{key}_us'] is not None else row['cublas_us'])
+                     * row['matrices'] for row in results['rows']) / 1000.0
+            for key in ('cublas', 'bias_apart', 'one_row')}
     results['decode_step_weight_reads_ms'] = step
     print()
     print(common.table(results['rows'], COLUMNS))
     print(f"\nOne decode step's weight reads (every matrix once): cuBLAS {step['cublas']:.3f} "
-          f"ms, OneRowLinear {step['one_row']:.3f} ms "
-          f"({step['cublas'] / step['one_row']:.2f}x faster)")
+          f"ms, bias apart {step['bias_apart']:.3f} ms "
+          f"({step['cublas'] / step['bias_apart']:.2f}x faster), OneRowLinear "
+          f"{step['one_row']:.3f} ms ({step['cublas'] / step['one_row']:.2f}x faster)")
     return common.finish(results, args.json)
 
 
