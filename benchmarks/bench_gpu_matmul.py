@@ -33,7 +33,7 @@ Prints the time per matrix, the bandwidth it reads the weights at, the ratio aga
 measured in the same run, how far the two results are apart, and what that makes of one decode
 step's weight reads.
 
-    python3 benchmarks/bench_gpu_matmul.py           # on the GPU machine, about two minutes
+    python3 benchmarks/bench_gpu_matmul.py           # on the GPU machine, a few minutes (compiles)
     python3 benchmarks/bench_gpu_matmul.py --quick   # small shapes, any machine: a smoke run
 """
 
