@@ -13,28 +13,33 @@
 # limitations under the License.
 
 """
-One-row products with blip2-opt-2.7b's weight shapes: cuBLAS against OneRowLinear.
+One-row products with blip2-opt-2.7b's weight shapes: cuBLAS against reductions.
 
 A batch-1 decode step multiplies one row by every weight matrix of the language model, so its
 speed is how fast the GPU reads those weights. For each Linear shape of OPT-2.7b (the attention
 projections, 2560 x 2560; the MLP, 2560 -> 10240 and 10240 -> 2560, all with a bias; the output
 embedding, 2560 -> 50272, without), as many distinct bfloat16 matrices as the model has (so the
-L2 cache cannot hold them) are each multiplied by one row in one compiled graph, compiled as
-the captioner compiles on GPUs (CUDA graph, coordinate descent tuning):
+L2 cache cannot hold them) are each multiplied by one row (``--rows N``: N rows, a batch-N
+step) in one compiled graph, compiled as the captioner compiles on GPUs (CUDA graph,
+coordinate descent tuning):
 
 * ``cuBLAS``: plain nn.Linear layers: the matmul kernels torch picks (the baseline);
 * ``bias apart`` (layers with a bias): the product without the bias, then the bias added.
   With coordinate descent tuning on, torch itself rewrites a one-row product without a bias
   as a reduction (its output embedding row shows that), so this measures torch's own
   reduction where OneRowLinear writes one;
-* ``OneRowLinear``: the captioner's layers, a reduction inductor writes and tunes.
+* ``OneRowLinear`` (one row): the captioner's layers, a reduction inductor writes and tunes;
+* ``rows reduction`` (more rows): the same reduction for N rows, laid out so that the N
+  products with one weight row are next to each other and that row is read from memory once.
+  A candidate for batch sizes above 1, where the captioner leaves the products to cuBLAS.
 
 Prints the time per matrix, the bandwidth it reads the weights at, the ratio against cuBLAS
-measured in the same run, how far the two results are apart, and what that makes of one decode
-step's weight reads.
+measured in the same run, how far the results are from cuBLAS's, and what that makes of one
+decode step's weight reads.
 
-    python3 benchmarks/bench_gpu_matmul.py           # on the GPU machine, a few minutes (compiles)
-    python3 benchmarks/bench_gpu_matmul.py --quick   # small shapes, any machine: a smoke run
+    python3 benchmarks/bench_gpu_matmul.py            # on the GPU machine, a few minutes
+    python3 benchmarks/bench_gpu_matmul.py --rows 4   # a batch-4 step
+    python3 benchmarks/bench_gpu_matmul.py --quick    # small shapes, any machine: a smoke run
 """
 
 import bench_gpu
@@ -49,23 +54,34 @@ QUICK_SHAPES = [('attention projection', 64, 64, True, 8), ('mlp up', 64, 256, T
                 ('mlp down', 256, 64, True, 2), ('output embedding', 64, 512, False, 1)]
 # At least this many distinct matrices per timed graph: together larger than any L2 cache.
 MIN_COPIES = 8
-COLUMNS = [('shape', 'shape'), ('in_features', 'in'), ('out_features', 'out'),
-           ('matrices', 'matrices'), ('mb_per_matrix', 'MB each'),
-           ('cublas_us', 'cuBLAS us'), ('cublas_tb_s', 'cuBLAS TB/s'),
-           ('bias_apart_us', 'bias apart us'), ('bias_apart_tb_s', 'bias apart TB/s'),
-           ('one_row_us', 'OneRowLinear us'), ('one_row_tb_s', 'OneRowLinear TB/s'),
-           ('speedup', 'x faster than cuBLAS'), ('max_relative_difference', 'max rel. diff')]
+SHAPE_COLUMNS = [('shape', 'shape'), ('in_features', 'in'), ('out_features', 'out'),
+                 ('matrices', 'matrices'), ('mb_per_matrix', 'MB each'),
+                 ('cublas_us', 'cuBLAS us'), ('cublas_tb_s', 'cuBLAS TB/s')]
+VARIANT_TITLES = {'bias_apart': 'bias apart', 'one_row': 'OneRowLinear',
+                  'rows_reduction': 'rows reduction'}
 
 
-def bias_apart_class():
-    """Return an nn.Linear that adds its bias after a bias-free product."""
+def variant_classes(rows):
+    """Return {key: nn.Linear subclass} of the variants measured against cuBLAS."""
     import torch
+    from blip2_ros.captioner import OneRowLinear
 
     class BiasApartLinear(torch.nn.Linear):
         def forward(self, input):  # noqa: A002 - nn.Linear's argument name
             return torch.nn.functional.linear(input, self.weight) + self.bias
 
-    return BiasApartLinear
+    class RowsReductionLinear(torch.nn.Linear):
+        def forward(self, input):  # noqa: A002 - nn.Linear's argument name
+            flat = input.reshape(-1, self.in_features).float()
+            # out features x rows x in features: each weight row next to all its products.
+            output = (self.weight.float()[:, None, :] * flat[None]).sum(-1).t()
+            if self.bias is not None:
+                output = output + self.bias.float()
+            return output.to(input.dtype).reshape(*input.shape[:-1], self.out_features)
+
+    if rows == 1:
+        return {'bias_apart': BiasApartLinear, 'one_row': OneRowLinear}
+    return {'bias_apart': BiasApartLinear, 'rows_reduction': RowsReductionLinear}
 
 
 def time_layers(layers, row, options, repeats):
@@ -84,66 +100,53 @@ def time_layers(layers, row, options, repeats):
 
     first_s, times = bench_gpu.time_caption(call, row.device, repeats, warmup=4)
     outputs = [output.clone() for output in call()]
+    # A fresh start: torch would otherwise run the graph it compiled here again.
+    torch._dynamo.reset()
     return common.summary(times)['p50'], first_s, outputs
 
 
-def measure(shape, device, dtype, options, repeats):
-    """Time one shape as nn.Linear and as OneRowLinear; return the table row."""
+def measure(shape, rows, device, dtype, options, repeats):
+    """Time one shape as nn.Linear and as each variant; return the table row."""
     import torch
-    from blip2_ros.captioner import OneRowLinear
 
     name, in_features, out_features, bias, matrices = shape
     copies = max(matrices, MIN_COPIES)
     layers = torch.nn.ModuleList(
         torch.nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         for _ in range(copies))
-    row = torch.randn(1, 1, in_features, device=device, dtype=dtype)
-    cublas_ms, cublas_first_s, expected = time_layers(layers, row, options, repeats)
-    # A fresh start: torch would otherwise run the graph it compiled for nn.Linear again.
-    torch._dynamo.reset()
-    bias_apart_ms = bias_apart_first_s = bias_apart_outputs = None
-    if bias:
-        for layer in layers:
-            layer.__class__ = bias_apart_class()
-        bias_apart_ms, bias_apart_first_s, bias_apart_outputs = time_layers(
-            layers, row, options, repeats)
-        torch._dynamo.reset()
-    for layer in layers:
-        # Bias-free ones too, though the captioner leaves those to torch: to show why.
-        layer.__class__ = OneRowLinear
-    one_row_ms, one_row_first_s, outputs = time_layers(layers, row, options, repeats)
-
-    def difference(outputs):
-        return max(float((output.float() - reference.float()).abs().max()
-                         / reference.float().abs().max())
-                   for output, reference in zip(outputs, expected))
-
+    inputs = torch.randn(rows, 1, in_features, device=device, dtype=dtype)
     weight_bytes = in_features * out_features * torch.tensor([], dtype=dtype).element_size()
-    row_of_table = {
-        'shape': name, 'in_features': in_features, 'out_features': out_features,
-        'bias': bias, 'matrices': matrices, 'copies_timed': copies,
-        'mb_per_matrix': weight_bytes / 1e6,
-        'cublas_us': cublas_ms * 1000.0 / copies, 'one_row_us': one_row_ms * 1000.0 / copies,
-        'bias_apart_us': None if bias_apart_ms is None else bias_apart_ms * 1000.0 / copies,
-        'cublas_first_call_s': cublas_first_s, 'one_row_first_call_s': one_row_first_s,
-        'bias_apart_first_call_s': bias_apart_first_s,
-        'max_relative_difference': difference(outputs),
-        'bias_apart_max_relative_difference': (None if bias_apart_outputs is None
-                                               else difference(bias_apart_outputs)),
-    }
-    for key in ('cublas', 'bias_apart', 'one_row'):
-        microseconds = row_of_table[f'{key}_us']
-        row_of_table[f'{key}_tb_s'] = (None if microseconds is None
-                                       else weight_bytes / (microseconds * 1e-6) / 1e12)
-    row_of_table['speedup'] = row_of_table['cublas_us'] / row_of_table['one_row_us']
-    torch._dynamo.reset()
-    return row_of_table
+    result = {'shape': name, 'in_features': in_features, 'out_features': out_features,
+              'bias': bias, 'matrices': matrices, 'copies_timed': copies,
+              'mb_per_matrix': weight_bytes / 1e6}
+    milliseconds, result['cublas_first_call_s'], expected = time_layers(
+        layers, inputs, options, repeats)
+    result['cublas_us'] = milliseconds * 1000.0 / copies
+    result['cublas_tb_s'] = weight_bytes / (result['cublas_us'] * 1e-6) / 1e12
+    for key, linear_class in variant_classes(rows).items():
+        if key == 'bias_apart' and not bias:
+            continue  # the same as nn.Linear
+        # Bias-free layers too for the others, though the captioner leaves those to torch.
+        for layer in layers:
+            layer.__class__ = linear_class
+        milliseconds, result[f'{key}_first_call_s'], outputs = time_layers(
+            layers, inputs, options, repeats)
+        result[f'{key}_us'] = milliseconds * 1000.0 / copies
+        result[f'{key}_tb_s'] = weight_bytes / (result[f'{key}_us'] * 1e-6) / 1e12
+        result[f'{key}_speedup'] = result['cublas_us'] / result[f'{key}_us']
+        result[f'{key}_max_relative_difference'] = max(
+            float((output.float() - reference.float()).abs().max()
+                  / reference.float().abs().max())
+            for output, reference in zip(outputs, expected))
+    return result
 
 
 def main(argv=None):
     """Run the comparison and print its table."""
     parser = common.argument_parser(
         __doc__.strip().splitlines()[0], 'small shapes, on the CPU unless a GPU is present')
+    parser.add_argument('--rows', type=int, default=1,
+                        help='rows per product: the batch size of the decode step (default 1)')
     args = parser.parse_args(argv)
     common.quiet_libraries()
     import torch
@@ -157,29 +160,35 @@ def main(argv=None):
     dtype = torch.bfloat16 if cuda else torch.float32
     options = CUDA_STEP_COMPILE_OPTIONS if cuda else None
     shapes = QUICK_SHAPES if args.quick else OPT_SHAPES
-    results = {'benchmark': 'gpu_matmul', 'quick': args.quick,
+    results = {'benchmark': 'gpu_matmul', 'quick': args.quick, 'rows': args.rows,
                'machine': common.machine_info(), 'device': str(device), 'dtype': str(dtype),
-               'compile_options': options, 'rows': []}
+               'compile_options': options, 'shapes': []}
     torch.manual_seed(0)
+    keys = ['cublas'] + list(variant_classes(args.rows))
     for shape in shapes:
         # As the captioner runs: no autograd (a graph that records it has no CUDA graph).
         with torch.inference_mode():
-            row = measure(shape, device, dtype, options, repeats=5 if args.quick else 50)
-        results['rows'].append(row)
-        print(f"{row['shape']}: cuBLAS {row['cublas_us']:.1f} us, bias apart "
-              f"{common.format_value(row['bias_apart_us'], 1)} us, OneRowLinear "
-              f"{row['one_row_us']:.1f} us per matrix ({row['speedup']:.2f}x)", flush=True)
-    # Bias apart leaves bias-free layers as they are: their nn.Linear time counts.
-    step = {key: sum((row[f'{key}_us'] if row[f'{key}_us'] is not None else row['cublas_us'])
-                     * row['matrices'] for row in results['rows']) / 1000.0
-            for key in ('cublas', 'bias_apart', 'one_row')}
+            result = measure(shape, args.rows, device, dtype, options,
+                             repeats=5 if args.quick else 50)
+        results['shapes'].append(result)
+        print(f"{result['shape']}: " + ', '.join(
+            f"{VARIANT_TITLES.get(key, 'cuBLAS')} {result[f'{key}_us']:.1f} us"
+            for key in keys if f'{key}_us' in result) + ' per matrix', flush=True)
+    # A variant that leaves a shape alone (bias apart, bias-free) costs what nn.Linear does.
+    step = {key: sum(result.get(f'{key}_us', result['cublas_us']) * result['matrices']
+                     for result in results['shapes']) / 1000.0 for key in keys}
     results['decode_step_weight_reads_ms'] = step
+    columns = list(SHAPE_COLUMNS)
+    for key in keys[1:]:
+        title = VARIANT_TITLES[key]
+        columns += [(f'{key}_us', f'{title} us'), (f'{key}_tb_s', f'{title} TB/s'),
+                    (f'{key}_speedup', f'{title} x faster'),
+                    (f'{key}_max_relative_difference', f'{title} max rel. diff')]
     print()
-    print(common.table(results['rows'], COLUMNS))
-    print(f"\nOne decode step's weight reads (every matrix once): cuBLAS {step['cublas']:.3f} "
-          f"ms, bias apart {step['bias_apart']:.3f} ms "
-          f"({step['cublas'] / step['bias_apart']:.2f}x faster), OneRowLinear "
-          f"{step['one_row']:.3f} ms ({step['cublas'] / step['one_row']:.2f}x faster)")
+    print(common.table(results['shapes'], columns))
+    print(f"\nOne decode step's weight reads (every matrix once, {args.rows} row(s)): "
+          + ', '.join(f"{VARIANT_TITLES.get(key, 'cuBLAS')} {step[key]:.3f} ms "
+                      f"({step['cublas'] / step[key]:.2f}x)" for key in keys))
     return common.finish(results, args.json)
 
 
