@@ -102,7 +102,21 @@ def use_one_row_reductions(module, enable=True):
 
 
 def compile_cache_folder():
-    """Return where torch.compile keeps compiled code unless TORCHINDUCTOR_CACHE_DIR says."""
+    """
+    Return the folder where torch.compile keeps compiled code for the captioner.
+
+    The folder TORCHINDUCTOR_CACHE_DIR names, if it is not torch's default (torch sets the
+    variable to its default itself when it imports its compiler); else
+    ``$XDG_CACHE_HOME/blip2_ros/torch_compile``, by default under ``~/.cache``.
+    """
+    chosen = os.environ.get('TORCHINDUCTOR_CACHE_DIR')
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        torch_default = os.path.abspath(default_cache_dir())
+    except ImportError:  # another torch: take any folder set as the user's choice
+        torch_default = None
+    if chosen and os.path.abspath(chosen) != torch_default:
+        return chosen
     home = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     return os.path.join(home, 'blip2_ros', 'torch_compile')
 
@@ -113,19 +127,10 @@ def keep_compiled_code():
 
     torch keeps compiled code and kernel tunings in the system's temporary folder, which a
     reboot empties, so a robot's node would compile for minutes at every start. With the cache
-    kept, a later start reuses it. A TORCHINDUCTOR_CACHE_DIR that names another folder than
-    torch's default wins. If the folder cannot be made (a read-only home), torch's default stays
-    and None is returned. This sets TORCHINDUCTOR_CACHE_DIR for the whole process, as torch
-    itself does (to its default) when it imports its compiler.
+    kept (``compile_cache_folder``), a later start reuses it. If the folder cannot be made (a
+    read-only home), torch's default stays and None is returned. This sets
+    TORCHINDUCTOR_CACHE_DIR for the whole process, as torch itself does.
     """
-    chosen = os.environ.get('TORCHINDUCTOR_CACHE_DIR')
-    try:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-        torch_default = os.path.abspath(default_cache_dir())
-    except ImportError:  # another torch: take any folder set as the user's choice
-        torch_default = None
-    if chosen and os.path.abspath(chosen) != torch_default:
-        return chosen
     folder = compile_cache_folder()
     try:
         os.makedirs(folder, exist_ok=True)

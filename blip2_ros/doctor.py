@@ -19,7 +19,8 @@ Each line starts with OK, WARN or MISSING, says what was found and, where someth
 how to fix it. MISSING is kept for what the caption node cannot run without (Python, numpy,
 OpenCV, Pillow, torch, transformers, rclpy, the message packages, and the model named with
 ``--model``); the exit status is 1 when anything is MISSING, else 0. Optional things (a GPU,
-cv_bridge, peft, the training tools, Java for METEOR) are WARN when absent.
+what torch_compile needs, cv_bridge, peft, the training tools, Java for METEOR) are WARN when
+absent.
 
 A named model is looked up without loading its weights: a local folder, or a hub id in the local
 Hugging Face cache; only when the cache lacks it and the machine is online is its config.json
@@ -122,6 +123,41 @@ def check_cuda():
                                 f'{properties.total_memory / GIB:.1f} GiB, compute capability '
                                 f'{properties.major}.{properties.minor}, {bf16} '
                                 f'(torch CUDA {torch.version.cuda})'))
+    return checks
+
+
+def _nearest_existing(path):
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_torch_compile():
+    """Check what torch_compile needs: a compiler, and a folder to keep compiled code in."""
+    try:
+        import torch
+        from blip2_ros.captioner import compile_cache_folder
+    except Exception:
+        return [Check(WARN, 'torch_compile: not checked, torch is missing')]
+    checks = []
+    if torch.cuda.is_available():
+        # Triton builds a small C launcher with the host compiler.
+        names, kind, fix = ('cc', 'gcc', 'clang'), 'C compiler', 'apt install gcc'
+    else:
+        names, kind, fix = ('c++', 'g++', 'clang++'), 'C++ compiler', 'apt install g++'
+    compiler = next(filter(None, map(shutil.which, names)), None)
+    if compiler is None:
+        checks.append(Check(WARN, f'torch_compile: no {kind} found ({", ".join(names)})',
+                            f'{fix}; without one the node logs why and decodes uncompiled'))
+    folder = compile_cache_folder()
+    existing = _nearest_existing(folder)
+    if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+        checks.append(Check(
+            WARN, f'torch_compile: cannot write {folder}: every start compiles again',
+            'set TORCHINDUCTOR_CACHE_DIR to a folder that is writable and kept across reboots'))
+    if not checks:
+        checks.append(Check(OK, f'torch_compile: {kind} {compiler}; compiled code kept in '
+                                f'{folder}'))
     return checks
 
 
@@ -424,6 +460,7 @@ def run_checks(model='', local_files_only=False, cache_dir=None):
     torch_check = check_module('torch', 'torch', 'inference', 'pip install torch')
     checks.append(torch_check)
     checks.extend(check_cuda())
+    checks.extend(check_torch_compile())
     checks.append(check_module('transformers', 'transformers', 'BLIP-2 models',
                                'pip install -r requirements-ml.txt'))
     checks.append(check_module('peft', 'peft', 'LoRA adapters and fine-tuning',

@@ -245,3 +245,31 @@ def test_a_model_too_big_for_this_machine_is_a_warning(capsys, tmp_path, tiny_op
 
     status, lines = run_doctor(capsys, '--model', str(tiny_opt_checkpoint))
     assert not [line for line in lines if 'the model needs about' in line]
+
+
+def test_torch_compile_line_names_the_compiler_and_the_kept_folder(capsys, monkeypatch,
+                                                                   tmp_path):
+    monkeypatch.delenv('TORCHINDUCTOR_CACHE_DIR', raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    status, lines = run_doctor(capsys)
+    assert status == 0
+    kind = 'C compiler' if torch.cuda.is_available() else 'C++ compiler'
+    line = line_about(lines, 'torch_compile')
+    assert line.startswith(f'OK      torch_compile: {kind} /'), line
+    assert line.endswith(f"kept in {tmp_path / 'cache' / 'blip2_ros' / 'torch_compile'}")
+    assert not (tmp_path / 'cache').exists(), 'the doctor checks, it does not create folders'
+
+
+def test_torch_compile_without_a_compiler_or_a_writable_folder_is_a_warning(
+        capsys, monkeypatch, tmp_path):
+    (tmp_path / 'not-a-folder').write_text('')
+    monkeypatch.delenv('TORCHINDUCTOR_CACHE_DIR', raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'not-a-folder'))
+    monkeypatch.setenv('PATH', str(tmp_path))  # no compiler on it
+    status, lines = run_doctor(capsys)
+    assert status == 0, 'torch_compile is optional'
+    compiler, folder = [line for line in lines if 'torch_compile' in line]
+    assert compiler.startswith('WARN    torch_compile: no C') and 'apt install' in compiler
+    assert 'decodes uncompiled' in compiler
+    assert folder.startswith(f"WARN    torch_compile: cannot write {tmp_path / 'not-a-folder'}")
+    assert 'TORCHINDUCTOR_CACHE_DIR' in folder
