@@ -48,7 +48,7 @@ def child(args):
     common.quiet_libraries()
     import numpy as np
     import torch
-    from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+    from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, resolve_device
 
     started = time.perf_counter()
     config = CaptionerConfig(model=DEMO_MODEL, device=args.device, torch_compile=True,
@@ -60,7 +60,8 @@ def child(args):
         torch.manual_seed(0)  # the same random weights in every start
         # --quick: the same structure at a tiny size, to check this path on a CPU.
         processor = bench_gpu.build_processor('opt', args.quick)
-        model = bench_gpu.build_model('opt', args.quick, processor, torch.device(args.device))
+        model = bench_gpu.build_model('opt', args.quick, processor,
+                                      resolve_device(args.device))
         captioner = Blip2Captioner.from_model(bench_gpu.to_bfloat16(model), processor, config)
     synchronize = torch.cuda.synchronize if captioner.device.type == 'cuda' else None
     loaded = time.perf_counter()
@@ -81,6 +82,7 @@ def child(args):
         'load_s': loaded - started, 'warm_up_s': warmed - loaded,
         'caption_ms': common.summary(times)['p50'], 'caption': captions[-1],
         'compiled': captioner.compile_decode, 'folder': captioner.compile_cache,
+        'device': str(captioner.device),
         'hits': counters['fxgraph_cache_hit'], 'misses': counters['fxgraph_cache_miss']}))
     return 0
 
@@ -107,9 +109,11 @@ def main(argv=None):
     """Run the starts, print the table, write JSON."""
     parser = common.argument_parser(__doc__.strip().splitlines()[0],
                                     'two starts with batch size 1 only (smoke run)')
-    parser.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda'")
+    parser.add_argument('--device', default='auto',
+                        help="'auto' (default: a CUDA GPU if torch sees one), 'cpu' or 'cuda'")
     parser.add_argument('--architecture', choices=('tiny', 'opt-2.7b'), default='tiny',
-                        help='tiny BLIP-2 (default), or blip2-opt-2.7b with random weights')
+                        help="the demo's tiny factory model (default), or blip2-opt-2.7b "
+                             'with random weights')
     parser.add_argument('--starts', type=int, default=3, help='starts in all (default 3)')
     # Used only by the benchmark's own child processes.
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
@@ -135,12 +139,12 @@ def main(argv=None):
     compiled = all(row['compiled'] for row in rows)
     model = args.architecture + (' structure at a tiny size (--quick)'
                                  if args.quick and args.architecture != 'tiny' else '')
-    print(f'\ntorch_compile start-up, {model} on {args.device}, warm-up for batch '
+    print(f"\ntorch_compile start-up, {model} on {rows[0]['device']}, warm-up for batch "
           f'sizes {args.batch_sizes}, {args.new_tokens} new tokens')
     print(common.table(rows, COLUMNS, digits=1))
     print(f'\nsame caption in every start: {same}; every start compiled: {compiled}')
     return common.finish({'benchmark': 'compile_cache', 'machine': common.machine_info(),
-                          'architecture': args.architecture, 'device': args.device,
+                          'architecture': args.architecture, 'device': rows[0]['device'],
                           'batch_sizes': args.batch_sizes, 'new_tokens': args.new_tokens,
                           'rows': rows, 'same_caption': same, 'all_compiled': compiled},
                          args.json)
