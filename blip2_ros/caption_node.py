@@ -753,7 +753,8 @@ def main(args=None):
         if starting:
             raise KeyboardInterrupt
 
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    handles_sigterm = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if handles_sigterm:
         # Before rclpy.init, so that rclpy's handler passes the signal on to this one.
         signal.signal(signal.SIGTERM, stop_start_up)
     rclpy.init(args=args)
@@ -788,6 +789,9 @@ def main(args=None):
             # stop during start-up that can finish between try_shutdown's check and its call.
             if rclpy.ok():
                 raise
+        if handles_sigterm:
+            # A caller that goes on after main() gets SIGTERM's default back: ending the process.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if stopped_starting or any(thread.name == INFERENCE_THREAD and thread.is_alive()
                                for thread in threading.enumerate()):
         # The inference thread may still be compiling (or only half started), or captioning

@@ -67,6 +67,21 @@ def test_bad_setting_stops_the_node_with_one_clear_line(tiny_opt_checkpoint, set
     assert len(fatal) == 1 and expected in fatal[0], stderr
 
 
+def test_main_gives_sigterm_back_when_it_returns(tiny_opt_checkpoint):
+    # During start-up main() handles SIGTERM itself; a program that calls it and goes on must
+    # still end on SIGTERM afterwards.
+    script = ('import signal, sys\n'
+              'from blip2_ros.caption_node import main\n'
+              'code = main(sys.argv[1:])\n'
+              'print(code, signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)\n')
+    result = subprocess.run(
+        [sys.executable, '-c', script, '--ros-args', '--params-file', PARAMS_FILE,
+         '-p', f'model:={tiny_opt_checkpoint}', '-p', "image_topics:=['']"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ['1', 'True'], (result.stdout, result.stderr)
+
+
 @pytest.mark.parametrize('wait_policy, stop_signal', [('PASSIVE', signal.SIGINT),
                                                       (None, signal.SIGTERM)])
 def test_node_process_captions_a_frame_and_exits_cleanly_on_a_stop_signal(
