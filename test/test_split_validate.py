@@ -205,6 +205,22 @@ def test_a_dataset_gets_the_permissions_of_any_new_file(tmp_path):
         assert (folder / name).stat().st_mode == file_mode, name
 
 
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='Linux reports the umask')
+def test_the_usual_mode_is_read_without_touching_the_umask(tmp_path, monkeypatch):
+    # Setting the umask to read it would give a file another thread creates meanwhile umask 0.
+    previous = os.umask(0o027)
+    try:
+        (tmp_path / 'plain.txt').write_text('')
+        (tmp_path / 'plain').mkdir()
+        with monkeypatch.context() as patch:
+            patch.setattr(os, 'umask', lambda mask: pytest.fail('the umask was changed'))
+            file_mode, folder_mode = coco.usual_mode(), coco.usual_mode(folder=True)
+    finally:
+        os.umask(previous)
+    assert file_mode == (tmp_path / 'plain.txt').stat().st_mode & 0o777 == 0o640
+    assert folder_mode == (tmp_path / 'plain').stat().st_mode & 0o777 == 0o750
+
+
 def read_images(folder):
     return json.loads((Path(folder) / 'annotations.json').read_text())['images']
 

@@ -69,11 +69,25 @@ def dumps_line(data):
 # renamed into place they would keep other users, e.g. a training container's, out of the
 # dataset. These get the modes open() and mkdir() give, the umask applied.
 
-def usual_mode(folder=False):
-    """Return the mode open() (or, for a folder, mkdir()) gives a new file: the umask applied."""
+def _umask():
+    """Return the process's umask, read without changing it where Linux tells it."""
+    try:
+        with open('/proc/self/status', encoding='ascii') as status:
+            for line in status:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere the only way is to set it and set it back; a file another thread creates in
+    # between would get umask 0.
     umask = os.umask(0)
     os.umask(umask)
-    return (0o777 if folder else 0o666) & ~umask
+    return umask
+
+
+def usual_mode(folder=False):
+    """Return the mode open() (or, for a folder, mkdir()) gives a new file: the umask applied."""
+    return (0o777 if folder else 0o666) & ~_umask()
 
 
 def write_temporary(path, text):
