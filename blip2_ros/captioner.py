@@ -144,6 +144,11 @@ def keep_compiled_code():
     return folder
 
 
+def _copies(*tensors):
+    """Clone a CUDA graph's outputs (None stays): they live in its memory until its next replay."""
+    return tuple(None if tensor is None else tensor.clone() for tensor in tensors)
+
+
 class ModelLoadError(RuntimeError):
     """A checkpoint, adapter, device or dtype that cannot be used; the message is one line."""
 
@@ -806,10 +811,8 @@ class Blip2Captioner:
             '_prefill', cache, pixel_values, input_ids, attention_mask, cache_length,
             eos_ban if min_new_tokens > 0 else eos_bias)
         if cuda_graphs:
-            # A CUDA graph's outputs live in its memory until its next replay.
-            tokens, unfinished = tokens.clone(), unfinished.clone()
-            context = tuple(value.clone() for value in context)
-            positions = positions if positions is None else positions.clone()
+            tokens, unfinished, positions = _copies(tokens, unfinished, positions)
+            context = _copies(*context)
         output = torch.full((batch_size, max_new_tokens), self._pad_id, device=self.device)
         output[:, 0] = tokens
         check_interval = EOS_CHECK_INTERVAL if self.device.type == 'cuda' else 1
@@ -823,8 +826,7 @@ class Blip2Captioner:
                 eos_ban if length < min_new_tokens else eos_bias)
             output[:, length] = tokens
             if cuda_graphs:
-                tokens, unfinished = tokens.clone(), unfinished.clone()
-                positions = positions if positions is None else positions.clone()
+                tokens, unfinished, positions = _copies(tokens, unfinished, positions)
             length += 1
         return output[:, :length]
 
