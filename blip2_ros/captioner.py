@@ -881,9 +881,11 @@ class Blip2Captioner:
             mask[:, :prompt_length] = attention_mask
             # Left padding: each row counts its positions from its own first real token.
             positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+            # Only the last position's scores pick a token: the output embedding, the
+            # largest matrix, multiplies one row per caption instead of the whole prompt.
             logits = language_model(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True).logits
+                past_key_values=cache, use_cache=True, logits_to_keep=1).logits
             context, positions = (mask,), positions[:, -1:]
         tokens = (logits[:, -1] + eos_bias).argmax(-1)
         unfinished = ~torch.isin(tokens, self._eos_ids)
