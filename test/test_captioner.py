@@ -474,6 +474,24 @@ def test_the_decode_loop_stops_once_every_caption_has_ended(lively_checkpoints):
 
 
 @pytest.mark.usefixtures('one_torch_thread')
+def test_the_decode_loop_scores_one_position_per_caption(lively_checkpoints):
+    # Only the last position's scores pick the next token, so the output embedding, OPT's
+    # largest matrix, multiplies one row per caption: also over the prompt, as in generate().
+    captioner = make_captioner(lively_checkpoints['opt'], max_new_tokens=6, cache='static')
+    rows = []
+    hook = captioner.model.language_model.get_output_embeddings().register_forward_hook(
+        lambda layer, inputs, output: rows.append(inputs[0].shape[:-1]))
+    try:
+        captions = captioner.caption(model_size_frames(3), prompt=MIXED_PROMPTS[:3])
+    finally:
+        hook.remove()
+    assert captioner.decode_loop and len(rows) == 6, rows
+    assert set(rows) == {(3, 1)}, rows
+    assert captions == make_captioner(lively_checkpoints['opt'], max_new_tokens=6).caption(
+        model_size_frames(3), prompt=MIXED_PROMPTS[:3])
+
+
+@pytest.mark.usefixtures('one_torch_thread')
 def test_generate_options_given_to_one_call_are_honoured_on_the_static_cache(
         lively_checkpoints):
     # The decode loop implements greedy decoding and min_new_tokens alone; a call that asks
@@ -1138,6 +1156,48 @@ def test_a_batch_shape_reuses_its_static_cache(lively_checkpoints, language_mode
     assert length % 16 == 0 and length >= (6 + 1 if language_model == 't5' else 40 + 6)
     # T5's cross-attention cache holds exactly the encoder's input.
     assert (captioner._static_cache_for(2, 41, 6)[0] is cache) == (language_model == 'opt')
+
+
+def cache_layers(cache):
+    """Return the layers of a static KV cache, T5's self- and cross-attention ones alike."""
+    parts = getattr(cache, 'self_attention_cache', None), getattr(
+        cache, 'cross_attention_cache', None)
+    return [layer for part in (parts if parts[0] else (cache,)) for layer in part.layers]
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+@pytest.mark.parametrize('language_model', ['opt', 't5'])
+def test_static_cache_tensors_exist_before_the_first_forward_pass(
+        lively_checkpoints, language_model, monkeypatch):
+    # A compiled prefill is the first forward pass on a new cache. Had the cache made its
+    # tensors there (transformers' lazy default), on a GPU they would belong to the prefill's
+    # CUDA graph, and its next replay would overwrite them. So each cache's tensors must be
+    # made when the cache is, and the forward passes must write into those very tensors.
+    captioner = make_captioner(lively_checkpoints[language_model], max_new_tokens=6,
+                               cache='static')
+    handed_out = []
+    make_cache = captioner._static_cache_for
+
+    def recording_static_cache_for(*args):
+        cache, length = make_cache(*args)
+        layers = cache_layers(cache)
+        assert layers and all(layer.is_initialized for layer in layers), 'made lazily'
+        handed_out.append((cache, [(layer.keys.data_ptr(), layer.values.data_ptr())
+                                   for layer in layers]))
+        return cache, length
+
+    monkeypatch.setattr(captioner, '_static_cache_for', recording_static_cache_for)
+    frames = model_size_frames(2, first_seed=500)
+    captions = captioner.caption(frames, prompt='a photo of')
+    (cache, addresses), = handed_out
+    layers = cache_layers(cache)
+    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in layers] == addresses
+    assert all(bool(layer.keys.any()) and bool(layer.values.any()) for layer in layers)
+    language_model_dtype = captioner.model.language_model.dtype
+    assert {layer.keys.dtype for layer in layers} == {language_model_dtype}
+    # A second call resets the same tensors in place and captions as the first did.
+    assert captioner.caption(frames, prompt='a photo of') == captions
+    assert handed_out[1][0] is cache and handed_out[1][1] == addresses
 
 
 @pytest.mark.usefixtures('one_torch_thread')
