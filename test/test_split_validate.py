@@ -499,6 +499,32 @@ def test_cameras_of_one_bag_at_the_same_moment_are_on_the_same_side(tmp_path):
     assert all(len(moment) == 1 for moment in sides.values()), sides
 
 
+def test_bags_recorded_at_the_same_time_or_one_after_another_are_one_recording(tmp_path):
+    # Two cameras, each recorded into a bag of its own at the same time, and a second part of
+    # the left camera's recording starting 2 s after the first part ends: frames of the same
+    # ten seconds must be on one side whichever bag holds them.
+    start = 1000 * SECOND
+    frames = [('cam_left', start + i * SECOND) for i in range(96)]
+    frames += [('cam_right', start + 400_000_000 + i * SECOND) for i in range(96)]
+    frames += [('cam_left_part2', start + 97 * SECOND + i * SECOND) for i in range(23)]
+    folder = make_dataset(tmp_path / 'data', frames)
+    summary = split.split_dataset(folder, 0.3, seed=0, block_seconds=10)
+    assert summary.train_blocks + summary.val_blocks == 12
+    sides = {}
+    for side in ('train', 'val'):
+        for record in read_split(folder / f'{side}_split.jsonl'):
+            sides.setdefault((record['timestamp_ns'] - start) // (10 * SECOND), set()).add(side)
+    assert len(sides) == 12 and {'train', 'val'} == set().union(*sides.values())
+    assert all(len(block) == 1 for block in sides.values()), sides
+    # Bags a day apart stay recordings of their own, each cut from its own start: 10 blocks
+    # each (cut from the first bag's start, the second's 96 s would touch 11 blocks).
+    next_day = start + 86405 * SECOND
+    apart = make_dataset(tmp_path / 'apart', frames[:96] + [
+        ('cam_next_day', next_day + i * SECOND) for i in range(96)])
+    summary = split.split_dataset(apart, 0.3, seed=0, block_seconds=10)
+    assert summary.train_blocks + summary.val_blocks == 20
+
+
 def test_existing_split_files_that_contradict_each_other_are_refused(tmp_path, capsys):
     folder = _recording(tmp_path)
     assert split.main([str(folder), '--val-fraction', '0.2', '--block-seconds', '10']) == 0

@@ -19,12 +19,14 @@ Split a captions dataset into train and validation sets by blocks of recording t
 DIR/val_split.jsonl, one line per captioned image with all its captions.
 
 Neighbouring frames of a recording look nearly the same, so a split by single frames would
-put copies of validation frames in the training set. Instead, each bag's frames are cut into
-blocks of ``--block-seconds`` of bag time (all topics of the bag together, since cameras that
-record at the same moment see related scenes), and whole blocks go to one side. Blocks are
-shuffled with ``--seed`` and given to validation until it holds the asked fraction of images,
-so the result may overshoot by part of one block. Images without a bag and timestamp (a
-hand-made dataset) are blocks of their own. Images without captions are left out.
+put copies of validation frames in the training set. Instead, each recording's frames are cut
+into blocks of ``--block-seconds`` of bag time (all topics together, since cameras that record
+at the same moment see related scenes), and whole blocks go to one side. A recording is a bag,
+or several bags whose times overlap or follow each other within one block (a camera per bag, or
+a recording split into parts). Blocks are shuffled with ``--seed`` and given to validation
+until it holds the asked fraction of images, so the result may overshoot by part of one
+block. Images without a bag and timestamp (a hand-made dataset) are blocks of their own.
+Images without captions are left out.
 
 When split files already exist (frames appended by bag_to_coco, captions corrected), every
 image they name keeps its side, and so does its block: a model trained on the old train split
@@ -132,18 +134,31 @@ def read_split_file(path, fix):
 
 
 def _block_keys(images, block_ns):
-    """Give each image the key of its time block."""
-    starts = {}
+    """
+    Give each image the key of its time block.
+
+    Bags whose recording times overlap, or follow each other within one block, are cut as one
+    recording: cameras recorded into bags of their own at the same time, or a recording split
+    into several bags, have frames of the same moment in different bags.
+    """
+    spans = {}
     for image in images:
         if isinstance(image.get('timestamp_ns'), int) and image.get('bag'):
-            bag = image['bag']
-            starts[bag] = min(starts.get(bag, image['timestamp_ns']), image['timestamp_ns'])
+            bag, time_ns = str(image['bag']), image['timestamp_ns']
+            first, last = spans.get(bag, (time_ns, time_ns))
+            spans[bag] = min(first, time_ns), max(last, time_ns)
+    # recording[bag] = (name of the recording's first bag, when the recording starts)
+    recording, name, start, end = {}, None, None, None
+    for bag, (first, last) in sorted(spans.items(), key=lambda item: (item[1], item[0])):
+        if name is None or first >= end + block_ns:
+            name, start, end = bag, first, last
+        end = max(end, last)
+        recording[bag] = name, start
     keys = {}
     for image in images:
-        bag = image.get('bag')
-        if bag in starts and isinstance(image.get('timestamp_ns'), int):
-            offset = image['timestamp_ns'] - starts[bag]
-            keys[image['id']] = ('time', str(bag), offset // block_ns)
+        if image.get('bag') and isinstance(image.get('timestamp_ns'), int):
+            name, start = recording[str(image['bag'])]
+            keys[image['id']] = ('time', name, (image['timestamp_ns'] - start) // block_ns)
         else:
             keys[image['id']] = ('image', '', image['id'])
     return keys
