@@ -30,6 +30,7 @@ import argparse
 from collections import OrderedDict
 import ctypes
 import ctypes.util
+import fcntl
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -55,6 +57,11 @@ EXIT_BELOW_ACCURACY = 3
 # Seconds the nodes get to stop after SIGINT before they are killed.
 STOP_GRACE_SEC = 20.0
 FASTDDS_PROFILE = ('config', 'fastdds_large_frames.xml')
+# Domain ids the demo and the test runs take for themselves, each held by one process at a time
+# (below 101, where Linux's ephemeral ports begin to overlap DDS's).
+DOMAIN_IDS = range(11, 101)
+DOMAIN_LOCK_FOLDER = os.path.join(tempfile.gettempdir(), 'blip2_ros_domains')
+_HELD_DOMAIN_LOCKS = []
 
 
 class DemoError(RuntimeError):
@@ -112,11 +119,36 @@ def recorded_frame_size(model):
                         'pass --size WIDTHxHEIGHT') from None
 
 
+def claim_domain_id():
+    """
+    Return a ROS domain id that no other demo or test run of this machine holds, and hold it.
+
+    Each id has a lock file in the temporary folder; the first one this process can lock is
+    held, by the open file, until the process exits. Without a usable temporary folder, an id
+    drawn at random from the same range.
+    """
+    try:
+        os.makedirs(DOMAIN_LOCK_FOLDER, exist_ok=True)
+        for domain_id in DOMAIN_IDS:
+            lock = open(os.path.join(DOMAIN_LOCK_FOLDER, f'{domain_id}.lock'), 'a')
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                continue
+            _HELD_DOMAIN_LOCKS.append(lock)
+            return domain_id
+    except OSError:
+        pass
+    return random.Random(os.getpid()).choice(DOMAIN_IDS)
+
+
 def isolate_ros_environment():
     """Keep DDS on loopback and in a domain of its own unless the user chose one."""
     os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
-    os.environ.setdefault('ROS_DOMAIN_ID', str(random.Random(os.getpid()).randint(30, 99)))
+    if not os.environ.get('ROS_DOMAIN_ID'):
+        os.environ['ROS_DOMAIN_ID'] = str(claim_domain_id())
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     # Frames above Fast DDS's 512 KB shared-memory segment (640x480 rgb8 and up) would go out
     # as UDP fragments, and the caption node's best-effort subscription would lose nearly all.

@@ -14,32 +14,16 @@
 
 """Shared fixtures: an isolated DDS domain for this test run and tiny BLIP-2 checkpoints."""
 
-import fcntl
 import os
-import tempfile
 
+from blip2_ros.demo import claim_domain_id
 import pytest
 
 
-def _claim_domain_id():
-    """Lock one ROS domain id for this process, so parallel test runs never share DDS traffic."""
-    lock_dir = os.path.join(tempfile.gettempdir(), 'blip2_ros_test_domains')
-    os.makedirs(lock_dir, exist_ok=True)
-    for domain_id in range(11, 101):
-        lock_file = open(os.path.join(lock_dir, f'{domain_id}.lock'), 'w')
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock_file.close()
-            continue
-        return domain_id, lock_file  # the open file keeps the lock until the process exits
-    raise RuntimeError('every ROS domain id from 11 to 100 is held by another test run')
-
-
 # Set before any test imports rclpy, so every node created in this process (and every child
-# process, which inherits the environment) stays on loopback in a domain of its own.
-_DOMAIN_ID, _DOMAIN_LOCK = _claim_domain_id()
-os.environ['ROS_DOMAIN_ID'] = str(_DOMAIN_ID)
+# process, which inherits the environment) stays on loopback in a domain of its own, which no
+# parallel test run or demo on this machine shares.
+os.environ['ROS_DOMAIN_ID'] = str(claim_domain_id())
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 os.environ['RMW_IMPLEMENTATION'] = 'rmw_fastrtps_cpp'
 os.environ['HF_HUB_OFFLINE'] = '1'

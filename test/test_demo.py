@@ -14,6 +14,7 @@
 
 """The demo end to end, the committed demo model, and the command that reproduces it."""
 
+import fcntl
 import io
 import json
 import os
@@ -26,7 +27,8 @@ import threading
 import time
 
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
-from blip2_ros.demo import MAX_PENDING_TRUTHS, Scoreboard, STOP_GRACE_SEC
+from blip2_ros.demo import (DOMAIN_IDS, DOMAIN_LOCK_FOLDER, MAX_PENDING_TRUTHS, Scoreboard,
+                            STOP_GRACE_SEC)
 from blip2_ros.synthetic_factory import DEFAULT_SPEC, scene_at
 import pytest
 from std_msgs.msg import String
@@ -252,6 +254,49 @@ def test_run_demo_sh_resolves_relative_paths_against_the_callers_folder(tmp_path
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: {mine / RECIPE_FILE} has no usable 'size'"), result.stderr
+
+
+DOMAIN_CHILD = """
+import os, sys
+from blip2_ros.demo import isolate_ros_environment
+isolate_ros_environment()
+print(os.environ['ROS_DOMAIN_ID'], flush=True)
+sys.stdin.read()  # hold the domain until the test lets go
+"""
+
+
+def test_demos_take_domains_no_other_demo_or_test_run_holds():
+    # Every domain id that no demo or test run holds is held here too, but two: two demos
+    # started now must get exactly those two, one each, or one demo's captions could reach
+    # the other's scoreboard. This test run's own domain (conftest) is among those held.
+    held = []
+    for domain_id in DOMAIN_IDS:
+        lock = open(os.path.join(DOMAIN_LOCK_FOLDER, f'{domain_id}.lock'), 'a')
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        held.append((domain_id, lock))
+    assert int(os.environ['ROS_DOMAIN_ID']) not in {domain_id for domain_id, _ in held}
+    free = {domain_id for domain_id, _ in held[-2:]}
+    environment = {name: value for name, value in os.environ.items() if name != 'ROS_DOMAIN_ID'}
+    chosen = dict(environment, ROS_DOMAIN_ID='42')
+    children = []
+    try:
+        for _, lock in held[-2:]:
+            lock.close()
+        children = [subprocess.Popen([sys.executable, '-c', DOMAIN_CHILD], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                    for env in (environment, environment, chosen)]
+        domains = [int(child.stdout.readline()) for child in children]
+    finally:
+        for child in children:
+            child.communicate('', timeout=30)
+        for _, lock in held[:-2]:
+            lock.close()
+    assert len(free) == 2 and set(domains[:2]) == free, (free, domains)
+    assert domains[2] == 42  # the user's choice stands
 
 
 def test_demo_rejects_a_missing_model_folder_without_starting_anything(tmp_path):
