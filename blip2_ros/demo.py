@@ -119,6 +119,18 @@ def recorded_frame_size(model):
                         'pass --size WIDTHxHEIGHT') from None
 
 
+def lock_domain_id(domain_id):
+    """Return an open file that holds ``domain_id``'s lock, or None if a process holds it."""
+    os.makedirs(DOMAIN_LOCK_FOLDER, exist_ok=True)
+    lock = open(os.path.join(DOMAIN_LOCK_FOLDER, f'{domain_id}.lock'), 'a')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        return None
+    return lock
+
+
 def claim_domain_id():
     """
     Return a ROS domain id that no other demo or test run of this machine holds, and hold it.
@@ -128,16 +140,11 @@ def claim_domain_id():
     drawn at random from the same range.
     """
     try:
-        os.makedirs(DOMAIN_LOCK_FOLDER, exist_ok=True)
         for domain_id in DOMAIN_IDS:
-            lock = open(os.path.join(DOMAIN_LOCK_FOLDER, f'{domain_id}.lock'), 'a')
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                lock.close()
-                continue
-            _HELD_DOMAIN_LOCKS.append(lock)
-            return domain_id
+            lock = lock_domain_id(domain_id)
+            if lock:
+                _HELD_DOMAIN_LOCKS.append(lock)
+                return domain_id
     except OSError:
         pass
     return random.Random(os.getpid()).choice(DOMAIN_IDS)

@@ -14,7 +14,6 @@
 
 """The demo end to end, the committed demo model, and the command that reproduces it."""
 
-import fcntl
 import io
 import json
 import os
@@ -27,7 +26,7 @@ import threading
 import time
 
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
-from blip2_ros.demo import (DOMAIN_IDS, DOMAIN_LOCK_FOLDER, MAX_PENDING_TRUTHS, Scoreboard,
+from blip2_ros.demo import (DOMAIN_IDS, lock_domain_id, MAX_PENDING_TRUTHS, Scoreboard,
                             STOP_GRACE_SEC)
 from blip2_ros.synthetic_factory import DEFAULT_SPEC, scene_at
 import pytest
@@ -269,15 +268,8 @@ def test_demos_take_domains_no_other_demo_or_test_run_holds():
     # Every domain id that no demo or test run holds is held here too, but two: two demos
     # started now must get exactly those two, one each, or one demo's captions could reach
     # the other's scoreboard. This test run's own domain (conftest) is among those held.
-    held = []
-    for domain_id in DOMAIN_IDS:
-        lock = open(os.path.join(DOMAIN_LOCK_FOLDER, f'{domain_id}.lock'), 'a')
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.close()
-            continue
-        held.append((domain_id, lock))
+    held = [(domain_id, lock) for domain_id in DOMAIN_IDS
+            for lock in [lock_domain_id(domain_id)] if lock]
     assert int(os.environ['ROS_DOMAIN_ID']) not in {domain_id for domain_id, _ in held}
     free = {domain_id for domain_id, _ in held[-2:]}
     environment = {name: value for name, value in os.environ.items() if name != 'ROS_DOMAIN_ID'}
