@@ -372,17 +372,34 @@ def test_bad_arguments_say_how_to_fix_them(tmp_path, dataset, arguments, fragmen
     assert fragment in message
 
 
-def test_config_file_gives_the_same_arguments(tmp_path, dataset):
-    """A YAML file passed as the only argument parses like the flags."""
+def test_config_file_gives_the_same_arguments_and_flags_after_it_win(tmp_path, dataset):
+    """A YAML file parses like the flags; flags after it (the README's '--resume') override."""
     config = tmp_path / 'train.yaml'
     config.write_text(f'model: some/model\ndata: {dataset}\noutput_dir: {tmp_path / "out"}\n'
-                      'method: lora\nlora_r: 4\nprompt: a photo of\nlearning_rate: 0.0005\n'
+                      'method: lora\nlora_r: 4\nprompt: a photo of\nlearning_rate: 5e-4\n'
                       'max_steps: 7\n')
     model_args, data_args, training_args = train.parse_arguments([str(config)])
     assert (model_args.model, model_args.method, model_args.lora_r) == ('some/model', 'lora', 4)
     assert data_args.prompt == 'a photo of'
     assert (training_args.learning_rate, training_args.max_steps) == (0.0005, 7)
-    assert training_args.report_to == ['tensorboard']
+    assert training_args.report_to == ['tensorboard'] and not training_args.resume
+    model_args, data_args, training_args = train.parse_arguments(
+        [str(config), '--resume', '--max_steps', '9'])
+    assert (model_args.model, data_args.prompt) == ('some/model', 'a photo of')
+    assert training_args.resume and training_args.max_steps == 9
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('model: some/model\nlearning_rte: 0.1\n', "unknown setting 'learning_rte'"),
+    ('- model\n- data\n', 'must hold settings as "name: value" lines'),
+    ('model: [some\n', 'cannot read config file'),
+])
+def test_a_config_file_with_a_mistake_is_refused_in_one_line(tmp_path, text, expected):
+    config = tmp_path / 'train.yaml'
+    config.write_text(text)
+    with pytest.raises(train.TrainingError) as raised:
+        train.parse_arguments([str(config)])
+    assert expected in str(raised.value) and '\n' not in str(raised.value)
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ from training.data import (CaptionCollator, CaptionPairs, generate_captions, loa
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import IntervalStrategy, set_seed
+import yaml
 
 LOGGER = logging.getLogger('training.train')
 
@@ -262,16 +263,32 @@ def check_quantization_support():
 
 
 def parse_arguments(argv=None):
-    """Parse command-line flags, or one .yaml/.json config file, into the three dataclasses."""
+    """
+    Parse command-line flags into the three dataclasses.
+
+    A .yaml/.json config file as the first argument gives the settings; flags after it
+    override them (``config.yaml --resume``).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, CaptionTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith(('.yaml', '.yml', '.json')):
-        path = os.path.abspath(argv[0])
-        if not os.path.isfile(path):
-            raise TrainingError(f'config file {argv[0]} does not exist')
-        if path.endswith('.json'):
-            return parser.parse_json_file(path)
-        return parser.parse_yaml_file(path)
+    if argv and argv[0].endswith(('.yaml', '.yml', '.json')):
+        name, argv = argv[0], argv[1:]
+        try:
+            with open(name, encoding='utf-8') as stream:
+                config = json.load(stream) if name.endswith('.json') else yaml.safe_load(stream)
+        except FileNotFoundError:
+            raise TrainingError(f'config file {name} does not exist') from None
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            raise TrainingError(f'cannot read config file {name}: {_one_line(error)}') from None
+        if not isinstance(config, dict):
+            raise TrainingError(f'config file {name} must hold settings as "name: value" lines')
+        settings = {action.dest for action in parser._actions}
+        unknown = sorted(set(config) - settings)
+        if unknown:
+            raise TrainingError(f'config file {name}: unknown setting {unknown[0]!r}; the '
+                                'settings are the flags without their dashes (--help)')
+        # Values from the file count as defaults, so flags after it win.
+        parser.set_defaults(**config)
     return parser.parse_args_into_dataclasses(args=argv)
 
 
