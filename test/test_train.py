@@ -648,6 +648,41 @@ def test_resuming_a_finished_run_is_refused_until_the_schedule_grows(
     assert json.loads((output / 'trainer_state.json').read_text())['global_step'] == 3
 
 
+def test_a_run_cut_after_its_last_checkpoint_is_finished_by_resume_without_training(
+        tmp_path, dataset, tiny_opt_checkpoint, monkeypatch, capsys):
+    """Ctrl-C while the model is saved: --resume saves the last checkpoint's LoRA instead."""
+    output = tmp_path / 'out'
+    common = ['--max_steps', '2', '--save_steps', '2']
+    write_training_info = train.write_training_info
+
+    def interrupted_in_the_final_save(folder, info):
+        if Path(folder) == output:
+            raise KeyboardInterrupt
+        write_training_info(folder, info)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, 'write_training_info', interrupted_in_the_final_save)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(tiny_opt_checkpoint, dataset, output, 'lora', *common)
+    assert train.saved_weights(output) == [] and (output / 'checkpoint-2').is_dir()
+    trained = load_file(output / 'checkpoint-2' / 'adapter_model.safetensors')
+    capsys.readouterr()
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'lora', *common, '--resume') == 0
+    assert f"finished from {output / 'checkpoint-2'} after 2 steps" in capsys.readouterr().out
+    assert not (output / 'checkpoint-3').exists()  # Trainer.train would have made a step 3
+    assert json.loads((output / 'trainer_state.json').read_text())['global_step'] == 2
+    saved = load_file(output / 'adapter_model.safetensors')
+    assert saved.keys() == trained.keys() and all(
+        torch.equal(saved[name], trained[name]) for name in trained)
+    assert json.loads((output / 'train_results.json').read_text())['epoch'] > 0
+    assert Blip2Captioner(CaptionerConfig(model=str(tiny_opt_checkpoint), adapter=str(output),
+                                          max_new_tokens=4)).caption(
+        [np.zeros((32, 32, 3), np.uint8)])
+    # Once the model is saved, the run is over: resuming it again is refused as before.
+    with pytest.raises(SystemExit, match='is the end of its run'):
+        run_train(tiny_opt_checkpoint, dataset, output, 'lora', *common, '--resume')
+
+
 def test_a_folder_named_datasets_is_named_before_training(
         tmp_path, monkeypatch, dataset, tiny_opt_checkpoint):
     # `python -m training.train` puts the current directory first on sys.path.

@@ -386,6 +386,27 @@ def finished_run_problem(checkpoint, training_args):
     return None
 
 
+def saved_weights(output_dir):
+    """Return the model or adapter weight files a finished run saved in ``output_dir``."""
+    return sorted(Path(output_dir).glob('*.safetensors')) + sorted(
+        Path(output_dir).glob('*.safetensors.index.json'))
+
+
+def load_finished_checkpoint(trainer, checkpoint):
+    """
+    Give ``trainer`` the weights and state of the checkpoint that ends its run; no training.
+
+    ``Trainer.train`` would train one step past the schedule from such a checkpoint. Returns
+    the train metrics the checkpoint can tell (the mean loss of a run is only known to the
+    process that ran it).
+    """
+    from transformers.trainer_callback import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, 'trainer_state.json'))
+    return {'epoch': trainer.state.epoch}
+
+
 def check_datasets_package():
     """Refuse to start where a plain folder named 'datasets' would pass for the HF package."""
     spec = importlib.util.find_spec('datasets')
@@ -813,9 +834,14 @@ def run(argv=None):
     elif list_checkpoints(output_dir):
         raise TrainingError(f'{output_dir} already holds checkpoints: add --resume to continue '
                             'that run, or choose an empty --output_dir')
+    # A checkpoint at the end of its run: finish the run from it if the run was cut before
+    # it saved its model (Ctrl-C during the last evaluation, say); else there is nothing to do.
     problem = resume_from and finished_run_problem(resume_from, training_args)
-    if problem:
+    if problem and (not training_args.resume or saved_weights(output_dir)):
         raise TrainingError(problem)
+    finishing = bool(problem)
+    if finishing:
+        LOGGER.info('%s ends its run; saving the model from it, without training', resume_from)
 
     # 4. Data: validate before anything expensive, then read the splits.
     validate_data(data_args.data)
@@ -878,14 +904,17 @@ def run(argv=None):
         callbacks=[CheckpointMarkerCallback(info), stopper], caption_eval=caption_eval)
 
     # 6. Train, then evaluate the final weights.
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
-    if stopper.reason:
-        checkpoint = os.path.join(output_dir, f'checkpoint-{trainer.state.global_step}')
-        if trainer.is_world_process_zero():
-            print(f'stopped by {stopper.reason} at step {trainer.state.global_step}; '
-                  f'checkpoint {checkpoint}; continue with the same command plus --resume')
-        return 128 + stopper.signal_number if stopper.signal_number else 0
-    metrics = dict(train_result.metrics)
+    if finishing:
+        metrics = load_finished_checkpoint(trainer, resume_from)
+    else:
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
+        if stopper.reason:
+            checkpoint = os.path.join(output_dir, f'checkpoint-{trainer.state.global_step}')
+            if trainer.is_world_process_zero():
+                print(f'stopped by {stopper.reason} at step {trainer.state.global_step}; '
+                      f'checkpoint {checkpoint}; continue with the same command plus --resume')
+            return 128 + stopper.signal_number if stopper.signal_number else 0
+        metrics = dict(train_result.metrics)
     eval_metrics = {}
     if eval_dataset is not None and training_args.eval_strategy != IntervalStrategy.NO:
         eval_metrics = logged_eval_metrics(trainer.state) or trainer.evaluate()
@@ -911,8 +940,9 @@ def run(argv=None):
         what = 'LoRA adapter' if model_args.method == 'lora' else 'model'
         merged = f' (merged model: {merged_dir})' if merged_dir else ''
         print(f'saved {what} to {output_dir}{merged}')
-        print(f"train loss {metrics.get('train_loss', float('nan')):.4f} after "
-              f'{trainer.state.global_step} steps'
+        print((f"train loss {metrics['train_loss']:.4f} after " if 'train_loss' in metrics
+               else f'finished from {resume_from} after ')
+              + f'{trainer.state.global_step} steps'
               + ''.join(f', {name} {eval_metrics[name]:.4f}' for name in SUMMARY_METRICS
                         if name in eval_metrics)
               + (' (eval images were trained on: not held-out scores)'
