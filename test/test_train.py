@@ -532,9 +532,11 @@ def test_checkpoints_and_model_folders_hold_the_training_prompt_and_are_readable
         assert train.TRAINING_INFO_FILE in marker['files']
         assert train.checkpoint_problem(checkpoint) == ''
     folders = [output] + ([output / 'merged'] if '--merge_lora' in extra else [])
+    checkpoints = [output / 'checkpoint-1', output / 'checkpoint-2']
     for folder in folders:
         assert train.TRAINING_INFO_FILE in present[str(folder)], folder
         assert training_prompt(str(folder)) == 'a photo of'
+    for folder in folders + checkpoints:
         # A node running as another user can read the weights, as it can the rest.
         weights = list(folder.glob('*.safetensors'))
         assert weights, folder

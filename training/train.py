@@ -437,8 +437,10 @@ class CheckpointMarkerCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f'checkpoint-{state.global_step}')
         if state.is_world_process_zero and os.path.isdir(folder):
             # training.evaluate or the node pointed at a checkpoint must caption with the
-            # training prompt. Written before the marker, so the marker vouches for it too.
+            # training prompt, and read its weights as another user. Written before the
+            # marker, so the marker vouches for it too.
             write_training_info(folder, self.info)
+            share_weight_files(folder)
             write_checkpoint_marker(folder, state.global_step)
 
 
