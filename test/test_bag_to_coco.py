@@ -617,6 +617,34 @@ def test_auto_caption_labels_frames_through_the_captioner(tmp_path, capsys,
     assert 'from auto_caption: 6' in stdout
 
 
+def test_auto_caption_uses_the_prompt_the_model_was_trained_with(tmp_path, capsys,
+                                                                 tiny_opt_checkpoint):
+    from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, TRAINING_INFO_FILE
+    model = tmp_path / 'trained'
+    shutil.copytree(tiny_opt_checkpoint, model)
+    (model / TRAINING_INFO_FILE).write_text(json.dumps({'prompt': 'a photo of'}))
+    scene = Scene(seed=9, jpeg_frames=0)
+    bag = write_bag(tmp_path, 'auto', 'mcap', scene.records)
+    common = [bag, '--image-topic', '/cam/raw', '--auto-caption', model, '--max-new-tokens',
+              '6', '--device', 'cpu', '--image-format', 'png', '--keep-uncaptioned']
+    code, _, stderr = _run([*common, '--out', tmp_path / 'trained_prompt'], capsys)
+    assert code == 0, stderr
+    dataset = read_annotations(tmp_path / 'trained_prompt')
+    # The random tiny model stops at once without a prompt; with this one it says something.
+    captioner = Blip2Captioner(CaptionerConfig(model=str(model), device='cpu', max_new_tokens=6))
+    frames = [scene.raw[image['timestamp_ns']] for image in dataset['images']]
+    expected = captioner.caption(frames, prompt='a photo of')
+    assert all(expected) and not any(captioner.caption(frames, prompt=''))
+    captions = _captions(dataset)
+    assert [captions[image['id']] for image in dataset['images']] == [
+        [' '.join(caption.split())] for caption in expected]
+    # An explicit prompt, even none, wins.
+    code, _, stderr = _run([*common, '--auto-caption-prompt', '', '--out', tmp_path / 'none'],
+                           capsys)
+    assert code == 0, stderr
+    assert not read_annotations(tmp_path / 'none')['annotations']
+
+
 def test_auto_caption_with_a_missing_model_fails_cleanly(tmp_path, capsys):
     bag = write_bag(tmp_path, 'auto', 'sqlite3', Scene(jpeg_frames=0).records)
     code, _, stderr = _run([bag, '--image-topic', '/cam/raw', '--auto-caption',

@@ -84,7 +84,7 @@ class ConversionOptions:
     caption_max_age: float = 5.0
     captions_file: str = ''
     auto_caption: str = ''
-    auto_caption_prompt: str = ''
+    auto_caption_prompt: str | None = None  # None: the prompt the model was trained with
     auto_caption_batch_size: int = 8
     auto_caption_max_new_tokens: int = 30
     device: str = 'auto'
@@ -698,12 +698,16 @@ def _check_topics(bags, options):
 
 
 def _load_captioner(options):
-    from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, ModelLoadError
-    config = CaptionerConfig(
-        model=options.auto_caption, device=options.device, prompt=options.auto_caption_prompt,
-        max_new_tokens=options.auto_caption_max_new_tokens)
+    from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, ModelLoadError,
+                                     training_prompt)
     try:
-        return Blip2Captioner(config)
+        # A model captions best with the prompt it was trained with, as in the node.
+        prompt = options.auto_caption_prompt
+        if prompt is None:
+            prompt = training_prompt(options.auto_caption)
+        return Blip2Captioner(CaptionerConfig(
+            model=options.auto_caption, device=options.device, prompt=prompt,
+            max_new_tokens=options.auto_caption_max_new_tokens))
     except ModelLoadError as error:
         raise ConversionError(f'--auto-caption: {error}') from None
 
@@ -944,7 +948,9 @@ def build_parser():
     source.add_argument('--auto-caption', default='', metavar='MODEL',
                         help='pre-label with a BLIP-2 checkpoint (hub id or folder); the '
                         'captions are marked machine_generated for review')
-    source.add_argument('--auto-caption-prompt', default='', metavar='TEXT')
+    source.add_argument('--auto-caption-prompt', default=None, metavar='TEXT',
+                        help='prompt for --auto-caption (default: the one the model was '
+                        'trained with, if training.train made it, else none)')
     source.add_argument('--auto-caption-batch-size', type=int, default=8, metavar='N')
     source.add_argument('--max-new-tokens', type=int, default=30, metavar='N',
                         dest='auto_caption_max_new_tokens')
