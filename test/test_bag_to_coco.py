@@ -835,6 +835,18 @@ def test_out_folder_that_is_not_a_dataset_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ['beach.jpg']
 
 
+def test_a_mount_point_as_out_folder_is_refused_before_anything_is_written(tmp_path, capsys):
+    # The new dataset is made beside --out and renamed into it, which cannot cross from one
+    # filesystem to another (a container's volume as --out); '/' is a mount point everywhere.
+    bag = write_bag(tmp_path, 'b', 'sqlite3', Scene(seed=15).records)
+    before = sorted(os.listdir('/'))
+    code, _, stderr = _run([bag, '--image-topic', '/cam/raw', '--out', '/'], capsys)
+    assert code == 1
+    assert stderr.strip() == ('bag_to_coco: error: --out / is a mount point; give a folder '
+                              'inside it, e.g. /dataset')
+    assert sorted(os.listdir('/')) == before
+
+
 def test_dot_as_bag_and_as_out_folder(tmp_path, capsys, monkeypatch):
     bag = write_bag(tmp_path, 'shift', 'sqlite3', Scene(seed=19, jpeg_frames=0).records)
     monkeypatch.chdir(bag)

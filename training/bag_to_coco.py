@@ -646,6 +646,11 @@ def dataset_lock(out, on_wait=None):
     hears about that once. Yields the resolved folder.
     """
     out = Path(out).resolve()
+    if out.is_dir() and os.path.ismount(out):
+        # The lock and the new dataset are made beside DIR, and the dataset is renamed into
+        # it, which cannot cross from one filesystem to another (a container's volume).
+        raise ConversionError(f'--out {out} is a mount point; give a folder inside it, e.g. '
+                              f'{out / "dataset"}')
     # Beside DIR, not in it: DIR may not exist yet, and a failed run must leave it as it was.
     # The file stays after the run: deleting it would let a third run lock a new file while a
     # waiting run still holds the old one. The kernel drops the lock when a run dies.
