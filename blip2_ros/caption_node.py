@@ -311,8 +311,10 @@ class CaptionNode(Node):
         subscription_group = MutuallyExclusiveCallbackGroup()
         for topic in self.cameras:
             message_type = CompressedImage if topic.endswith('/compressed') else Image
+            # Subscribed by the name given, which ROS resolves (and remaps) once.
             self.create_subscription(
-                message_type, topic, lambda message, topic=topic: self._on_frame(topic, message),
+                message_type, self.image_topics[topic],
+                lambda message, topic=topic: self._on_frame(topic, message),
                 camera_qos, callback_group=subscription_group)
             self.get_logger().info(f'listening to {topic} ({message_type.__name__})')
 
@@ -360,7 +362,11 @@ class CaptionNode(Node):
                 problem = topic_name_problem(topic, self.get_name(), self.get_namespace())
                 if problem:
                     raise ModelLoadError(f"{name}: '{topic}' is not a valid topic name: {problem}")
-        self.image_topics = list(dict.fromkeys(image_topics))
+        # Each topic as ROS resolves it (namespace, '~', remapping) -> the name given: two
+        # spellings of one topic are one camera, and captions name the topic frames came on.
+        self.image_topics = {}
+        for topic in image_topics:
+            self.image_topics.setdefault(self.resolve_topic_name(topic), topic)
 
     def _choose_prompt(self):
         """Use the training prompt if none is given; stop on a prompt the model cannot take."""

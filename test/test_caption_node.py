@@ -93,7 +93,7 @@ def wait_for(condition, timeout=TIMEOUT, what='condition'):
 class Harness:
     """A caption node and a test node (publishers, listeners, clients) spinning in one process."""
 
-    def __init__(self, checkpoint, topics, **parameters):
+    def __init__(self, checkpoint, topics, namespace='', **parameters):
         """Start both nodes in a private context; DDS carries the traffic between them."""
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
@@ -101,7 +101,8 @@ class Harness:
                      Parameter('image_topics', value=list(topics)),
                      Parameter('diagnostics_period', value=0.2)]
         overrides += [Parameter(name, value=value) for name, value in parameters.items()]
-        self.node = CaptionNode(context=self.context, parameter_overrides=overrides)
+        self.node = CaptionNode(context=self.context, parameter_overrides=overrides,
+                                namespace=namespace)
         self.peer = rclpy.create_node('test_peer', context=self.context)
         self.captions, self.infos, self.diagnostics = [], [], []
         self.peer.create_subscription(
@@ -266,6 +267,21 @@ def test_two_cameras_are_captioned_in_one_batch(harness_factory, lively_opt_chec
     reference = Blip2Captioner(CaptionerConfig(model=str(lively_opt_checkpoint)))
     expected = reference.caption([frames['/left'], frames['/right']], max_new_tokens=8)
     assert [by_topic['/left'], by_topic['/right']] == expected
+
+
+def test_spellings_of_one_topic_are_one_camera_named_as_ros_resolves_it(
+        harness_factory, lively_opt_checkpoint):
+    # In namespace /line1, 'camera/image_raw' is /line1/camera/image_raw: listed twice, it
+    # would be captioned twice per frame, in one batch, under two names.
+    topic = '/line1/camera/image_raw'
+    harness = harness_factory(lively_opt_checkpoint, ['camera/image_raw', topic],
+                              namespace='/line1', max_new_tokens=4)
+    assert list(harness.node.statistics()['cameras']) == [topic]
+    harness.publisher(Image, topic).publish(image_message(make_frame(3), stamp_sec=3))
+    info, = harness.wait_for_infos(1)
+    assert (info['source_topic'], info['batch_size']) == (topic, 1)
+    time.sleep(1.0)
+    assert len(harness.infos) == 1
 
 
 def test_max_batch_size_splits_the_cameras_into_smaller_batches(
