@@ -240,7 +240,7 @@ class CaptionNode(Node):
             local_files_only=self.get_parameter('local_files_only').value,
             allow_pickle=self.get_parameter('allow_pickle').value,
             max_new_tokens=self.get_parameter('max_new_tokens').value,
-            prompt=self.get_parameter('prompt').value,
+            prompt=self._prompt(),
             cache=self.get_parameter('cache').value,
             torch_compile=self.get_parameter('torch_compile').value))
         self.get_logger().info(
@@ -374,15 +374,28 @@ class CaptionNode(Node):
         problem = prompt_problem(given)
         if problem:
             raise ModelLoadError(f'{problem}; it comes from the prompt parameter')
-        if given or not self.get_parameter('use_training_prompt').value:
+        # The training prompt, read when first needed (None: not yet).
+        self.trained_prompt = None if self.get_parameter('use_training_prompt').value else ''
+        if given or self.trained_prompt is not None:
             return
-        # Checked as it is read; a bad one raises with the file's path.
-        trained = training_prompt(self.get_parameter('adapter').value, self.model_name)
+        trained = self._prompt()
         if trained:
             self.set_parameters([Parameter('prompt', value=trained)])
             self.get_logger().info(
                 f"prompt '{trained}': the one the model was trained with "
                 f'({TRAINING_INFO_FILE}); set prompt to use another')
+
+    def _prompt(self, value=None):
+        """
+        Return the prompt to caption with: ``value`` or the parameter's, if empty the training one.
+
+        The training prompt is checked as it is read; a bad one raises ModelLoadError.
+        """
+        value = self.get_parameter('prompt').value if value is None else value
+        if not value and self.trained_prompt is None:
+            self.trained_prompt = training_prompt(self.get_parameter('adapter').value,
+                                                  self.model_name)
+        return value or self.trained_prompt
 
     def _on_set_parameters(self, parameters):
         changes = {parameter.name: parameter.value for parameter in parameters}
@@ -392,8 +405,12 @@ class CaptionNode(Node):
         if not problem and ('prompt' in changes or 'max_new_tokens' in changes):
             # Every batch would fail on a prompt and caption longer than the model's positions.
             # This only tokenizes the prompt; the model itself stays on the inference thread.
+            try:
+                prompt = self._prompt(changes.get('prompt'))
+            except ModelLoadError as error:
+                return SetParametersResult(successful=False, reason=str(error))
             problem = self.captioner.length_problem(
-                changes.get('prompt', self.get_parameter('prompt').value),
+                prompt,
                 changes.get('max_new_tokens', self.get_parameter('max_new_tokens').value))
         return SetParametersResult(successful=not problem, reason=problem or '')
 
@@ -441,7 +458,7 @@ class CaptionNode(Node):
         try:
             if warm_up_batch_sizes:
                 self.captioner.warm_up(warm_up_batch_sizes,
-                                       prompt=self.get_parameter('prompt').value)
+                                       prompt=self._prompt())
         except Exception as error:  # noqa: B902 -- the constructor reports it in one line
             self._warm_up_error = error
             return
@@ -563,7 +580,7 @@ class CaptionNode(Node):
                 kept.append((topic, message, receive_time))
         if not frames:
             return []
-        prompt = self.get_parameter('prompt').value
+        prompt = self._prompt()
         max_new_tokens = self.get_parameter('max_new_tokens').value
         started = time.monotonic()
         captions = self.captioner.caption(frames, prompt=prompt, max_new_tokens=max_new_tokens)

@@ -399,6 +399,30 @@ def test_the_node_captions_with_the_training_prompt_unless_told_otherwise(
         [frame], prompt=expected, max_new_tokens=6)[0]
 
 
+@pytest.mark.parametrize('use_training_prompt', [True, False])
+def test_a_prompt_cleared_at_run_time_falls_back_as_an_empty_one_at_start_up(
+        harness_factory, lively_opt_checkpoint, tmp_path, use_training_prompt):
+    trained = 'Question: is the conveyor empty? Answer:'
+    model = tmp_path / 'trained'
+    shutil.copytree(lively_opt_checkpoint, model)
+    (model / 'blip2_ros_training.json').write_text(json.dumps({'prompt': trained}))
+    harness = harness_factory(model, ['/cam'], max_new_tokens=6, prompt='a photo of',
+                              use_training_prompt=use_training_prompt)
+    camera = harness.publisher(Image, '/cam')
+    frame = make_frame(32)
+    camera.publish(image_message(frame, stamp_sec=1))
+    assert harness.wait_for_infos(1)[0]['prompt'] == 'a photo of'
+    assert harness.node.set_parameters([Parameter('prompt', value='')])[0].successful
+    camera.publish(image_message(frame, stamp_sec=2))
+    info = harness.wait_for_infos(2)[1]
+    expected = trained if use_training_prompt else ''
+    assert info['prompt'] == expected
+    captioner = harness.node.captioner
+    assert info['caption'] == captioner.caption([frame], prompt=expected, max_new_tokens=6)[0]
+    assert info['caption'] != captioner.caption(
+        [frame], prompt=trained if not expected else '', max_new_tokens=6)[0]
+
+
 @pytest.mark.parametrize('source', ['prompt parameter', 'training prompt'])
 def test_a_prompt_the_model_cannot_take_stops_the_node_before_it_loads(tmp_path, source):
     # The processor inserts the image's tokens itself; one more would fail every batch. The
