@@ -271,7 +271,6 @@ class CaptionNode(Node):
         self.decode_min_size = (self.captioner.image_size
                                 if self.captioner.fast_preprocessing else None)
         self.max_batch_size = self.get_parameter('max_batch_size').value
-        self.start_time = time.monotonic()
 
         self.caption_publisher = self.create_publisher(
             String, self.get_parameter('caption_topic').value, 10)
@@ -307,6 +306,8 @@ class CaptionNode(Node):
                 f'compiled in {time.monotonic() - warm_up_start:.0f} s'
                 + (f'; kept in {kept}, so the next start is faster' if kept else ''))
 
+        # A camera is silent from when the node listens, not from before a long warm-up.
+        self.listening_since = time.monotonic()
         camera_qos = self._camera_qos(self.get_parameter('reliability').value)
         subscription_group = MutuallyExclusiveCallbackGroup()
         for topic in self.cameras:
@@ -673,13 +674,14 @@ class CaptionNode(Node):
     def _publish_diagnostics(self):
         stats = self.statistics()
         stale_after = self.get_parameter('stale_input_timeout').value
-        uptime = time.monotonic() - self.start_time
+        listening = time.monotonic() - self.listening_since
         problems = []
         if not stats['inference_thread_alive']:
             problems.append(WORKER_STOPPED)
         for topic, camera in stats['cameras'].items():
             age = camera['seconds_since_last_frame']
-            if (age is None and uptime > stale_after) or (age is not None and age > stale_after):
+            if (age is None and listening > stale_after) or (
+                    age is not None and age > stale_after):
                 problems.append(f'no frames on {topic} for {stale_after:g} s: check the topic '
                                 'name and that reliability matches the publisher')
             if camera['rejection']:

@@ -666,20 +666,40 @@ def test_caption_now_waits_for_the_inference_thread_and_leaves_the_executor_free
 
 def test_start_up_compiles_on_the_inference_thread_for_the_caption_length_it_uses(
         harness_factory, lively_opt_checkpoint, monkeypatch):
-    warm_up_threads = []
+    warm_up_threads, warm_up_seconds = [], []
     warm_up = Blip2Captioner.warm_up
 
     def recorded_warm_up(captioner, *args, **kwargs):
         warm_up_threads.append(threading.current_thread())
-        return warm_up(captioner, *args, **kwargs)
+        started = time.monotonic()
+        try:
+            return warm_up(captioner, *args, **kwargs)
+        finally:
+            warm_up_seconds.append(time.monotonic() - started)
 
     monkeypatch.setattr(Blip2Captioner, 'warm_up', recorded_warm_up)
     # 8 new tokens need a shorter static cache, and so another compiled step, than 30 do.
+    stale_after = 1.5
     harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=8,
-                              torch_compile=True)
+                              torch_compile=True, stale_input_timeout=stale_after)
     captioner = harness.node.captioner
     assert captioner.compile_decode
     assert warm_up_threads == [harness.node._worker]
+    # A camera is silent from when the node listens: a warm-up longer than the timeout
+    # must not make the first reports warn about it.
+    listening_since = harness.node.listening_since
+    heard = []
+    harness.peer.create_subscription(
+        DiagnosticArray, '/diagnostics',
+        lambda message: heard.append((time.monotonic(), message)), 10)
+    wait_for(lambda: heard and heard[-1][0] > listening_since + stale_after + 0.5,
+             what='diagnostics past the timeout')
+    early = [message for at, message in heard if at < listening_since + stale_after - 0.3]
+    late = [message for at, message in heard if at > listening_since + stale_after + 0.3]
+    assert warm_up_seconds[0] > stale_after and early and late
+    assert not any('/cam' in status.message for message in early for status in message.status)
+    assert any('no frames on /cam' in status.message for message in late
+               for status in message.status)
     compiled_for = set(captioner._static_caches)
     camera = harness.publisher(Image, '/cam')
     camera.publish(image_message(make_frame(77)))
