@@ -297,9 +297,14 @@ class CaptionNode(Node):
         # when this (the main) thread runs Python code again.
         while not self._warmed_up.wait(timeout=0.1):
             pass
-        if self._warm_up_error is not None:
-            raise ModelLoadError(f'compiling the decode step failed: '
-                                 f'{_first_line(self._warm_up_error)}')
+        error = self._warm_up_error
+        if error is not None:
+            # Compiling errors are handled in the captioner (it decodes uncompiled); what
+            # reaches here is mostly a batch of every camera's frames that does not fit.
+            hint = ('; lower max_batch_size, or use a smaller dtype or model'
+                    if isinstance(error, torch.OutOfMemoryError) else '')
+            raise ModelLoadError(f'warming up for batch sizes {warm_up_batch_sizes} failed: '
+                                 f'{_first_line(error)}{hint}')
         if warm_up_batch_sizes:
             kept = self.captioner.compile_cache
             self.get_logger().info(

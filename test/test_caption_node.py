@@ -35,6 +35,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from std_srvs.srv import SetBool, Trigger
+import torch
 
 pytestmark = pytest.mark.ros
 
@@ -705,6 +706,29 @@ def test_start_up_compiles_on_the_inference_thread_for_the_caption_length_it_use
     camera.publish(image_message(make_frame(77)))
     harness.wait_for_infos(1)
     assert set(captioner._static_caches) == compiled_for, 'the first frame compiled again'
+
+
+def test_a_warm_up_that_runs_out_of_memory_stops_the_node_saying_what_to_lower(
+        lively_opt_checkpoint, monkeypatch):
+    # Compiler errors never get here (the captioner decodes uncompiled); a batch of every
+    # camera's frames that does not fit on the GPU does. torch raises this error on GPUs only.
+    def out_of_memory(captioner, batch_sizes, **kwargs):
+        raise torch.OutOfMemoryError(f'CUDA out of memory for {len(batch_sizes)} batch sizes')
+
+    monkeypatch.setattr(Blip2Captioner, 'warm_up', out_of_memory)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    overrides = [Parameter('model', value=str(lively_opt_checkpoint)),
+                 Parameter('image_topics', value=['/left', '/right']),
+                 Parameter('torch_compile', value=True)]
+    try:
+        with pytest.raises(ModelLoadError) as error:
+            CaptionNode(context=context, parameter_overrides=overrides)
+    finally:
+        rclpy.shutdown(context=context)
+    assert str(error.value) == (
+        'warming up for batch sizes [1, 2] failed: OutOfMemoryError: CUDA out of memory for 2 '
+        'batch sizes; lower max_batch_size, or use a smaller dtype or model')
 
 
 def test_prompt_or_caption_length_beyond_the_model_is_refused_at_run_time(
