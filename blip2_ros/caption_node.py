@@ -91,8 +91,10 @@ PARAMETERS = (
                   'with the prompt the model was trained with.'),
     ParameterSpec('max_new_tokens', 30, 'Longest caption, in tokens.', read_only=False,
                   integer_range=(1, 512)),
-    ParameterSpec('max_rate_hz', 0.0, 'Most caption batches per second; 0 captions as fast as '
-                  'the model goes.', read_only=False, float_range=(0.0, 1000.0)),
+    ParameterSpec('max_rate_hz', 0.0, 'Most captioning rounds per second (a round captions '
+                  "the newest frame of every camera, in batches of at most max_batch_size); 0 "
+                  'captions as fast as the model goes.', read_only=False,
+                  float_range=(0.0, 1000.0)),
     ParameterSpec('max_batch_size', 8, 'Most frames captioned in one batch (one per '
                   'camera at most).', integer_range=(1, 64)),
     ParameterSpec('max_pixels', 3840 * 2160, 'Frames with more pixels than this are rejected '
