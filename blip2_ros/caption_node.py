@@ -92,7 +92,7 @@ PARAMETERS = (
     ParameterSpec('max_new_tokens', 30, 'Longest caption, in tokens.', read_only=False,
                   integer_range=(1, 512)),
     ParameterSpec('max_rate_hz', 0.0, 'Most captioning rounds per second (a round captions '
-                  "the newest frame of every camera, in batches of at most max_batch_size); 0 "
+                  'the newest frame of every camera, in batches of at most max_batch_size); 0 '
                   'captions as fast as the model goes.', read_only=False,
                   float_range=(0.0, 1000.0)),
     ParameterSpec('max_batch_size', 8, 'Most frames captioned in one batch (one per '
