@@ -22,6 +22,13 @@ stderr and skipped. Exit status: 0 when at least one image was captioned, 1 when
 it quietly.
 
     python -m blip2_ros.caption_images --model Salesforce/blip2-opt-2.7b photos/ extra.jpg
+    python -m blip2_ros.caption_images --backend openai --server-url http://127.0.0.1:8000/v1 \
+        --model blip2-opt-2.7b photos/
+
+With ``--backend openai`` the images are captioned by an OpenAI-compatible server (vLLM) and
+``--model`` is the name it serves; the API key, if the server needs one, comes from the
+environment variable ``--api-key-env`` names. Exit status 2 also when the server cannot be
+used (not reachable, wrong model name or key), at the start or during the run.
 """
 
 import argparse
@@ -126,7 +133,19 @@ def parse_args(argv=None):
         epilog='Exit status: 0 captioned at least one image, 1 none, 2 model not loadable.')
     parser.add_argument('paths', nargs='+', metavar='PATH', help='image files or folders')
     parser.add_argument('--model', default='Salesforce/blip2-opt-2.7b',
-                        help='hub id or local folder of a BLIP-2 checkpoint')
+                        help='hub id or local folder of a BLIP-2 checkpoint; with --backend '
+                             'openai the name the server serves')
+    parser.add_argument('--backend', default='local', choices=('local', 'openai'),
+                        help='local: the model runs here; openai: an OpenAI-compatible server '
+                             '(vLLM) at --server-url captions the images')
+    parser.add_argument('--server-url', default='http://127.0.0.1:8000/v1',
+                        help='--backend openai: base URL of the server')
+    parser.add_argument('--api-key-env', default='',
+                        help='--backend openai: environment variable that holds the API key')
+    parser.add_argument('--request-timeout', type=float, default=60.0,
+                        help='--backend openai: seconds one image may take (default 60)')
+    parser.add_argument('--server-image-size', type=_positive_int, default=224,
+                        help="--backend openai: the served model's image size (default 224)")
     parser.add_argument('--prompt', default=None,
                         help="text the caption continues, e.g. 'Question: what is on the "
                              "conveyor? Answer:' (default: the prompt the model or adapter "
@@ -177,7 +196,7 @@ def main(argv=None):
 
 
 def _caption_paths(argv):
-    from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, ModelLoadError,
+    from blip2_ros.captioner import (CaptionerConfig, make_captioner, ModelLoadError,
                                      training_prompt)
     import torch
 
@@ -194,10 +213,16 @@ def _caption_paths(argv):
             prompt = training_prompt(args.adapter, args.model)
             if prompt:
                 _warn(f'prompt {prompt!r}: the one the model was trained with')
-        captioner = Blip2Captioner(CaptionerConfig(
+        captioner = make_captioner(CaptionerConfig(
             model=args.model, adapter=args.adapter, device=args.device, dtype=args.dtype,
             local_files_only=args.local_files_only, allow_pickle=args.allow_pickle,
-            max_new_tokens=args.max_new_tokens, prompt=prompt))
+            max_new_tokens=args.max_new_tokens, prompt=prompt, backend=args.backend,
+            server_url=args.server_url, api_key_env=args.api_key_env,
+            request_timeout=args.request_timeout, server_image_size=args.server_image_size,
+            max_in_flight=args.batch_size))
+        problem = captioner.check() if args.backend == 'openai' else None
+        if problem:
+            raise ModelLoadError(problem)
     except ModelLoadError as error:
         _warn(f'error: {error}')
         return EXIT_MODEL_ERROR
@@ -223,12 +248,24 @@ def _caption_paths(argv):
                   'lower --batch-size')
             skipped += len(frames)
             continue
+        stop = None
         for path, caption in zip(paths, captions):
+            if isinstance(caption, Exception):
+                # A server that cannot be used fails every later image too: stop at once.
+                if getattr(caption, 'lasting', False):
+                    stop = caption
+                    break
+                _warn(f'{_printable(path)}: no caption ({caption}), skipped')
+                skipped += 1
+                continue
             # One write per line: Ctrl-C between the text and its newline would cut it.
             sys.stdout.write(json.dumps({'image': _printable(path), 'caption': caption},
                                         ensure_ascii=False) + '\n')
+            captioned += 1
         sys.stdout.flush()
-        captioned += len(frames)
+        if stop is not None:
+            _warn(f'error: {stop}; stopped after {captioned} captions')
+            return EXIT_MODEL_ERROR
     _warn(f'captioned {captioned} images, skipped {skipped}'
           + (f', {len(missing)} paths not found' if missing else ''))
     return EXIT_OK if captioned else EXIT_NOTHING_CAPTIONED

@@ -32,8 +32,9 @@ import sys
 import threading
 import time
 
-from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, DEFAULT_MODEL, ModelLoadError,
-                                 prompt_problem, TRAINING_INFO_FILE, training_prompt)
+from blip2_ros.captioner import (CaptionerConfig, DEFAULT_MODEL, make_captioner,
+                                 ModelLoadError, prompt_problem, TRAINING_INFO_FILE,
+                                 training_prompt)
 from blip2_ros.image_conversion import ImageConversionError, message_to_rgb
 from blip2_ros.parameters import declare, markdown_table, ParameterSpec
 import cv2
@@ -63,8 +64,22 @@ INFERENCE_THREAD = 'blip2_inference'
 # The single list of parameters: the node declares these, config/caption_node.yaml holds the same
 # defaults (a test checks), and the README's table is generated from it.
 PARAMETERS = (
+    ParameterSpec('backend', 'local', 'local: run BLIP-2 in this process. openai: send the '
+                  'frames to an OpenAI-compatible server (vLLM, see scripts/serve_vllm.sh) at '
+                  'server_url; frames then leave this machine.'),
     ParameterSpec('model', DEFAULT_MODEL,
-                  'Hugging Face hub id or local folder of a BLIP-2 checkpoint.'),
+                  'Hugging Face hub id or local folder of a BLIP-2 checkpoint; with backend '
+                  'openai, the name the server serves it under.'),
+    ParameterSpec('server_url', 'http://127.0.0.1:8000/v1', 'backend openai: base URL of the '
+                  'server.'),
+    ParameterSpec('api_key_env', '', 'backend openai: name of the environment variable that '
+                  'holds the API key (never the key itself); empty when the server needs none.'),
+    ParameterSpec('request_timeout', 10.0, 'backend openai: seconds a request may take; a frame '
+                  'whose request takes longer is dropped and counted.',
+                  float_range=(0.1, 600.0)),
+    ParameterSpec('server_image_size', 224, "backend openai: the served model's image size "
+                  '(224 for every published BLIP-2); frames are resized to it before sending.',
+                  integer_range=(16, 4096)),
     ParameterSpec('adapter', '', 'Folder of a LoRA adapter from the training package; '
                   'empty for none. Merged into the model at start-up.'),
     ParameterSpec('device', 'auto', 'auto, cpu, cuda or cuda:N. auto takes the GPU if torch '
@@ -195,8 +210,13 @@ class Camera:
         self.pending = False
         self.received = 0
         self.replaced = 0
+        self.dropped = 0  # frames that got no caption (server backend)
         self.input_rate = RateMeter()
         self.rejection = None  # the ImageConversionError of its newest frame, if it had one
+
+
+class NoCaptionError(RuntimeError):
+    """No frame of a batch got a caption; the message says why (already counted and logged)."""
 
 
 class CaptionRequest:
@@ -234,7 +254,13 @@ class CaptionNode(Node):
             torch.set_num_threads(torch_threads)
         # The captioner checks at load time that the prompt and caption length fit the model,
         # and its warm-up compiles for this caption length.
-        self.captioner = Blip2Captioner(CaptionerConfig(
+        self.captioner = make_captioner(CaptionerConfig(
+            backend=self.get_parameter('backend').value,
+            server_url=self.get_parameter('server_url').value,
+            api_key_env=self.get_parameter('api_key_env').value,
+            request_timeout=self.get_parameter('request_timeout').value,
+            server_image_size=self.get_parameter('server_image_size').value,
+            max_in_flight=self.get_parameter('max_batch_size').value,
             model=self.model_name,
             adapter=self.get_parameter('adapter').value,
             device=self.get_parameter('device').value,
@@ -245,10 +271,15 @@ class CaptionNode(Node):
             prompt=self._prompt(),
             cache=self.get_parameter('cache').value,
             torch_compile=self.get_parameter('torch_compile').value))
-        self.get_logger().info(
-            f"loaded '{self.model_name}' on {self.captioner.device} as {self.captioner.dtype}")
-        if self.captioner.device.type == 'cpu' and torch.get_num_threads() > 1 and \
-                'OMP_WAIT_POLICY' not in os.environ:
+        self.backend = self.captioner.backend
+        if self.backend == 'local':
+            self.get_logger().info(f"loaded '{self.model_name}' on {self.captioner.device} "
+                                   f'as {self.captioner.dtype}')
+        else:
+            self.get_logger().info(f"captioning with '{self.model_name}' on the server at "
+                                   f'{self.captioner.server_url}: frames leave this machine')
+        if self.backend == 'local' and self.captioner.device.type == 'cpu' and \
+                torch.get_num_threads() > 1 and 'OMP_WAIT_POLICY' not in os.environ:
             self.get_logger().warning(
                 "OMP_WAIT_POLICY is not set, so torch's idle threads spin and slow down the "
                 'node and other processes on a busy CPU: start the node with '
@@ -262,8 +293,10 @@ class CaptionNode(Node):
         self.enabled = True
         self.rejected = {}
         self._rejected_at_last_report = 0
+        self._dropped_at_last_report = 0
         self.oom_batches = 0
         self.failed_batches = 0
+        self.dropped = {}  # frames that got no caption, by reason (server backend)
         self.captions_published = 0
         self.caption_rate = RateMeter()
         self.inference_ms = deque(maxlen=LATENCY_WINDOW)
@@ -473,6 +506,8 @@ class CaptionNode(Node):
         finally:
             self._warmed_up.set()
         try:
+            if self.backend != 'local':
+                self._check_server()
             self._inference_loop()
         finally:
             # Nobody else answers a caption_now call once this thread is gone.
@@ -480,6 +515,16 @@ class CaptionNode(Node):
                 waiting, self._requests = list(self._requests), deque()
             for request in waiting:
                 request.done.set()
+
+    def _check_server(self):
+        """Say at start-up whether the server answers and serves the model; never block."""
+        problem = self.captioner.check()
+        if problem is None:
+            self.get_logger().info(f'the server at {self.captioner.server_url} serves '
+                                   f"'{self.model_name}'")
+        else:
+            # Captioning goes on: requests retry with backoff until the server answers.
+            self.get_logger().error(problem)
 
     def _inference_loop(self):
         while not self._stopping:
@@ -563,6 +608,8 @@ class CaptionNode(Node):
         """Caption one batch, counting a failure; return (captions, why it failed or None)."""
         try:
             return self._caption_and_publish(batch), None
+        except NoCaptionError as error:
+            return [], str(error)  # counted per frame and logged already
         except torch.OutOfMemoryError:
             with self._lock:
                 self.oom_batches += 1
@@ -591,24 +638,39 @@ class CaptionNode(Node):
         prompt = self._prompt()
         max_new_tokens = self.get_parameter('max_new_tokens').value
         started = time.monotonic()
-        captions = self.captioner.caption(frames, prompt=prompt, max_new_tokens=max_new_tokens)
+        results = self.captioner.caption(frames, prompt=prompt, max_new_tokens=max_new_tokens)
         finished = time.monotonic()
         inference_ms = (finished - started) * 1000.0
-        for (topic, message, receive_time), caption in zip(kept, captions):
-            self.caption_publisher.publish(String(data=caption))
+        captions, published_items, failures = [], [], []
+        for (topic, message, receive_time), result in zip(kept, results):
+            if isinstance(result, Exception):
+                failures.append((topic, result))
+                continue
+            captions.append(result)
+            published_items.append(receive_time)
+            self.caption_publisher.publish(String(data=result))
             self.caption_info_publisher.publish(String(data=json.dumps({
-                'caption': caption, 'source_topic': topic,
+                'caption': result, 'source_topic': topic,
                 'stamp': _stamp_dict(message.header), 'frame_id': message.header.frame_id,
-                'prompt': prompt, 'model': self.model_name,
+                'prompt': prompt, 'model': self.model_name, 'backend': self.backend,
+                'server': self.captioner.server_url if self.backend != 'local' else None,
                 'inference_ms': round(inference_ms, 3), 'batch_size': len(frames),
             })))
         published = time.monotonic()
         with self._lock:
-            self.inference_ms.append(inference_ms)
-            for _, _, receive_time in kept:
+            if captions:
+                self.inference_ms.append(inference_ms)
+            for receive_time in published_items:
                 self.end_to_end_ms.append((published - receive_time) * 1000.0)
             self.captions_published += len(captions)
             self.caption_rate.tick(published, len(captions))
+            for topic, failure in failures:
+                self.dropped[failure.reason] = self.dropped.get(failure.reason, 0) + 1
+                self.cameras[topic].dropped += 1
+        if failures:
+            self.get_logger().error(str(failures[0][1]), throttle_duration_sec=5.0)
+            if not captions:
+                raise NoCaptionError(str(failures[0][1]))
         return captions
 
     # Services ------------------------------------------------------------------------------
@@ -664,6 +726,7 @@ class CaptionNode(Node):
                     'seconds_since_last_frame': (None if camera.latest_receive_time is None
                                                  else now - camera.latest_receive_time),
                     'rejection': camera.rejection and camera.rejection.reason,
+                    'dropped': camera.dropped,
                 } for topic, camera in self.cameras.items()},
                 'captions_published': self.captions_published,
                 'captions_per_second': self.caption_rate.rate(now),
@@ -676,6 +739,11 @@ class CaptionNode(Node):
                 'rejected_by_reason': dict(self.rejected),
                 'oom_batches': self.oom_batches,
                 'failed_batches': self.failed_batches,
+                'dropped_frames': sum(self.dropped.values()),
+                'dropped_by_reason': dict(self.dropped),
+                'server_problem': (None if self.backend == 'local'
+                                   or self.captioner.problem is None
+                                   else str(self.captioner.problem)),
             }
 
     def _publish_diagnostics(self):
@@ -702,16 +770,23 @@ class CaptionNode(Node):
             problems.append(f"{stats['oom_batches']} batches skipped: out of GPU memory")
         if stats['failed_batches']:
             problems.append(f"{stats['failed_batches']} batches failed: see the node's log")
+        new_drops = stats['dropped_frames'] - self._dropped_at_last_report
+        self._dropped_at_last_report = stats['dropped_frames']
+        if new_drops:
+            problems.append(f'{new_drops} frames got no caption since the last report')
+        if stats['server_problem']:
+            problems.insert(0, stats['server_problem'])
         level = DiagnosticStatus.OK
         if problems:
             level = (DiagnosticStatus.WARN if stats['inference_thread_alive']
-                     else DiagnosticStatus.ERROR)
+                     and not stats['server_problem'] else DiagnosticStatus.ERROR)
         status = DiagnosticStatus(
             level=level,
             name=f'{self.get_name()}: captioning', hardware_id=str(self.captioner.device),
             message='; '.join(problems) if problems else (
                 'captioning' if stats['enabled'] else 'paused'))
         values = {
+            'backend': self.backend,
             'model': self.model_name, 'device': str(self.captioner.device),
             'dtype': str(self.captioner.dtype).replace('torch.', ''),
             'enabled': stats['enabled'],
@@ -725,13 +800,17 @@ class CaptionNode(Node):
             'rejected_frames': stats['rejected_frames'],
             'oom_batches': stats['oom_batches'],
             'failed_batches': stats['failed_batches'],
+            'dropped_frames': stats['dropped_frames'],
         }
         for reason, count in sorted(stats['rejected_by_reason'].items()):
             values[f'rejected_{reason}'] = count
+        for reason, count in sorted(stats['dropped_by_reason'].items()):
+            values[f'dropped_{reason}'] = count
         for topic, camera in stats['cameras'].items():
             values[f'input_rate_hz {topic}'] = f"{camera['input_rate_hz']:.2f}"
             values[f'received {topic}'] = camera['received']
             values[f'replaced {topic}'] = camera['replaced']
+            values[f'dropped {topic}'] = camera['dropped']
         status.values = [KeyValue(key=key, value=str(value)) for key, value in values.items()]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
@@ -748,6 +827,8 @@ class CaptionNode(Node):
             if (self._warmed_up.is_set() and self._worker.is_alive()
                     and self._worker is not threading.current_thread()):
                 self._worker.join(timeout=30.0)
+        if hasattr(self, 'captioner') and hasattr(self.captioner, 'close'):
+            self.captioner.close()
         return super().destroy_node()
 
 

@@ -170,6 +170,28 @@ class CaptionerConfig:
     # torch.compile); 'dynamic' is the library default.
     cache: str = 'dynamic'
     torch_compile: bool = False
+    # 'local' runs the model in this process; 'openai' sends the frames to an OpenAI-compatible
+    # server (vLLM), and then ``model`` is the name the server serves.
+    backend: str = 'local'
+    server_url: str = ''
+    api_key_env: str = ''
+    request_timeout: float = 10.0
+    # The served model's input size: frames are resized to it before they are sent.
+    server_image_size: int = 224
+    max_in_flight: int = 8
+
+
+BACKENDS = ('local', 'openai')
+
+
+def make_captioner(config):
+    """Return the captioner ``config.backend`` names; raise ModelLoadError if it cannot work."""
+    if config.backend == 'openai':
+        from blip2_ros.server_captioner import ServerCaptioner
+        return ServerCaptioner(config)
+    if config.backend != 'local':
+        raise ModelLoadError(f"unknown backend '{config.backend}': use {' or '.join(BACKENDS)}")
+    return Blip2Captioner(config)
 
 
 def resolve_device(device):
@@ -399,6 +421,8 @@ def _merge_adapter(model, adapter, allow_pickle):
 
 class Blip2Captioner:
     """A loaded BLIP-2 checkpoint that captions batches of uint8 RGB frames."""
+
+    backend = 'local'
 
     def __init__(self, config=None):
         """Load the model, processor and optional LoRA adapter; raise ModelLoadError on failure."""

@@ -17,6 +17,8 @@ Start the BLIP-2 caption node with the package's parameter file.
 
     ros2 launch blip2_ros caption.launch.py model:=Salesforce/blip2-opt-2.7b \
         image_topic:=/camera/image_raw prompt:='a photo of'
+    ros2 launch blip2_ros caption.launch.py backend:=openai \
+        server_url:=http://gpu-server:8000/v1 model:=blip2-opt-2.7b
 
 Launch arguments left empty keep the value from config/caption_node.yaml; ``params_file`` swaps
 that file for one of your own.
@@ -34,7 +36,7 @@ from launch_ros.actions import Node
 def _caption_node(context):
     # Launch arguments left empty keep the parameter file's value.
     overrides = {}
-    for name in ('model', 'adapter', 'prompt', 'device'):
+    for name in ('model', 'adapter', 'prompt', 'device', 'backend', 'server_url'):
         value = LaunchConfiguration(name).perform(context)
         if value:
             overrides[name] = value
@@ -65,6 +67,12 @@ def generate_launch_description():
                               description="Caption prompt, e.g. 'a photo of'."),
         DeclareLaunchArgument('device', default_value='',
                               description='auto, cpu, cuda or cuda:N.'),
+        DeclareLaunchArgument('backend', default_value='',
+                              description='local (model in the node) or openai (a vLLM '
+                              'server at server_url).'),
+        DeclareLaunchArgument('server_url', default_value='',
+                              description='backend openai: base URL of the server, e.g. '
+                              'http://127.0.0.1:8000/v1.'),
         # OpenMP threads that finish early sleep instead of spinning: on a robot whose cores
         # are shared, spinning torch threads starve the node's own executor threads and every
         # other process (unless the environment already says otherwise).
