@@ -94,7 +94,7 @@ def load_config(model):
         raise ServeError(f'cannot read the config of {model}: {message}') from error
 
 
-def text_model_limits(config, model):
+def servable_text_config(config, model):
     """Check that vLLM can serve this BLIP-2; return its language model's config."""
     if config.model_type != 'blip-2':
         raise ServeError(f"{model} is a '{config.model_type}' model, not BLIP-2")
@@ -108,7 +108,7 @@ def text_model_limits(config, model):
 
 def vllm_command(python, args, extra):
     """Check the model and return the command line that serves it."""
-    text = text_model_limits(load_config(args.model), args.model)
+    text = servable_text_config(load_config(args.model), args.model)
     max_positions = text.max_position_embeddings
     max_model_len = args.max_model_len or min(max_positions, DEFAULT_MAX_MODEL_LEN)
     if max_model_len > max_positions:
