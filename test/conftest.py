@@ -12,12 +12,14 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 
-"""Shared fixtures: an isolated DDS domain for this test run and tiny BLIP-2 checkpoints."""
+"""Shared fixtures: an isolated DDS domain, tiny BLIP-2 checkpoints, a vLLM server."""
 
 import os
 
 from blip2_ros.demo import claim_domain_id
 import pytest
+# A session fixture: one vLLM server for every test file that asks for it.
+from vllm_server import vllm_server  # noqa: F401
 
 
 # Set before any test imports rclpy, so every node created in this process (and every child

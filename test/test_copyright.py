@@ -19,7 +19,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ['blip2_ros', 'training', 'launch', 'test', 'benchmarks']
+SOURCES = ['blip2_ros', 'training', 'launch', 'scripts', 'test', 'benchmarks']
 HEADER = (
     '# Copyright 2026 The blip2_ros Authors\n#\n'
     '# Licensed under the Apache License, Version 2.0 (the "License");\n')
@@ -39,7 +39,11 @@ def test_copyright():
     missing = []
     for path in files:
         with open(path, encoding='utf-8') as source:
-            if not source.read(len(HEADER) + 100).startswith(HEADER):
+            text = source.read(len(HEADER) + 200)
+            # A script's interpreter line comes first, as ament_copyright allows.
+            if text.startswith('#!'):
+                text = text.partition('\n')[2]
+            if not text.startswith(HEADER):
                 missing.append(os.path.relpath(path, ROOT))
     assert len(files) > 5
     assert not missing, 'files without the license header: ' + ', '.join(missing)

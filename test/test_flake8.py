@@ -20,7 +20,7 @@ from ament_flake8.main import main_with_errors
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ['blip2_ros', 'training', 'launch', 'test', 'benchmarks', 'setup.py']
+SOURCES = ['blip2_ros', 'training', 'launch', 'scripts', 'test', 'benchmarks', 'setup.py']
 
 
 @pytest.mark.flake8

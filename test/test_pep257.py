@@ -20,7 +20,7 @@ from ament_pep257.main import main
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ['blip2_ros', 'training', 'launch', 'benchmarks', 'setup.py']
+SOURCES = ['blip2_ros', 'training', 'launch', 'scripts', 'benchmarks', 'setup.py']
 
 
 @pytest.mark.linter

@@ -76,12 +76,17 @@ def build_tokenizer(words, language_model):
 
 def build_tiny_blip2(folder, language_model='opt', seed=0, words=None, image_size=64,
                      patch_size=8, hidden_size=96, num_layers=2, num_heads=4,
-                     num_query_tokens=8, max_positions=128):
+                     num_query_tokens=8, max_positions=128, image_init_std=None,
+                     text_init_std=None):
     """
     Build a randomly initialised BLIP-2, save it with its processor to ``folder``, return it.
 
     ``language_model`` is 'opt' (decoder-only, like blip2-opt-*) or 't5' (encoder-decoder, like
     blip2-flan-t5-*). ``words`` adds vocabulary, e.g. every word of a caption dataset.
+    ``image_init_std`` (vision tower, Q-Former, query tokens, projection) and ``text_init_std``
+    (language model) redraw the weight matrices wider than the training-friendly init: at that
+    init every image gets the same caption, so a test comparing two implementations' captions
+    would prove nothing (0.2 and 0.5 give captions that differ from image to image).
     """
     if language_model not in ('opt', 't5'):
         raise ValueError(f"language_model must be 'opt' or 't5', not {language_model!r}")
@@ -123,12 +128,29 @@ def build_tiny_blip2(folder, language_model='opt', seed=0, words=None, image_siz
     with torch.no_grad():
         # Zero query tokens make every query identical, so the Q-Former cannot tell them apart.
         model.query_tokens.normal_(0.0, 0.02)
+    _widen_init(model, image_init_std, text_init_std)
     model.generation_config.pad_token_id = pad_id
     model.generation_config.eos_token_id = eos_id
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def _widen_init(model, image_init_std, text_init_std):
+    """Redraw the weight matrices of the image path and of the language model, where asked."""
+    image_path = (model.vision_model, model.qformer, model.language_projection)
+    parts = [(image_init_std, [model.query_tokens]
+              + [weight for part in image_path for weight in part.parameters()]),
+             (text_init_std, list(model.language_model.parameters()))]
+    with torch.no_grad():
+        for std, weights in parts:
+            if std is None:
+                continue
+            # Biases and layer norms keep their init, which keeps activations in range.
+            for weight in weights:
+                if weight.dim() >= 2:
+                    weight.normal_(0.0, std)
 
 
 def main(argv=None):
