@@ -18,6 +18,7 @@ The demo: a synthetic factory camera and the caption node, captions printed next
     python -m blip2_ros.demo                  # 30 captions with the bundled demo model
     python -m blip2_ros.demo --forever        # until Ctrl-C
     python -m blip2_ros.demo --from-scratch   # record, convert, split, train, evaluate, then live
+    python -m blip2_ros.demo --vllm           # the model on a local vLLM server (.venv/vllm)
 
 Both nodes run as their own processes with the same parameter file the launch file uses, on
 localhost-only DDS in a domain of their own, so nothing leaves this machine and no other ROS
@@ -56,6 +57,9 @@ EXIT_ERROR = 2
 EXIT_BELOW_ACCURACY = 3
 # Seconds the nodes get to stop after SIGINT before they are killed.
 STOP_GRACE_SEC = 20.0
+# --vllm: the name the local server serves the model under, and how long it may take to start.
+DEMO_SERVED_NAME = 'blip2-demo'
+SERVER_START_TIMEOUT = 300.0
 FASTDDS_PROFILE = ('config', 'fastdds_large_frames.xml')
 # Domain ids the demo and the test runs take for themselves, each held by one process at a time
 # (below 101, where Linux's ephemeral ports begin to overlap DDS's).
@@ -203,10 +207,11 @@ class NodeProcess:
     left running without the demo.
     """
 
-    def __init__(self, title, argv):
-        """Start ``python -m <argv>``; ``title`` names it in messages."""
+    def __init__(self, title, argv, module=True):
+        """Start ``python -m <argv>`` (``python <argv>`` if not ``module``); ``title`` names it."""
         self.title = title
-        self.process = subprocess.Popen([sys.executable, '-m', *argv], env=_child_environment(),
+        command = [sys.executable, '-m', *argv] if module else [sys.executable, *argv]
+        self.process = subprocess.Popen(command, env=_child_environment(),
                                         start_new_session=True,
                                         preexec_fn=_parent_death_signal())
 
@@ -258,8 +263,57 @@ def stop_nodes(nodes, grace_sec=STOP_GRACE_SEC):
     return interrupted
 
 
-def start_nodes(model, width, height, rate_hz, seed, prompt):
-    """Start the camera node and the caption node; return both as NodeProcess."""
+def model_image_size(model):
+    """Return the input size (pixels, square) in a checkpoint folder's processor settings."""
+    for name in ('processor_config.json', 'preprocessor_config.json'):
+        path = os.path.join(model, name)
+        if os.path.isfile(path):
+            with open(path, encoding='utf-8') as stream:
+                settings = json.load(stream)
+            size = settings.get('image_processor', settings).get('size', {})
+            return int(size.get('height') or size.get('shortest_edge') or 224)
+    return 224
+
+
+def wait_for_server(server_url, server, timeout=SERVER_START_TIMEOUT):
+    """Wait until the vLLM server at ``server_url`` answers GET /health."""
+    import urllib.error
+    import urllib.request
+
+    health = server_url.rstrip('/').rsplit('/v1', 1)[0] + '/health'
+    deadline = time.monotonic() + timeout
+    while True:
+        if server is not None:
+            server.check()
+        try:
+            with urllib.request.urlopen(health, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise DemoError(f'the vLLM server at {server_url} did not answer within '
+                            f'{timeout:.0f} s')
+        time.sleep(0.5)
+
+
+def start_vllm_server(model, port):
+    """Serve ``model`` with vLLM on 127.0.0.1:``port`` (scripts/serve_vllm.py); NodeProcess."""
+    script = share_path('scripts', 'serve_vllm.py')
+    if not os.path.isfile(script):
+        raise DemoError('--vllm needs scripts/serve_vllm.py of a source checkout')
+    # The demo's own requests are few: eager mode starts in under a minute instead of two.
+    return NodeProcess('vLLM server', [script, model, '--port', str(port),
+                                       '--served-model-name', DEMO_SERVED_NAME,
+                                       '--enforce-eager'], module=False)
+
+
+def start_nodes(model, width, height, rate_hz, seed, prompt, server_url=''):
+    """
+    Start the camera node and the caption node; return both as NodeProcess.
+
+    With ``server_url`` the caption node captions through the vLLM server there, which serves
+    ``model`` as DEMO_SERVED_NAME.
+    """
     camera_args = [
         'blip2_ros.factory_camera', '--ros-args',
         '-p', f'topic:={CAMERA_TOPIC}', '-p', f'rate_hz:={float(rate_hz)}',
@@ -275,6 +329,10 @@ def start_nodes(model, width, height, rate_hz, seed, prompt):
     if prompt:
         # A JSON string is a YAML string, so colons and question marks stay text.
         caption_args += ['-p', f'prompt:={json.dumps(prompt)}']
+    if server_url:
+        caption_args += ['-p', 'backend:=openai', '-p', f'server_url:={server_url}',
+                         '-p', f'model:={DEMO_SERVED_NAME}',
+                         '-p', f'server_image_size:={model_image_size(model)}']
     nodes = []
     try:
         nodes.append(NodeProcess('camera node', camera_args))
@@ -390,17 +448,29 @@ def watch(scoreboard, listener, nodes, timeout):
                             f'in {timeout:g} s; raise --timeout or lower --frames')
 
 
-def run_live(model, frames, rate_hz, width, height, seed, prompt, timeout, out=sys.stdout):
+def run_live(model, frames, rate_hz, width, height, seed, prompt, timeout, out=sys.stdout,
+             server_url='', start_server=False):
     """Run the camera and caption nodes and print captions next to the truth."""
     out.write(f'model: {model}\ncamera: {width}x{height} at {rate_hz:g} Hz on {CAMERA_TOPIC} '
               f"(scene stream {seed}), ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}, localhost "
-              'only\nwaiting for the caption node to load the model...\n')
+              'only\n')
     out.flush()
     scoreboard = Scoreboard(frames, out)
     listener = Listener(scoreboard)
     nodes = []
     try:
-        nodes = start_nodes(model, width, height, rate_hz, seed, prompt)
+        if start_server:
+            port = _free_port()
+            server_url = f'http://127.0.0.1:{port}/v1'
+            out.write(f'starting a vLLM server on {server_url} (about a minute on a CPU)...\n')
+            out.flush()
+            nodes.append(start_vllm_server(model, port))
+            wait_for_server(server_url, nodes[0])
+        if server_url:
+            out.write(f'captioning through the vLLM server at {server_url}\n')
+        out.write('waiting for the caption node to load the model...\n')
+        out.flush()
+        nodes += start_nodes(model, width, height, rate_hz, seed, prompt, server_url)
         watch(scoreboard, listener, nodes, timeout)
     except KeyboardInterrupt as error:
         scoreboard.interrupted_by = getattr(error, 'signum', signal.SIGINT)
@@ -445,12 +515,28 @@ def parse_args(argv):
                         '(default: demo_output/)')
     parser.add_argument('--train-frames', type=int, default=0,
                         help='--from-scratch: frames to record (default: as the bundled model)')
+    parser.add_argument('--vllm', action='store_true',
+                        help='serve the model with a local vLLM server (the vLLM environment '
+                        'scripts/setup_env.sh makes in .venv/vllm) and caption through it')
+    parser.add_argument('--server-url', default='',
+                        help=f'caption through a running vLLM server at this URL that serves '
+                        f"the model as '{DEMO_SERVED_NAME}' (scripts/serve_vllm.py MODEL "
+                        f'--served-model-name {DEMO_SERVED_NAME})')
     args = parser.parse_args(argv)
     if args.frames < 1:
         parser.error('--frames must be at least 1')
     if not 0.0 <= args.min_accuracy <= 1.0:
         parser.error('--min-accuracy is a fraction between 0 and 1, e.g. 0.9')
+    if args.vllm and args.server_url:
+        parser.error('--vllm starts a server of its own: leave out --server-url')
     return args
+
+
+def _free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
 
 
 def _frame_size(args, model):
@@ -507,7 +593,8 @@ def main(argv=None):
         model = _choose_model(args)
         width, height = _frame_size(args, model)
         scoreboard = run_live(model, 0 if args.forever else args.frames, args.rate_hz, width,
-                              height, args.seed, args.prompt, 0 if args.forever else args.timeout)
+                              height, args.seed, args.prompt, 0 if args.forever else args.timeout,
+                              server_url=args.server_url, start_server=args.vllm)
     except DemoError as error:
         print(f'error: {error}', file=sys.stderr)
         return EXIT_ERROR

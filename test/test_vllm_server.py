@@ -27,7 +27,7 @@ import subprocess
 import numpy as np
 from PIL import Image
 import pytest
-from vllm_server import serve_command
+from vllm_server import API_KEY, serve_command
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_chat_completion_captions_equal_the_local_captioners(vllm_server, local_
     expected = local_captioner.caption(images, prompt=prompt, max_new_tokens=MAX_NEW_TOKENS)
     # Equal captions would also come from a server that ignored the image.
     assert len(set(expected)) >= 6, expected
-    client = openai.OpenAI(base_url=vllm_server.base_url, api_key='unused', max_retries=0,
+    client = openai.OpenAI(base_url=vllm_server.base_url, api_key=API_KEY, max_retries=0,
                            timeout=60)
     served = []
     for image in images:

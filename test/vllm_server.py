@@ -42,6 +42,10 @@ VLLM_PYTHON = Path(os.environ.get('BLIP2_ROS_VLLM_PYTHON')
 START_TIMEOUT = 180
 STOP_TIMEOUT = 30
 LOG_TAIL_LINES = 40
+# The session's server wants this key, so the tests see what a wrong or missing key does; they
+# pass it the way users do, through the environment variable api_key_env names.
+API_KEY = 'blip2-ros-test-key'
+API_KEY_ENV = 'BLIP2_ROS_TEST_API_KEY'
 SERVER_ENVIRONMENT = {'VLLM_NO_USAGE_STATS': '1', 'DO_NOT_TRACK': '1', 'HF_HUB_OFFLINE': '1'}
 
 
@@ -168,7 +172,8 @@ def vllm_server(tmp_path_factory):
     require_vllm_python()
     folder = tmp_path_factory.mktemp('vllm-server')
     checkpoint = build_servable_checkpoint(folder / 'tiny-blip2-opt')
-    server = VllmServer(checkpoint, 'tiny-blip2', folder / 'server.log')
+    server = VllmServer(checkpoint, 'tiny-blip2', folder / 'server.log',
+                        extra_args=('--enforce-eager', '--api-key', API_KEY))
     try:
         server.start()
         yield server
