@@ -43,6 +43,17 @@ LINE = re.compile(r'^\s*(\d+) (ok  |MISS) caption: (.*?)\s+truth: (.*?)\s+accura
 UNSEEN_SEED = 4242
 
 
+def decoder_head_size(model_folder):
+    with open(os.path.join(model_folder, 'config.json'), encoding='utf-8') as stream:
+        text_config = json.load(stream)['text_config']
+    return text_config['hidden_size'] // text_config['num_attention_heads']
+
+
+def training_info(model_folder):
+    with open(os.path.join(model_folder, 'blip2_ros_training.json'), encoding='utf-8') as stream:
+        return json.load(stream)
+
+
 def run_demo(*args, timeout=300):
     """Run the demo as a user would, from a folder other than the checkout."""
     return subprocess.run(
@@ -395,6 +406,15 @@ def test_committed_demo_model_is_small_safetensors_and_documented():
     assert recipe['command'] in readme and '1/48' in readme
 
 
+def test_committed_demo_model_can_be_served_by_vllm_and_names_its_base():
+    # vLLM's CPU attention takes decoder head sizes 32, 64, 80, 96, ... only; with another the
+    # engine dies on the first request.
+    assert decoder_head_size(DEMO_MODEL) == 32
+    # Not the temporary work folder it was trained in.
+    assert training_info(DEMO_MODEL)['base_model'] == (
+        'tiny BLIP-2 built from scratch by training.demo_model')
+
+
 def test_committed_demo_model_captions_unseen_frames():
     accuracy, truths = exact_match_on_unseen_frames(DEMO_MODEL)
     assert len(truths) >= 40  # the frames cover nearly all 48 captions
@@ -407,6 +427,8 @@ def test_committed_demo_model_captions_unseen_frames():
 def test_recipe_and_work_folder_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(DemoModelError, match='must differ'):
         DemoRecipe(seed=3, fresh_seed=3)
+    with pytest.raises(DemoModelError, match='multiple of --text-num-heads 5'):
+        DemoRecipe(text_num_heads=5)
     (tmp_path / 'mine.txt').write_text('keep me')
     with pytest.raises(DemoModelError, match='holds other files'):
         prepare_work_dir(str(tmp_path))
@@ -439,6 +461,8 @@ def test_reproduce_runs_the_whole_loop_into_a_model_folder(tmp_path):
     assert results['chance_level'] == pytest.approx(1 / 48)
     assert set(results['stage_seconds']) == {'record', 'convert', 'split', 'train',
                                              'evaluate'}
+    assert decoder_head_size(out) == 32
+    assert not os.path.isabs(training_info(out)['base_model'])
     # A second run in the same work folder replaces what the first one left.
     reproduce(tmp_path / 'work', out=tmp_path / 'model', recipe=recipe)
 

@@ -56,13 +56,18 @@ LOGGER = logging.getLogger('training.demo_model')
 RECIPE_FILE = 'demo_recipe.json'
 README_FILE = 'README.md'
 DEFAULT_OUT = os.path.join('models', 'factory-tiny')
+# Written by training.train beside the weights (blip2_ros.captioner reads it; imports torch).
+TRAINING_INFO_FILE = 'blip2_ros_training.json'
 # What a model folder needs at inference; the Trainer's other files (optimizer state, pickled
 # training arguments, logs) stay in the work folder.
 MODEL_FILES = ('config.json', 'generation_config.json', 'model.safetensors',
                'processor_config.json', 'preprocessor_config.json', 'tokenizer.json',
                'tokenizer_config.json', 'special_tokens_map.json', 'chat_template.jinja',
-               'blip2_ros_training.json')
+               TRAINING_INFO_FILE)
 REQUIRED_MODEL_FILES = ('config.json', 'model.safetensors', 'tokenizer.json')
+# training.train records the folder it started from as the base model: here a work folder,
+# often a temporary one, so the model folder names what that folder held instead.
+BASE_MODEL = 'tiny BLIP-2 built from scratch by training.demo_model'
 # Sub-folders reproduce() writes in the work folder; a marker file says the folder is ours.
 WORK_PARTS = ('bag', 'fresh_bag', 'dataset', 'fresh_dataset', 'init_model', 'train', 'eval',
               'fresh_eval', 'model')
@@ -91,6 +96,9 @@ class DemoRecipe:
     image_size: int = 64
     patch_size: int = 8
     hidden_size: int = 96
+    # Language model heads apart from the others: 3 at hidden 96 make heads of 32 values, a size
+    # vLLM's CPU attention serves (it refuses 24, what 4 heads would make).
+    text_num_heads: int = 3
     max_steps: int = 3000
     learning_rate: float = 1e-3
     warmup_steps: int = 200
@@ -112,10 +120,13 @@ class DemoRecipe:
         if self.fresh_seed == self.seed:
             raise DemoModelError(f'--fresh-seed must differ from --seed ({self.seed}): fresh '
                                  'frames must come from a scene stream training never saw')
-        if min(self.max_steps, self.fresh_frames, self.batch_size) < 1 or min(
+        if min(self.max_steps, self.fresh_frames, self.batch_size, self.text_num_heads) < 1 or min(
                 self.seed, self.fresh_seed, self.warmup_steps) < 0:
-            raise DemoModelError('--max-steps, --fresh-frames and --batch-size must be '
-                                 'positive; seeds and --warmup-steps not negative')
+            raise DemoModelError('--max-steps, --fresh-frames, --batch-size and --text-num-heads '
+                                 'must be positive; seeds and --warmup-steps not negative')
+        if self.hidden_size % self.text_num_heads:
+            raise DemoModelError(f'--hidden-size {self.hidden_size} must be a multiple of '
+                                 f'--text-num-heads {self.text_num_heads}')
 
     @property
     def size(self):
@@ -284,7 +295,8 @@ def reproduce(work_dir, frames=None, seed=None, out=None, recipe=None, command=N
     # 4. A BLIP-2 from scratch with the captions' words, trained whole.
     build_tiny_blip2(paths['init_model'], language_model='opt', seed=recipe.seed,
                      words=DEFAULT_SPEC.vocabulary(), image_size=recipe.image_size,
-                     patch_size=recipe.patch_size, hidden_size=recipe.hidden_size)
+                     patch_size=recipe.patch_size, hidden_size=recipe.hidden_size,
+                     text_num_heads=recipe.text_num_heads)
     _run_child('train', [
         '--model', paths['init_model'], '--data', paths['dataset'],
         '--output_dir', paths['train'], '--method', 'full', '--max_steps', recipe.max_steps,
@@ -362,6 +374,7 @@ def _write_model_folder(trained, out, recipe, results, command):
     staging = tempfile.mkdtemp(prefix='.demo_model_', dir=parent)
     try:
         _copy_model(trained, staging)
+        _name_base_model(staging)
         _make_readable(staging)
         recipe_data = {'size': [recipe.width, recipe.height], 'command': command,
                        'recipe': asdict(recipe), 'results': results}
@@ -376,6 +389,19 @@ def _write_model_folder(trained, out, recipe, results, command):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _name_base_model(folder):
+    """Record in the training info what the model started from, not the work folder's path."""
+    path = os.path.join(folder, TRAINING_INFO_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding='utf-8') as stream:
+        info = json.load(stream)
+    info['base_model'] = BASE_MODEL
+    with open(path, 'w', encoding='utf-8') as stream:
+        json.dump(info, stream, indent=1, sort_keys=True)
+        stream.write('\n')
 
 
 def _make_readable(folder):

@@ -77,12 +77,14 @@ def build_tokenizer(words, language_model):
 def build_tiny_blip2(folder, language_model='opt', seed=0, words=None, image_size=64,
                      patch_size=8, hidden_size=96, num_layers=2, num_heads=4,
                      num_query_tokens=8, max_positions=128, image_init_std=None,
-                     text_init_std=None):
+                     text_init_std=None, text_num_heads=None):
     """
     Build a randomly initialised BLIP-2, save it with its processor to ``folder``, return it.
 
     ``language_model`` is 'opt' (decoder-only, like blip2-opt-*) or 't5' (encoder-decoder, like
     blip2-flan-t5-*). ``words`` adds vocabulary, e.g. every word of a caption dataset.
+    ``num_heads`` sets the attention heads of the vision encoder and Q-Former, and of the
+    language model too unless ``text_num_heads`` is given.
     ``image_init_std`` (vision tower, Q-Former, query tokens, projection) and ``text_init_std``
     (language model) redraw the weight matrices wider than the training-friendly init: at that
     init every image gets the same caption, so a test comparing two implementations' captions
@@ -90,6 +92,7 @@ def build_tiny_blip2(folder, language_model='opt', seed=0, words=None, image_siz
     """
     if language_model not in ('opt', 't5'):
         raise ValueError(f"language_model must be 'opt' or 't5', not {language_model!r}")
+    text_num_heads = text_num_heads or num_heads
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(words or [], language_model)
     image_processor = BlipImageProcessor(
@@ -111,14 +114,14 @@ def build_tiny_blip2(folder, language_model='opt', seed=0, words=None, image_siz
     if language_model == 'opt':
         text_config = OPTConfig(
             vocab_size=vocab_size, hidden_size=hidden_size, ffn_dim=4 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_hidden_layers=num_layers, num_attention_heads=text_num_heads,
             word_embed_proj_dim=hidden_size, max_position_embeddings=max_positions,
             pad_token_id=pad_id, bos_token_id=eos_id, eos_token_id=eos_id)
     else:
         text_config = T5Config(
-            vocab_size=vocab_size, d_model=hidden_size, d_kv=hidden_size // num_heads,
+            vocab_size=vocab_size, d_model=hidden_size, d_kv=hidden_size // text_num_heads,
             d_ff=4 * hidden_size, num_layers=num_layers, num_decoder_layers=num_layers,
-            num_heads=num_heads, feed_forward_proj='gated-gelu', tie_word_embeddings=False,
+            num_heads=text_num_heads, feed_forward_proj='gated-gelu', tie_word_embeddings=False,
             pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id)
     config = Blip2Config(
         vision_config=vision_config.to_dict(), qformer_config=qformer_config.to_dict(),
