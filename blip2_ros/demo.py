@@ -207,19 +207,31 @@ class NodeProcess:
     left running without the demo.
     """
 
-    def __init__(self, title, argv, module=True):
-        """Start ``python -m <argv>`` (``python <argv>`` if not ``module``); ``title`` names it."""
+    def __init__(self, title, argv, module=True, log_path=None):
+        """
+        Start ``python -m <argv>`` (``python <argv>`` if not ``module``); ``title`` names it.
+
+        With ``log_path`` its output goes to that file instead of the terminal.
+        """
         self.title = title
+        self.log_path = log_path
         command = [sys.executable, '-m', *argv] if module else [sys.executable, *argv]
-        self.process = subprocess.Popen(command, env=_child_environment(),
-                                        start_new_session=True,
-                                        preexec_fn=_parent_death_signal())
+        output = open(log_path, 'ab') if log_path else None
+        try:
+            self.process = subprocess.Popen(command, env=_child_environment(), stdout=output,
+                                            stderr=subprocess.STDOUT if output else None,
+                                            start_new_session=True,
+                                            preexec_fn=_parent_death_signal())
+        finally:
+            if output:
+                output.close()  # the child has its own copy
 
     def check(self):
         """Raise DemoError if the process has exited."""
         code = self.process.poll()
         if code is not None:
-            raise DemoError(f'the {self.title} exited with code {code}; its message is above')
+            where = f'its log is {self.log_path}' if self.log_path else 'its message is above'
+            raise DemoError(f'the {self.title} exited with code {code}; {where}')
 
     def interrupt(self):
         """Ask the node to stop as Ctrl-C would."""
@@ -301,10 +313,11 @@ def start_vllm_server(model, port):
     script = share_path('scripts', 'serve_vllm.py')
     if not os.path.isfile(script):
         raise DemoError('--vllm needs scripts/serve_vllm.py of a source checkout')
+    log_path = os.path.join(tempfile.gettempdir(), f'blip2_ros_demo_vllm_{port}.log')
     # The demo's own requests are few: eager mode starts in under a minute instead of two.
     return NodeProcess('vLLM server', [script, model, '--port', str(port),
                                        '--served-model-name', DEMO_SERVED_NAME,
-                                       '--enforce-eager'], module=False)
+                                       '--enforce-eager'], module=False, log_path=log_path)
 
 
 def start_nodes(model, width, height, rate_hz, seed, prompt, server_url=''):
@@ -462,9 +475,10 @@ def run_live(model, frames, rate_hz, width, height, seed, prompt, timeout, out=s
         if start_server:
             port = _free_port()
             server_url = f'http://127.0.0.1:{port}/v1'
-            out.write(f'starting a vLLM server on {server_url} (about a minute on a CPU)...\n')
-            out.flush()
             nodes.append(start_vllm_server(model, port))
+            out.write(f'starting a vLLM server on {server_url} (about a minute on a CPU; its '
+                      f'log: {nodes[0].log_path})...\n')
+            out.flush()
             wait_for_server(server_url, nodes[0])
         if server_url:
             out.write(f'captioning through the vLLM server at {server_url}\n')

@@ -133,6 +133,24 @@ def test_server_captions_equal_the_local_backend_with_and_without_prompt(
     captioner.close()
 
 
+def test_a_lora_training_output_serves_with_the_captions_of_base_and_adapter(
+        vllm_server, api_key):
+    # The server serves training.export_merged's folder; the robot's local backend would
+    # load the training run's adapter on its base instead.
+    adapter_captioner = Blip2Captioner(CaptionerConfig(
+        model=str(vllm_server.base_checkpoint), adapter=str(vllm_server.adapter),
+        device='cpu', dtype='float32', max_new_tokens=8))
+    base_captioner = Blip2Captioner(CaptionerConfig(
+        model=str(vllm_server.base_checkpoint), device='cpu', dtype='float32',
+        max_new_tokens=8))
+    frames = [make_frame(seed) for seed in range(80, 86)]
+    expected = adapter_captioner.caption(frames)
+    assert expected != base_captioner.caption(frames), 'the adapter must change captions'
+    captioner = make_captioner(server_config(vllm_server))
+    assert captioner.caption(frames) == expected
+    captioner.close()
+
+
 def test_a_frame_is_sent_as_a_lossless_png_of_the_model_input_size():
     frame = make_frame(3, 1080, 1920)
     url = png_data_url(frame, (224, 224))

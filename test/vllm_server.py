@@ -160,20 +160,55 @@ class VllmServer:
             return False
 
 
+def build_lora_training_output(base, folder):
+    """
+    Save a LoRA adapter on ``base`` as a ``training.train --method lora`` run leaves it.
+
+    The adapter's B matrices are random instead of zero, so it changes the captions.
+    """
+    import json
+
+    from blip2_ros.captioner import TRAINING_INFO_FILE
+    from peft import get_peft_model, LoraConfig
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    model = Blip2ForConditionalGeneration.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(
+        r=4, target_modules=r'.*language_model.*\.(q_proj|v_proj)'))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if 'lora_B' in name:
+                parameter.normal_(0.0, 0.2, generator=generator)
+    peft_model.save_pretrained(folder)
+    Path(folder, TRAINING_INFO_FILE).write_text(json.dumps(
+        {'prompt': '', 'method': 'lora', 'base_model': str(base)}))
+    return Path(folder)
+
+
 @pytest.fixture(scope='session')
 def vllm_server(tmp_path_factory):
     """
-    Serve a tiny BLIP-2 with vLLM for the whole test session.
+    Serve a tiny BLIP-2 with vLLM for the whole test session: a LoRA training output, merged.
 
     Yields a :class:`VllmServer`: ``base_url`` (http://127.0.0.1:PORT/v1), ``model_name``,
-    ``checkpoint`` (the folder, for the local captioner to compare with), ``stop()`` and
-    ``start()`` (the same port again). A test that stops the server must start it again.
+    ``checkpoint`` (the merged folder it serves, for the local captioner to compare with),
+    ``base_checkpoint`` and ``adapter`` (what the training run started from and saved),
+    ``stop()`` and ``start()`` (the same port again). A test that stops the server must start
+    it again.
     """
+    from training.export_merged import main as export_merged
+
     require_vllm_python()
     folder = tmp_path_factory.mktemp('vllm-server')
-    checkpoint = build_servable_checkpoint(folder / 'tiny-blip2-opt')
-    server = VllmServer(checkpoint, 'tiny-blip2', folder / 'server.log',
+    base = build_servable_checkpoint(folder / 'tiny-blip2-opt')
+    adapter = build_lora_training_output(base, folder / 'lora-run')
+    merged = folder / 'lora-merged'
+    assert export_merged(['--adapter', str(adapter), '--output', str(merged)]) == 0
+    server = VllmServer(merged, 'tiny-blip2', folder / 'server.log',
                         extra_args=('--enforce-eager', '--api-key', API_KEY))
+    server.base_checkpoint, server.adapter = Path(base), adapter
     try:
         server.start()
         yield server
