@@ -40,6 +40,9 @@ imported. The numpy path below converts everything else:
   and padded rows (older cv_bridge ignores ``step``, newer rounds it down to whole pixels);
 * any frame that cv_bridge fails to convert: its failure rejects nothing.
 
+Encodings are matched as ROS spells them (``rgb8``, ``16UC1``): they are case-sensitive, and
+cv_bridge refuses ``RGB8``, so it is refused here too, with the right spelling in the message.
+
 YUV 4:2:2 is converted with BT.601 video-range coefficients (OpenCV's, as cv_bridge uses).
 
 16-bit images become 8 bit in one of two ways, chosen by what the encoding means:
@@ -133,18 +136,18 @@ _BAYER_TO_RGB = {
     'bayer_grbg': cv2.COLOR_BayerGB2RGB,
 }
 
-# Keys are lower case; ROS spells some encodings in upper case ('16UC1', '8UC3').
+# Keys are spelled as ROS spells them: encodings are case-sensitive ('16UC1', but 'rgb8').
 _LAYOUTS = {
     'rgb8': _Layout(3),
     'bgr8': _BGR,
-    '8uc3': _BGR,
+    '8UC3': _BGR,
     'rgba8': _Layout(4, color_code=cv2.COLOR_RGBA2RGB),
     'bgra8': _BGRA,
-    '8uc4': _BGRA,
+    '8UC4': _BGRA,
     'mono8': _MONO8,
-    '8uc1': _MONO8,
+    '8UC1': _MONO8,
     'mono16': _Layout(1, 2, cv2.COLOR_GRAY2RGB, _FIXED_SCALE),
-    '16uc1': _Layout(1, 2, cv2.COLOR_GRAY2RGB, _MINMAX_SCALE),
+    '16UC1': _Layout(1, 2, cv2.COLOR_GRAY2RGB, _MINMAX_SCALE),
     'rgb16': _Layout(3, 2, None, _FIXED_SCALE),
     'bgr16': _Layout(3, 2, cv2.COLOR_BGR2RGB, _FIXED_SCALE),
     'rgba16': _Layout(4, 2, cv2.COLOR_RGBA2RGB, _FIXED_SCALE),
@@ -157,6 +160,8 @@ _LAYOUTS = {
 }
 
 SUPPORTED_ENCODINGS = tuple(sorted(_LAYOUTS))
+# 'RGB8' or ' mono8' name a supported encoding in another spelling, which cv_bridge refuses.
+_ROS_SPELLINGS = {encoding.lower(): encoding for encoding in _LAYOUTS}
 
 # Encodings for which cv_bridge's conversion to rgb8 means the same as ours (same OpenCV
 # colour codes, same fixed 16-to-8-bit scale). Spelled as ROS spells them.
@@ -199,12 +204,9 @@ def image_to_rgb(msg, max_pixels=None):
     if width <= 0 or height <= 0 or data.size == 0:
         raise ImageConversionError(
             'empty', f'image is empty ({width}x{height}, {data.size} bytes of data)')
-    layout = _LAYOUTS.get(encoding.strip().lower())
+    layout = _LAYOUTS.get(encoding)
     if layout is None:
-        raise ImageConversionError(
-            'unknown_encoding',
-            f"unsupported image encoding '{encoding}'; "
-            f"supported: {', '.join(SUPPORTED_ENCODINGS)}")
+        raise ImageConversionError('unknown_encoding', _unknown_encoding_message(encoding))
     _check_pixels(width, height, max_pixels)
 
     row_bytes = width * layout.channels * layout.bytes_per_channel
@@ -340,6 +342,15 @@ def _ros_cv_bridge():
         # A half-installed cv_bridge fails in many ways; none of them is fatal here, the
         # numpy path converts the frames.
         return None, error
+
+
+def _unknown_encoding_message(encoding):
+    ros_spelling = _ROS_SPELLINGS.get(encoding.strip().lower())
+    if ros_spelling is not None:
+        return (f"encoding '{encoding}' is not a ROS encoding; did you mean '{ros_spelling}'? "
+                '(encodings are case-sensitive; cv_bridge refuses it too)')
+    return (f"unsupported image encoding '{encoding}'; "
+            f"supported: {', '.join(SUPPORTED_ENCODINGS)}")
 
 
 def _is_rclpy_image(msg):

@@ -381,6 +381,22 @@ def test_bad_raw_images_raise_with_a_reason(
     assert '\n' not in str(caught.value)
 
 
+@pytest.mark.parametrize('encoding, ros_spelling, pixel_bytes', [
+    ('RGB8', 'rgb8', 3), ('Mono8', 'mono8', 1), ('16uc1', '16UC1', 2), ('bgr8 ', 'bgr8', 3),
+])
+def test_an_encoding_spelled_otherwise_than_ros_spells_it_is_refused(
+        as_message, encoding, ros_spelling, pixel_bytes):
+    # ROS encodings are case-sensitive and cv_bridge refuses these; a frame accepted here would
+    # fail on the next tool down the line.
+    msg = as_message(_raw(4, 2, encoding, bytes(4 * 2 * pixel_bytes)))
+    with pytest.raises(ImageConversionError) as caught:
+        message_to_rgb(msg)
+    assert caught.value.reason == 'unknown_encoding'
+    assert f"did you mean '{ros_spelling}'?" in str(caught.value)
+    msg = as_message(_raw(4, 2, ros_spelling, bytes(4 * 2 * pixel_bytes)))
+    assert message_to_rgb(msg).shape == (2, 4, 3)
+
+
 def test_bad_compressed_images_raise_with_a_reason(as_message):
     jpeg = cv2.imencode('.jpg', _rgb_pattern(40, 40))[1].tobytes()
     cases = [
