@@ -18,8 +18,8 @@ Caption image files and folders with BLIP-2, without ROS.
 Prints one JSON object per image on stdout, ``{"image": path, "caption": text}``, in a fixed
 order (folders are searched recursively, paths sorted). Images are converted to RGB as the
 checkpoint's processor converts them (transparency on white). Every file that cannot be used
-(unreadable, undecodable, above ``--max-pixels``, or in a batch whose captioning failed), every
-missing path and every unreadable folder gets one line on stderr naming it and why, and the
+(unreadable, undecodable, above ``--max-pixels``), every missing path, every unreadable folder
+and every batch whose captioning failed gets one line on stderr naming it and why, and the
 others are captioned. Exit status: 0 when every image was captioned, 3 when some were and some
 failed, 1 when none could be, 2 when the model cannot be loaded, 130 on Ctrl-C; a reader that
 stops early (``| head``) ends it quietly.
