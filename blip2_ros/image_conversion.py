@@ -40,6 +40,9 @@ imported. The numpy path below converts everything else:
   and padded rows (older cv_bridge ignores ``step``, newer rounds it down to whole pixels);
 * any frame that cv_bridge fails to convert: its failure rejects nothing.
 
+Encodings are matched as ROS spells them (``rgb8``, ``16UC1``): they are case-sensitive, and
+cv_bridge refuses ``RGB8``, so it is refused here too, with the right spelling in the message.
+
 YUV 4:2:2 is converted with BT.601 video-range coefficients (OpenCV's, as cv_bridge uses).
 
 16-bit images become 8 bit in one of two ways, chosen by what the encoding means:
@@ -50,7 +53,12 @@ YUV 4:2:2 is converted with BT.601 video-range coefficients (OpenCV's, as cv_bri
   16-bit range; a fixed scale would give a black picture. It is min-max stretched per frame
   to 0..255 (a constant frame becomes all zeros).
 
-Compressed images are JPEG or PNG. Their header is read first (with Pillow, which decodes
+Compressed images are JPEG or PNG, told apart by their data's signature, not by the ``format``
+label: cv_bridge decodes them that way, CompressedImage.msg reads a label it does not recognise
+as JPEG, and cv_bridge itself labels a JPEG ``jpe``. The label counts only where the data cannot
+tell: the source encoding of a 16-bit PNG, a Bayer mosaic, and compressedDepth's header. A label
+that names another codec than the data's is decoded all the same and listed, once, by
+``format_label_mismatches()``. Their header is read first (with Pillow, which decodes
 nothing), so ``max_pixels`` rejects a decompression bomb before any pixel is decoded.
 ``compressedDepth`` payloads (a 12-byte configuration header followed by a PNG of the raw
 16UC1 depth) are decoded by skipping that header; 32FC1 (inverse depth) and RVL payloads
@@ -63,6 +71,7 @@ import functools
 import importlib.util
 import io
 import os
+import threading
 import warnings
 
 import cv2
@@ -75,6 +84,7 @@ __all__ = [
     'compressed_to_rgb',
     'cv_bridge_failure',
     'cv_bridge_in_use',
+    'format_label_mismatches',
     'image_to_rgb',
     'message_to_rgb',
 ]
@@ -87,6 +97,14 @@ _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 _JPEG_MAGIC = b'\xff\xd8'
 _JPEG_END = b'\xff\xd9'
 _JPEG_END_SEARCH_BYTES = 1024
+# cv_bridge's cv2_to_compressed_imgmsg(img, 'jpe') labels a JPEG 'jpe', OpenCV's extension.
+_JPEG_LABELS = ('jpeg', 'jpg', 'jpe')
+
+# Format labels that named another codec than their data's, with the line that says so.
+# Bounded: a publisher could put a counter into its label.
+_MAX_LABEL_MISMATCHES = 16
+_label_mismatches = {}
+_label_mismatches_lock = threading.Lock()
 
 # libjpeg decodes at 1/2, 1/4 and 1/8 scale by truncating the DCT: fewer samples to
 # reconstruct, colour-convert and copy, and each output pixel is the average of its block.
@@ -133,18 +151,18 @@ _BAYER_TO_RGB = {
     'bayer_grbg': cv2.COLOR_BayerGB2RGB,
 }
 
-# Keys are lower case; ROS spells some encodings in upper case ('16UC1', '8UC3').
+# Keys are spelled as ROS spells them: encodings are case-sensitive ('16UC1', but 'rgb8').
 _LAYOUTS = {
     'rgb8': _Layout(3),
     'bgr8': _BGR,
-    '8uc3': _BGR,
+    '8UC3': _BGR,
     'rgba8': _Layout(4, color_code=cv2.COLOR_RGBA2RGB),
     'bgra8': _BGRA,
-    '8uc4': _BGRA,
+    '8UC4': _BGRA,
     'mono8': _MONO8,
-    '8uc1': _MONO8,
+    '8UC1': _MONO8,
     'mono16': _Layout(1, 2, cv2.COLOR_GRAY2RGB, _FIXED_SCALE),
-    '16uc1': _Layout(1, 2, cv2.COLOR_GRAY2RGB, _MINMAX_SCALE),
+    '16UC1': _Layout(1, 2, cv2.COLOR_GRAY2RGB, _MINMAX_SCALE),
     'rgb16': _Layout(3, 2, None, _FIXED_SCALE),
     'bgr16': _Layout(3, 2, cv2.COLOR_BGR2RGB, _FIXED_SCALE),
     'rgba16': _Layout(4, 2, cv2.COLOR_RGBA2RGB, _FIXED_SCALE),
@@ -157,6 +175,8 @@ _LAYOUTS = {
 }
 
 SUPPORTED_ENCODINGS = tuple(sorted(_LAYOUTS))
+# 'RGB8' or ' mono8' name a supported encoding in another spelling, which cv_bridge refuses.
+_ROS_SPELLINGS = {encoding.lower(): encoding for encoding in _LAYOUTS}
 
 # Encodings for which cv_bridge's conversion to rgb8 means the same as ours (same OpenCV
 # colour codes, same fixed 16-to-8-bit scale). Spelled as ROS spells them.
@@ -199,12 +219,9 @@ def image_to_rgb(msg, max_pixels=None):
     if width <= 0 or height <= 0 or data.size == 0:
         raise ImageConversionError(
             'empty', f'image is empty ({width}x{height}, {data.size} bytes of data)')
-    layout = _LAYOUTS.get(encoding.strip().lower())
+    layout = _LAYOUTS.get(encoding)
     if layout is None:
-        raise ImageConversionError(
-            'unknown_encoding',
-            f"unsupported image encoding '{encoding}'; "
-            f"supported: {', '.join(SUPPORTED_ENCODINGS)}")
+        raise ImageConversionError('unknown_encoding', _unknown_encoding_message(encoding))
     _check_pixels(width, height, max_pixels)
 
     row_bytes = width * layout.channels * layout.bytes_per_channel
@@ -259,20 +276,25 @@ def compressed_to_rgb(msg, max_pixels=None, min_size=None):
     lowered = fmt.lower()
     source_encoding = lowered.split(';', 1)[0].strip() if ';' in lowered else ''
     if 'compresseddepth' in lowered:
+        # Only the label tells that a 12-byte header comes before the PNG.
         if source_encoding != '16uc1' or 'rvl' in lowered:
             raise ImageConversionError(
                 'unknown_encoding',
                 f"compressedDepth format '{fmt}' is not supported; only 16UC1 PNG depth is")
         data = data[_COMPRESSED_DEPTH_HEADER_BYTES:]
-    elif not any(kind in lowered for kind in ('jpeg', 'jpg', 'png')) and lowered.strip():
-        raise ImageConversionError(
-            'unknown_encoding',
-            f"unsupported compressed format '{fmt}'; only jpeg and png can be decoded")
 
     head = data[:8].tobytes()
-    if not (head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC)):
+    payload = _payload_kind(head)
+    codec = _label_codec(lowered)
+    if payload is None:
+        if codec not in ('', 'jpeg', 'png'):
+            raise ImageConversionError(
+                'unknown_encoding',
+                f"unsupported compressed format '{fmt}'; only JPEG and PNG can be decoded")
         raise ImageConversionError(
             'undecodable', f"compressed image '{fmt}' is neither a JPEG nor a PNG stream")
+    if codec not in ('', payload):
+        _note_label_mismatch(fmt, payload)
     if head.startswith(_JPEG_MAGIC) and _JPEG_END not in _jpeg_tail(data):
         # OpenCV 5 refuses such a frame itself; earlier releases, as ROS distributions ship,
         # would decode it into a partly grey picture and the node would caption that.
@@ -309,6 +331,18 @@ def compressed_to_rgb(msg, max_pixels=None, min_size=None):
         'undecodable', f"compressed image '{fmt}' decodes to {channels} channels")
 
 
+def format_label_mismatches():
+    """
+    Return one line per CompressedImage format label that contradicted its data, first first.
+
+    Frames are decoded by their data's signature (JPEG or PNG), whatever the label says, as
+    cv_bridge decodes them; a publisher whose label names another codec is worth a word to its
+    owner, once. Each distinct (label, data) pair is listed once; at most 16 are kept.
+    """
+    with _label_mismatches_lock:
+        return list(_label_mismatches.values())
+
+
 def cv_bridge_in_use():
     """Return True when raw rclpy Image messages are converted with ROS 2's cv_bridge."""
     return _ros_cv_bridge()[0] is not None
@@ -340,6 +374,15 @@ def _ros_cv_bridge():
         # A half-installed cv_bridge fails in many ways; none of them is fatal here, the
         # numpy path converts the frames.
         return None, error
+
+
+def _unknown_encoding_message(encoding):
+    ros_spelling = _ROS_SPELLINGS.get(encoding.strip().lower())
+    if ros_spelling is not None:
+        return (f"encoding '{encoding}' is not a ROS encoding; did you mean '{ros_spelling}'? "
+                '(encodings are case-sensitive; cv_bridge refuses it too)')
+    return (f"unsupported image encoding '{encoding}'; "
+            f"supported: {', '.join(SUPPORTED_ENCODINGS)}")
 
 
 def _is_rclpy_image(msg):
@@ -387,6 +430,41 @@ def _stored_bayer_code(lowered_format, source_encoding):
     # encoding itself for a mosaic, 'mono8' when it debayered to grey first.
     stored = lowered_format.partition('compressed')[2].strip()
     return code if stored in ('', source_encoding) else None
+
+
+def _payload_kind(head):
+    """Return 'jpeg' or 'png' by the stream's signature, or None for anything else."""
+    if head.startswith(_JPEG_MAGIC):
+        return 'jpeg'
+    if head.startswith(_PNG_MAGIC):
+        return 'png'
+    return None
+
+
+def _label_codec(lowered_format):
+    """
+    Return the codec a format label names: 'jpeg', 'png', another codec's name, or ''.
+
+    '' where the label names none: empty, only a pixel format ('bgr8'), or compressedDepth.
+    """
+    if 'compresseddepth' in lowered_format:
+        return ''
+    # 'rgb8; jpeg compressed bgr8' names it after the ';', a bare 'jpe' or 'png' by itself.
+    label = lowered_format.partition(';')[2] if ';' in lowered_format else lowered_format
+    words = label.replace('compressed', ' ').split()
+    if not words or words[0] in _ROS_SPELLINGS:
+        return ''
+    codec = words[0].rpartition('/')[2].lstrip('.')  # also 'image/jpeg', '.png'
+    return 'jpeg' if codec in _JPEG_LABELS else codec
+
+
+def _note_label_mismatch(fmt, payload):
+    with _label_mismatches_lock:
+        if (fmt, payload) not in _label_mismatches and (
+                len(_label_mismatches) < _MAX_LABEL_MISMATCHES):
+            _label_mismatches[(fmt, payload)] = (
+                f"compressed format '{fmt}' does not name the {payload.upper()} data its "
+                f'frames hold; they are decoded as {payload.upper()}')
 
 
 def _jpeg_tail(data):

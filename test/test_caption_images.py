@@ -23,6 +23,8 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import warnings
+import zlib
 
 from blip2_ros.caption_images import find_images, ImageLoadError, load_rgb, main
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
@@ -33,6 +35,7 @@ import pytest
 from rosbags.typesys import get_typestore, Stores
 import torch
 from transformers import Blip2ForConditionalGeneration
+from transformers.image_transforms import convert_to_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = Path(os.environ.get(
@@ -116,12 +119,12 @@ def json_lines(text):
 
 def test_find_images_is_recursive_sorted_and_filtered(image_folder):
     root, _ = image_folder
-    images, missing = find_images([str(root), str(root / 'belt.png'), str(root / 'nope')])
+    images, problems = find_images([str(root), str(root / 'belt.png'), str(root / 'nope')])
     relative = [os.path.relpath(path, root) for path in images]
     assert relative == ['belt.png', 'shift_a/box.JPG', 'shift_a/z_last.png',
                         'shift_b/arm.png', 'shift_b/broken.jpg', 'webcam.jpg',
                         'webcam_raw.png']
-    assert missing == [str(root / 'nope')]
+    assert problems == [f'{root / "nope"}: no such file or folder']
     # A file named explicitly is taken whatever its extension.
     notes = str(root / 'shift_b/notes.txt')
     assert find_images([notes]) == ([notes], [])
@@ -187,6 +190,131 @@ def test_load_rgb_scales_16_bit_grey_to_8_bit(tmp_path):
     assert np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
 
 
+def test_a_truncated_jpeg_gets_one_line_that_it_cannot_be_decoded(image_folder, capsys):
+    # Decoding it once for its EXIF orientation and once more for its pixels gave two lines,
+    # the first a false one about EXIF.
+    root, _ = image_folder
+    path = str(root / 'shift_b/broken.jpg')
+    with pytest.raises(ImageLoadError) as error:
+        load_rgb(path)
+    assert str(error.value).startswith(f'{path}: cannot be decoded (image file is truncated')
+    assert capsys.readouterr().err == ''
+
+
+def _alpha_pattern(height, width):
+    """Return RGBA with fully transparent, half and fully opaque pixels over random colours."""
+    rgba = np.concatenate([random_frame(11, height, width),
+                           np.zeros((height, width, 1), np.uint8)], axis=2)
+    rgba[:, width // 3:2 * width // 3, 3] = 128
+    rgba[:, 2 * width // 3:, 3] = 255
+    return rgba
+
+
+def _palette_with_transparency():
+    image = Image.fromarray(random_frame(12, 20, 30)).quantize(16)
+    image.info['transparency'] = 3  # palette index 3 is see-through
+    return image
+
+
+@pytest.mark.parametrize('make, extension', [
+    (lambda: Image.fromarray(_alpha_pattern(20, 30), 'RGBA'), '.png'),
+    (lambda: Image.fromarray(_alpha_pattern(20, 30), 'RGBA').convert('LA'), '.png'),
+    (_palette_with_transparency, '.png'),
+    (lambda: Image.fromarray(random_frame(13, 20, 30)).quantize(16), '.png'),
+    (lambda: Image.fromarray(random_frame(14, 20, 30)).convert('CMYK'), '.jpg'),
+    (lambda: Image.fromarray(random_frame(15, 20, 30)).convert('CMYK'), '.tiff'),
+])
+def test_images_are_converted_to_rgb_as_the_checkpoints_processor_converts_them(
+        tmp_path, make, extension):
+    path = tmp_path / f'image{extension}'
+    make().save(path)
+    with Image.open(path) as image:
+        expected = convert_to_rgb(image, return_numpy=True)
+    assert np.array_equal(load_rgb(str(path)), expected)
+
+
+def test_transparent_pixels_are_white_as_the_processor_shows_them(tmp_path):
+    # Not the colour stored under them (random here, often black): white, as transformers'
+    # convert_to_rgb composites, so the model sees what it sees in training and evaluation.
+    rgba = _alpha_pattern(20, 30)
+    path = tmp_path / 'cutout.png'
+    Image.fromarray(rgba, 'RGBA').save(path)
+    rgb = load_rgb(str(path))
+    assert (rgb[:, :10] == 255).all()
+    assert np.array_equal(rgb[:, 20:], rgba[:, 20:, :3])
+
+
+def _png_header_only(width, height):
+    """Return a grey PNG that announces any size and whose pixel data stops after 2 rows."""
+    def chunk(kind, body):
+        return (struct.pack('>I', len(body)) + kind + body
+                + struct.pack('>I', zlib.crc32(kind + body)))
+    ihdr = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(bytes(2 * (width + 1)))
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', rows)
+
+
+@pytest.mark.parametrize('width, height, expected', [
+    # 144 megapixels: above --max-pixels, and above Pillow's warning limit of 89 million.
+    (12000, 12000, '12000x12000 = 144000000 pixels, above the limit of 8294400 (--max-pixels)'),
+    # Above the limit Pillow refuses at, whatever --max-pixels says.
+    (15000, 15000, 'too large to decode safely'),
+])
+def test_an_image_above_max_pixels_is_refused_from_its_header_in_one_line(
+        tmp_path, width, height, expected):
+    # Only the header is whole: decoding would fail with 'cannot be decoded' instead.
+    path = tmp_path / 'huge.png'
+    path.write_bytes(_png_header_only(width, height))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        with pytest.raises(ImageLoadError) as error:
+            load_rgb(str(path), max_pixels=3840 * 2160)
+    assert str(error.value).startswith(f'{path}: ')
+    assert expected in str(error.value)
+    # Python prints a warning in two lines, the second the source line that raised it.
+    assert [warning.category.__name__ for warning in caught] == []
+
+
+def test_max_pixels_option_skips_images_above_it(tmp_path, tiny_opt_checkpoint, capsys):
+    small, large = tmp_path / 'a_small.png', tmp_path / 'b_large.png'
+    Image.fromarray(random_frame(16, 16, 16)).save(small)
+    Image.fromarray(random_frame(17, 16, 20)).save(large)
+    status = main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3',
+                   '--max-pixels', '256', str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert status == 3
+    assert [line['image'] for line in json_lines(out)] == [str(small)]
+    assert f'{large}: 20x16 = 320 pixels, above the limit of 256 (--max-pixels), skipped' in err
+    assert main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3',
+                 '--max-pixels', '320', str(tmp_path)]) == 0
+    assert len(json_lines(capsys.readouterr().out)) == 2
+
+
+def test_an_unreadable_folder_gets_one_line_and_the_rest_is_captioned(
+        image_folder, tiny_opt_checkpoint, monkeypatch, capsys):
+    root, _ = image_folder
+    locked = str(root / 'shift_b')
+    scandir = os.scandir
+
+    def scandir_without_permission(path='.'):
+        # What a folder without read permission gives anyone but root, who runs these tests.
+        if os.fspath(path) == locked:
+            raise PermissionError(13, 'Permission denied', locked)
+        return scandir(path)
+
+    monkeypatch.setattr(os, 'scandir', scandir_without_permission)
+    images, problems = find_images([str(root)])
+    assert problems == [f'{locked}: cannot read folder (Permission denied)']
+    assert not any(path.startswith(locked) for path in images) and len(images) == 5
+    status = main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3',
+                   '--batch-size', '5', str(root)])
+    out, err = capsys.readouterr()
+    assert status == 3
+    assert [line['image'] for line in json_lines(out)] == images
+    assert f'{locked}: cannot read folder (Permission denied), skipped' in err
+    assert 'captioned 5 images, skipped 0, 1 paths missing or unreadable' in err
+
+
 @pytest.mark.parametrize('content', [b'', b'not an image', b'\x89PNG\r\n\x1a\n' + b'\0' * 40])
 def test_load_rgb_reports_unreadable_files_in_one_line(tmp_path, content):
     path = tmp_path / 'bad.png'
@@ -204,9 +332,9 @@ def test_find_images_follows_symlinked_folders_but_not_link_loops(tmp_path):
     Image.fromarray(random_frame(8, 8, 8)).save(elsewhere / 'arm.png')
     (root / 'camera2').symlink_to(elsewhere, target_is_directory=True)
     (elsewhere / 'back').symlink_to(root, target_is_directory=True)  # a loop
-    images, missing = find_images([str(root)])
+    images, problems = find_images([str(root)])
     assert [os.path.relpath(path, root) for path in images] == ['belt.png', 'camera2/arm.png']
-    assert missing == []
+    assert problems == []
 
 
 def test_captions_every_readable_image_like_the_captioner(image_folder, lively_checkpoint,
@@ -216,7 +344,7 @@ def test_captions_every_readable_image_like_the_captioner(image_folder, lively_c
                    '--max-new-tokens', '6', '--device', 'cpu', str(root)])
     out, err = capsys.readouterr()
 
-    assert status == 0
+    assert status == 3  # captioned some, but broken.jpg failed
     lines = json_lines(out)
     expected_paths = [path for path in find_images([str(root)])[0]
                       if not path.endswith('broken.jpg')]
@@ -232,7 +360,8 @@ def test_captions_every_readable_image_like_the_captioner(image_folder, lively_c
             frames.append(np.asarray(Image.open(path).convert('RGB')))
     assert [line['caption'] for line in lines] == captioner.caption(frames)
     assert len({line['caption'] for line in lines}) > 1
-    assert 'broken.jpg' in err and 'skipped' in err
+    broken_lines = [line for line in err.splitlines() if 'broken.jpg' in line]
+    assert len(broken_lines) == 1 and 'skipped' in broken_lines[0], err
     assert 'captioned 6 images, skipped 1' in err
 
 
@@ -293,7 +422,7 @@ def test_an_image_too_big_for_memory_is_skipped_and_the_others_captioned(
     status = main(['--model', str(tiny_opt_checkpoint), '--batch-size', '1',
                    '--max-new-tokens', '3', belt, huge, arm])
     out, err = capsys.readouterr()
-    assert status == 0
+    assert status == 3
     assert [line['image'] for line in json_lines(out)] == [belt, arm]
     assert f'{huge}: cannot read image (MemoryError), skipped' in err
     assert 'captioned 2 images, skipped 1' in err and 'Traceback' not in err
@@ -318,7 +447,7 @@ def test_out_of_memory_on_a_cpu_skips_the_batch_and_says_to_lower_batch_size(
     status = main(['--model', str(tiny_opt_checkpoint), '--batch-size', '2',
                    '--max-new-tokens', '3'] + paths)
     out, err = capsys.readouterr()
-    assert status == 0
+    assert status == 3
     assert [line['image'] for line in json_lines(out)] == paths[2:]
     assert 'out of memory on a batch of 2 images, skipped them; lower --batch-size' in err
     assert 'captioned 1 images, skipped 2' in err
@@ -351,9 +480,9 @@ def test_missing_path_is_skipped_with_a_warning(image_folder, tiny_opt_checkpoin
     status = main(['--model', str(tiny_opt_checkpoint), str(root / 'belt.png'),
                    str(root / 'missing.png')])
     out, err = capsys.readouterr()
-    assert status == 0
+    assert status == 3
     assert [line['image'] for line in json_lines(out)] == [str(root / 'belt.png')]
-    assert f'{root / "missing.png"}: no such file or folder' in err
+    assert f'{root / "missing.png"}: no such file or folder, skipped' in err
 
 
 def test_model_that_cannot_load_exits_2_with_one_line(image_folder, tmp_path, capsys):
@@ -444,19 +573,49 @@ def test_the_default_batch_size_captions_every_image_of_a_full_batch(
     assert 'captioned 4 images, skipped 0' in err
 
 
-def test_an_error_that_is_not_out_of_memory_is_not_passed_off_as_one(
+def test_an_error_that_is_not_out_of_memory_fails_its_batch_in_one_line_and_goes_on(
         image_folder, tiny_opt_checkpoint, monkeypatch, capsys):
     root, _ = image_folder
+    paths = [str(root / name) for name in ('belt.png', 'shift_b/arm.png', 'shift_a/z_last.png')]
+    caption = Blip2Captioner.caption
 
     def caption_with_a_bug(captioner, frames, *args, **kwargs):
-        torch.ones(2) @ torch.ones(3)  # a real torch RuntimeError: shapes that do not match
+        if frames[0].shape[0] == 120:  # arm.png
+            torch.ones(2) @ torch.ones(3)  # a real torch RuntimeError: shapes that do not match
+        return caption(captioner, frames, *args, **kwargs)
 
     monkeypatch.setattr(Blip2Captioner, 'caption', caption_with_a_bug)
-    with pytest.raises(RuntimeError, match='size'):
-        main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3',
-              str(root / 'belt.png')])
-    err = capsys.readouterr().err
-    assert 'out of memory' not in err and 'lower --batch-size' not in err
+    status = main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3',
+                   '--batch-size', '1'] + paths)
+    out, err = capsys.readouterr()
+    assert status == 3
+    assert [line['image'] for line in json_lines(out)] == [paths[0], paths[2]]
+    lines = [line for line in err.splitlines() if line.startswith('caption_images:')]
+    assert len(lines) == 2, err
+    assert lines[0].startswith(f'caption_images: {paths[1]}: no captions (RuntimeError: ')
+    assert 'size' in lines[0] and lines[0].endswith('skipped')
+    assert 'captioned 2 images, skipped 1' in lines[1]
+    assert 'out of memory' not in err and 'Traceback' not in err
+
+
+def test_a_server_failure_for_one_image_fails_that_image_and_the_rest_are_captioned(
+        image_folder, tiny_opt_checkpoint, monkeypatch, capsys):
+    # --backend openai hands back CaptionFailure in place of a caption that did not come.
+    from blip2_ros.server_captioner import CaptionFailure
+    root, _ = image_folder
+    paths = [str(root / name) for name in ('belt.png', 'shift_b/arm.png')]
+    caption = Blip2Captioner.caption
+
+    def caption_one_timed_out(captioner, frames, *args, **kwargs):
+        captions = caption(captioner, frames, *args, **kwargs)
+        return [CaptionFailure('server_timeout', 'no answer within 60 s')] + captions[1:]
+
+    monkeypatch.setattr(Blip2Captioner, 'caption', caption_one_timed_out)
+    status = main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3'] + paths)
+    out, err = capsys.readouterr()
+    assert status == 3
+    assert [line['image'] for line in json_lines(out)] == paths[1:]
+    assert f'{paths[0]}: no caption (no answer within 60 s), skipped' in err
 
 
 @pytest.fixture

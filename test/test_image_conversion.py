@@ -27,7 +27,9 @@ from pathlib import Path
 import struct
 import zlib
 
+from blip2_ros import image_conversion
 from blip2_ros.image_conversion import compressed_to_rgb
+from blip2_ros.image_conversion import format_label_mismatches
 from blip2_ros.image_conversion import image_to_rgb
 from blip2_ros.image_conversion import ImageConversionError
 from blip2_ros.image_conversion import message_to_rgb
@@ -265,6 +267,50 @@ def test_compressed_jpeg_keeps_colour_order(as_message):
         assert np.abs(centre - rgb[0, block * 16]).max() <= 6
 
 
+@pytest.fixture
+def no_label_mismatches(monkeypatch):
+    monkeypatch.setattr(image_conversion, '_label_mismatches', {})
+
+
+@pytest.mark.parametrize('fmt', ['jpe', 'jpg', 'JPEG', 'rgb8; jpeg compressed bgr8', 'bgr8',
+                                 'image/jpeg', ''])
+def test_a_jpeg_is_decoded_under_any_label_cv_bridge_or_a_driver_gives_it(
+        as_message, no_label_mismatches, fmt):
+    # cv_bridge's cv2_to_compressed_imgmsg(img, 'jpe') labels a JPEG 'jpe', OpenCV's extension;
+    # CompressedImage.msg reads a label without its pattern ('bgr8') as a JPEG.
+    rgb = _rgb_pattern(24, 32)
+    jpeg = cv2.imencode('.jpe', rgb[..., ::-1])[1].tobytes()
+    expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR),
+                            cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(message_to_rgb(as_message(_compressed(fmt, jpeg))), expected)
+    assert format_label_mismatches() == []
+
+
+def test_a_label_that_names_another_codec_is_decoded_by_the_data_and_noted_once(
+        as_message, no_label_mismatches):
+    rgb = _rgb_pattern(9, 11)
+    png = _png(rgb[..., ::-1])
+    jpeg = cv2.imencode('.jpg', rgb[..., ::-1])[1].tobytes()
+    for _ in range(3):
+        np.testing.assert_array_equal(
+            message_to_rgb(as_message(_compressed('rgb8; jpeg compressed bgr8', png))), rgb)
+        assert message_to_rgb(as_message(_compressed('png', jpeg))).shape == (9, 11, 3)
+        assert message_to_rgb(as_message(_compressed('qoi', jpeg))).shape == (9, 11, 3)
+    notes = format_label_mismatches()
+    assert len(notes) == 3, notes
+    assert "'rgb8; jpeg compressed bgr8'" in notes[0] and 'decoded as PNG' in notes[0]
+    assert "'png'" in notes[1] and 'decoded as JPEG' in notes[1]
+    assert "'qoi'" in notes[2] and 'decoded as JPEG' in notes[2]
+    assert all('\n' not in note for note in notes)
+
+
+def test_label_mismatches_kept_are_bounded(no_label_mismatches):
+    jpeg = cv2.imencode('.jpg', _rgb_pattern(8, 8))[1].tobytes()
+    for frame in range(40):
+        compressed_to_rgb(_compressed(f'png frame {frame}', jpeg))
+    assert len(format_label_mismatches()) == 16
+
+
 @pytest.mark.parametrize('fmt, expected_scale', [
     ('16UC1; png compressed ', 'minmax'), ('mono16; png compressed ', 'fixed'),
 ])
@@ -381,6 +427,22 @@ def test_bad_raw_images_raise_with_a_reason(
     assert '\n' not in str(caught.value)
 
 
+@pytest.mark.parametrize('encoding, ros_spelling, pixel_bytes', [
+    ('RGB8', 'rgb8', 3), ('Mono8', 'mono8', 1), ('16uc1', '16UC1', 2), ('bgr8 ', 'bgr8', 3),
+])
+def test_an_encoding_spelled_otherwise_than_ros_spells_it_is_refused(
+        as_message, encoding, ros_spelling, pixel_bytes):
+    # ROS encodings are case-sensitive and cv_bridge refuses these; a frame accepted here would
+    # fail on the next tool down the line.
+    msg = as_message(_raw(4, 2, encoding, bytes(4 * 2 * pixel_bytes)))
+    with pytest.raises(ImageConversionError) as caught:
+        message_to_rgb(msg)
+    assert caught.value.reason == 'unknown_encoding'
+    assert f"did you mean '{ros_spelling}'?" in str(caught.value)
+    msg = as_message(_raw(4, 2, ros_spelling, bytes(4 * 2 * pixel_bytes)))
+    assert message_to_rgb(msg).shape == (2, 4, 3)
+
+
 def test_bad_compressed_images_raise_with_a_reason(as_message):
     jpeg = cv2.imencode('.jpg', _rgb_pattern(40, 40))[1].tobytes()
     cases = [
@@ -389,7 +451,8 @@ def test_bad_compressed_images_raise_with_a_reason(as_message):
         (_compressed('jpeg', jpeg[:len(jpeg) // 2]), 'undecodable'),
         (_compressed('jpeg', jpeg[:10]), 'undecodable'),
         (_compressed('png', _png_header_only(8, 8)), 'undecodable'),
-        (_compressed('qoi', jpeg), 'unknown_encoding'),
+        (_compressed('qoi', b'qoif' + bytes(30)), 'unknown_encoding'),
+        (_compressed('webp', b'RIFF' + bytes(30)), 'unknown_encoding'),
     ]
     for msg, reason in cases:
         with pytest.raises(ImageConversionError) as caught:
