@@ -35,7 +35,8 @@ import time
 from blip2_ros.captioner import (CaptionerConfig, DEFAULT_MODEL, make_captioner,
                                  ModelLoadError, prompt_problem, TRAINING_INFO_FILE,
                                  training_prompt)
-from blip2_ros.image_conversion import ImageConversionError, message_to_rgb
+from blip2_ros.image_conversion import (format_label_mismatches, ImageConversionError,
+                                        message_to_rgb)
 from blip2_ros.parameters import declare, markdown_table, ParameterSpec
 import cv2
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -294,6 +295,7 @@ class CaptionNode(Node):
         self.rejected = {}
         self._rejected_at_last_report = 0
         self._dropped_at_last_report = 0
+        self._label_notes_logged = 0
         self.oom_batches = 0
         self.failed_batches = 0
         self.dropped = {}  # frames that got no caption, by reason (server backend)
@@ -748,6 +750,12 @@ class CaptionNode(Node):
 
     def _publish_diagnostics(self):
         stats = self.statistics()
+        # Frames are decoded by their bytes; a format label that names another codec is told
+        # to the publisher's owner once, and the frames are captioned all the same.
+        label_notes = format_label_mismatches()
+        for note in label_notes[self._label_notes_logged:]:
+            self.get_logger().warning(note)
+        self._label_notes_logged = len(label_notes)
         stale_after = self.get_parameter('stale_input_timeout').value
         listening = time.monotonic() - self.listening_since
         problems = []
@@ -801,6 +809,7 @@ class CaptionNode(Node):
             'oom_batches': stats['oom_batches'],
             'failed_batches': stats['failed_batches'],
             'dropped_frames': stats['dropped_frames'],
+            'format_label_mismatches': len(label_notes),
         }
         for reason, count in sorted(stats['rejected_by_reason'].items()):
             values[f'rejected_{reason}'] = count

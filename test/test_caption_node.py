@@ -863,3 +863,24 @@ def test_fast_camera_and_slow_model_leave_no_backlog(harness_factory, tmp_path):
     assert lags, f'no captions while the camera was publishing: {stats}, {len(harness.infos)}'
     lags_ms = sorted(lag * period * 1000 for lag in lags)
     assert lags_ms[len(lags_ms) // 2] <= 3 * inference_period_ms + 100
+
+
+def test_a_compressed_frame_labelled_with_another_codec_is_captioned_and_reported_once(
+        harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/cam/image_raw/compressed'],
+                              max_new_tokens=8)
+    publisher = harness.publisher(CompressedImage, '/cam/image_raw/compressed')
+    message = jpeg_message(make_frame(40), stamp_sec=40)
+    message.format = 'png'  # a JPEG under a PNG label: decoded by its bytes all the same
+    publisher.publish(message)
+    info = harness.wait_for_infos(1)[0]
+    assert info['caption'] == harness.node.captioner.caption(
+        [decode_jpeg(message)], max_new_tokens=8)[0]
+
+    def reported():
+        for array_message in reversed(harness.diagnostics):
+            values = {item.key: item.value for item in array_message.status[0].values}
+            if int(values.get('format_label_mismatches', 0)) >= 1:
+                return True
+        return False
+    wait_for(reported, what='the label mismatch in diagnostics')
