@@ -695,3 +695,43 @@ def test_a_folder_named_datasets_is_named_before_training(
     message = str(raised.value)
     assert str(tmp_path / 'datasets') in message and 'rename that folder' in message
     assert not (tmp_path / 'out').exists()
+
+
+def assert_one_line(message, *fragments):
+    """The message is one line and names every fragment."""
+    assert '\n' not in message and message.strip() == message
+    for fragment in fragments:
+        assert fragment in message, f'{fragment!r} not in {message!r}'
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path, dataset, tiny_opt_checkpoint):
+    """A base with only pytorch_model.bin: one line naming --allow_pickle; with it, it loads."""
+    base = tmp_path / 'opt-bin'
+    shutil.copytree(tiny_opt_checkpoint, base)
+    weights = load_file(base / 'model.safetensors')
+    os.remove(base / 'model.safetensors')
+    # transformers 5 ignores safe_serialization=False, so write the legacy file by hand.
+    torch.save(weights, base / 'pytorch_model.bin')
+    with pytest.raises(SystemExit) as raised:
+        run_train(base, dataset, tmp_path / 'out', 'qformer', '--max_steps', '1')
+    assert_one_line(str(raised.value), str(base), '--allow_pickle')
+    assert not (tmp_path / 'out' / 'model.safetensors').exists()
+
+    model_args, _, training_args = train.parse_arguments([
+        '--model', str(base), '--data', str(dataset), '--output_dir', str(tmp_path / 'unused'),
+        '--use_cpu', 'true', '--allow_pickle', 'true'])
+    model, _ = train.load_model(model_args, training_args)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in weights.items())
+
+
+def test_a_base_that_needs_its_own_code_is_refused(tmp_path, dataset, tiny_opt_checkpoint):
+    """config.json with auto_map: refused in one line, even though BLIP-2 classes could load it."""
+    base = tmp_path / 'remote-code'
+    shutil.copytree(tiny_opt_checkpoint, base)
+    config = json.loads((base / 'config.json').read_text())
+    config['auto_map'] = {'AutoModelForVision2Seq': 'modeling_custom.CustomBlip2'}
+    (base / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as raised:
+        run_train(base, dataset, tmp_path / 'out', 'qformer', '--max_steps', '1')
+    assert_one_line(str(raised.value), str(base), 'auto_map', 'never runs')

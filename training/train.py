@@ -533,10 +533,17 @@ def resolve_weights_dtype(model_args):
 
 def load_model(model_args, training_args):
     """Load the BLIP-2 checkpoint and its processor; raise TrainingError on failure."""
-    from transformers import AutoConfig, Blip2ForConditionalGeneration, Blip2Processor
+    from transformers import (AutoConfig, Blip2ForConditionalGeneration, Blip2Processor,
+                              PretrainedConfig)
 
     where = f"BLIP-2 model '{model_args.model}'"
     try:
+        settings, _ = PretrainedConfig.get_config_dict(model_args.model)
+        if settings.get('auto_map'):
+            # Training never runs code that comes with a checkpoint (trust_remote_code).
+            raise TrainingError(f'cannot load {where}: its config.json names code of its own '
+                                '(auto_map), which training never runs; use a checkpoint that '
+                                "transformers' built-in BLIP-2 classes load")
         config = AutoConfig.from_pretrained(model_args.model)
     except (OSError, ValueError) as error:
         raise TrainingError(f'cannot load {where}: {_one_line(error)}') from error
@@ -559,7 +566,11 @@ def load_model(model_args, training_args):
         processor = Blip2Processor.from_pretrained(model_args.model)
         model = Blip2ForConditionalGeneration.from_pretrained(model_args.model, **load_args)
     except (OSError, ValueError, RuntimeError) as error:
-        raise TrainingError(f'cannot load {where}: {_one_line(error)}') from error
+        hint = ''
+        if not model_args.allow_pickle and 'safetensors' in str(error).lower():
+            hint = (' (it has no safetensors weights: add --allow_pickle true to load its '
+                    'pickle .bin weights if you trust its source, or re-save it as safetensors)')
+        raise TrainingError(f'cannot load {where}: {_one_line(error)}{hint}') from error
     if model.config.text_config.is_encoder_decoder:
         # T5 averages its loss itself; without this the Trainer would skip dividing it by the
         # gradient accumulation steps.
