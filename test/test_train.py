@@ -735,3 +735,55 @@ def test_a_base_that_needs_its_own_code_is_refused(tmp_path, dataset, tiny_opt_c
     with pytest.raises(SystemExit) as raised:
         run_train(base, dataset, tmp_path / 'out', 'qformer', '--max_steps', '1')
     assert_one_line(str(raised.value), str(base), 'auto_map', 'never runs')
+
+
+def test_rotation_keeps_the_newest_and_the_best_checkpoint_and_drops_incomplete_ones(
+        tmp_path, dataset, tiny_opt_checkpoint):
+    """
+    --save_total_limit 2 over 5 saves and a leftover cut off while saving: best + newest stay.
+
+    The leftover sorts last by step and by time, as the Trainer's rotation orders them: there
+    it would pass for the newest checkpoint and push out each one this run saves.
+    """
+    output = tmp_path / 'out'
+    leftover = output / 'checkpoint-50'
+    leftover.mkdir(parents=True)
+    (leftover / 'model.safetensors').write_bytes(b'cut off')
+    later = time.time() + 3600
+    os.utime(leftover, (later, later))
+    # No learning: every evaluation gives the same loss, so the best stays the first one.
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'full', '--max_steps', '5',
+                     '--save_steps', '1', '--eval_strategy', 'steps', '--eval_steps', '1',
+                     '--caption_eval_images', '0', '--metric_for_best_model', 'eval_loss',
+                     '--learning_rate', '0', '--save_total_limit', '2', '--resume') == 0
+    state = json.loads((output / 'trainer_state.json').read_text())
+    assert state['best_model_checkpoint'] == str(output / 'checkpoint-1')
+    assert [step for step, _ in train.list_checkpoints(output)] == [5, 1]
+    for step in (5, 1):
+        assert train.checkpoint_problem(output / f'checkpoint-{step}') == ''
+
+
+def test_a_run_cut_before_the_marker_keeps_its_last_complete_checkpoint(
+        tmp_path, dataset, tiny_opt_checkpoint, monkeypatch):
+    """--save_total_limit 1: checkpoint-1 stays until checkpoint-2 is complete; resume uses it."""
+    output = tmp_path / 'out'
+    common = ['--max_steps', '3', '--save_steps', '1', '--save_total_limit', '1',
+              '--learning_rate', '1e-3']
+    write_marker = train.write_checkpoint_marker
+
+    def killed_before_the_second_marker(folder, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        write_marker(folder, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, 'write_checkpoint_marker', killed_before_the_second_marker)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(tiny_opt_checkpoint, dataset, output, 'qformer', *common)
+    assert train.checkpoint_problem(output / 'checkpoint-1') == ''
+    assert train.checkpoint_problem(output / 'checkpoint-2') != ''
+    assert train.find_resume_checkpoint(output) == str(output / 'checkpoint-1')
+
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', *common, '--resume') == 0
+    assert [step for step, _ in train.list_checkpoints(output)] == [3]
+    assert train.checkpoint_problem(output / 'checkpoint-3') == ''
