@@ -787,3 +787,84 @@ def test_a_run_cut_before_the_marker_keeps_its_last_complete_checkpoint(
     assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', *common, '--resume') == 0
     assert [step for step, _ in train.list_checkpoints(output)] == [3]
     assert train.checkpoint_problem(output / 'checkpoint-3') == ''
+
+
+# Put on PYTHONPATH of one training process only: its write of SLOW_CHECKPOINT/optimizer.pt
+# leaves a few bytes, says so in SLOW_CHECKPOINT_FLAG, and hangs, so the test can kill it there.
+SLOW_CHECKPOINT_WRITE = '''
+import os
+import time
+
+import torch
+
+_save = torch.save
+
+
+def slow_save(obj, f, *args, **kwargs):
+    wanted = os.path.join(os.environ['SLOW_CHECKPOINT'], 'optimizer.pt')
+    if isinstance(f, (str, os.PathLike)) and os.path.abspath(f) == wanted:
+        with open(f, 'wb') as stream:
+            stream.write(b'cut off')
+        open(os.environ['SLOW_CHECKPOINT_FLAG'], 'w').close()
+        time.sleep(600)
+    return _save(obj, f, *args, **kwargs)
+
+
+torch.save = slow_save
+'''
+
+
+def test_kill_9_while_a_checkpoint_is_written_then_resume_equals_an_uninterrupted_run(
+        tmp_path, dataset, tiny_opt_checkpoint):
+    """SIGKILL half-way through checkpoint-4: --resume goes on from checkpoint-2, same result."""
+    common = ['--method', 'full', '--max_steps', '6', '--save_steps', '2',
+              '--learning_rate', '1e-3', '--seed', '7']
+    straight = tmp_path / 'straight'
+    assert train.main(['--model', str(tiny_opt_checkpoint), '--data', str(dataset),
+                       '--output_dir', str(straight), *FAST, *common]) == 0
+
+    hooks = tmp_path / 'hooks'
+    hooks.mkdir()
+    (hooks / 'sitecustomize.py').write_text(SLOW_CHECKPOINT_WRITE)
+    output = tmp_path / 'killed'
+    flag = tmp_path / 'writing-checkpoint-4'
+    environment = dict(_subprocess_environment(), PYTHONPATH=f'{hooks}{os.pathsep}{REPO}',
+                       SLOW_CHECKPOINT=str(output / 'checkpoint-4'),
+                       SLOW_CHECKPOINT_FLAG=str(flag))
+    command = [sys.executable, '-m', 'training.train', '--model', str(tiny_opt_checkpoint),
+               '--data', str(dataset), '--output_dir', str(output), *FAST, *common]
+    with open(tmp_path / 'stderr.txt', 'w') as stderr_file:
+        process = subprocess.Popen(command, cwd=REPO, env=environment,
+                                   stdout=subprocess.DEVNULL, stderr=stderr_file)
+        try:
+            deadline = time.monotonic() + 180
+            while not flag.exists() and process.poll() is None:
+                assert time.monotonic() < deadline, 'checkpoint-4 was never written'
+                time.sleep(0.2)
+            assert process.poll() is None, (tmp_path / 'stderr.txt').read_text()[-3000:]
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert train.checkpoint_problem(output / 'checkpoint-2') == ''
+    assert (output / 'checkpoint-4' / 'optimizer.pt').read_bytes() == b'cut off'
+    assert train.CHECKPOINT_MARKER in train.checkpoint_problem(output / 'checkpoint-4')
+    assert not (output / 'model.safetensors').exists()
+
+    assert train.main(['--model', str(tiny_opt_checkpoint), '--data', str(dataset),
+                       '--output_dir', str(output), *FAST, *common, '--resume']) == 0
+    expected, actual = load_weights(straight), load_weights(output)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], actual[name], rtol=1e-5, atol=1e-7), name
+
+    def step_losses(folder):
+        history = json.loads((folder / 'trainer_state.json').read_text())['log_history']
+        return {entry['step']: entry['loss'] for entry in history if 'loss' in entry}
+
+    losses = step_losses(straight)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert step_losses(output) == pytest.approx(losses, rel=1e-5)
+    assert train.checkpoint_problem(output / 'checkpoint-4') == ''
