@@ -698,7 +698,7 @@ def test_a_folder_named_datasets_is_named_before_training(
 
 
 def assert_one_line(message, *fragments):
-    """The message is one line and names every fragment."""
+    """Check that the message is one line and names every fragment."""
     assert '\n' not in message and message.strip() == message
     for fragment in fragments:
         assert fragment in message, f'{fragment!r} not in {message!r}'
@@ -791,7 +791,7 @@ def test_a_run_cut_before_the_marker_keeps_its_last_complete_checkpoint(
 
 # Put on PYTHONPATH of one training process only: its write of SLOW_CHECKPOINT/optimizer.pt
 # leaves a few bytes, says so in SLOW_CHECKPOINT_FLAG, and hangs, so the test can kill it there.
-SLOW_CHECKPOINT_WRITE = '''
+SLOW_CHECKPOINT_WRITE = """
 import os
 import time
 
@@ -811,7 +811,7 @@ def slow_save(obj, f, *args, **kwargs):
 
 
 torch.save = slow_save
-'''
+"""
 
 
 def test_kill_9_while_a_checkpoint_is_written_then_resume_equals_an_uninterrupted_run(
