@@ -25,6 +25,7 @@ from blip2_ros.captioner import TRAINING_INFO_FILE
 import numpy as np
 from PIL import Image
 import pytest
+import torch
 from training import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -486,3 +487,53 @@ def test_model_mode_needs_model_data_and_out():
     with pytest.raises(SystemExit) as raised:
         evaluate.main(['--model', 'x'])
     assert '--data, --out required' in str(raised.value)
+
+
+def test_empty_captions_are_counted_and_scored_as_misses():
+    """An empty caption is a miss for every metric, not a metric that fails or a skipped image."""
+    references = {1: ['two red boxes'], 2: ['nocaption robot arm']}
+    scores = evaluate.score_captions(references, {1: 'two red boxes', 2: ' . '},
+                                     metrics=('Bleu', 'ROUGE_L', 'CIDEr', 'exact_match'),
+                                     tokenizer='simple')
+    assert scores.empty_captions == 1 and scores.images == 2
+    assert not scores.unavailable
+    assert scores.scores['exact_match'] == 0.5
+    assert scores.scores['ROUGE_L'] == pytest.approx(0.5)
+    # The word an empty caption stands for is in no reference, so it matches nothing.
+    assert evaluate.missing_caption_word(references) != 'nocaption'
+    full = evaluate.score_captions(references, {1: 'two red boxes', 2: 'nocaption robot arm'},
+                                   metrics=('ROUGE_L',), tokenizer='simple')
+    assert full.empty_captions == 0 and full.scores['ROUGE_L'] == pytest.approx(1.0)
+
+
+def test_a_model_that_ends_every_caption_at_once_is_reported_empty(
+        tmp_path, lively_opt_checkpoint, capsys, one_torch_thread):
+    """A checkpoint whose first token is always the end token: empty captions, counted."""
+    from safetensors.torch import load_file, save_file
+
+    silent = tmp_path / 'silent'
+    shutil.copytree(lively_opt_checkpoint, silent)
+    eos = json.loads((silent / 'generation_config.json').read_text())['eos_token_id']
+    weights = load_file(silent / 'model.safetensors')
+    # The last layer norm outputs the (long) end token's embedding whatever comes in, and the
+    # output layer shares those embeddings: the end token wins at the first step.
+    embeddings = weights['language_model.model.decoder.embed_tokens.weight']
+    embeddings[eos] *= 100
+    norm = 'language_model.model.decoder.final_layer_norm'
+    weights[f'{norm}.weight'] = torch.zeros_like(weights[f'{norm}.weight'])
+    weights[f'{norm}.bias'] = embeddings[eos].clone()
+    save_file(weights, silent / 'model.safetensors', metadata={'format': 'pt'})
+    data = make_dataset(tmp_path / 'data', ['one red box', 'two blue boxes', 'a robot arm'])
+    out = tmp_path / 'out'
+    assert evaluate.main(['--model', str(silent), '--compare', str(lively_opt_checkpoint),
+                          '--data', str(data), '--out', str(out), '--max_new_tokens', '4',
+                          *QUICK_METRICS]) == 0
+    assert result_captions(out, 'model') == ['', '', '']
+    report = json.loads((out / 'metrics.json').read_text())['models']
+    assert report['model']['empty_captions'] == 3
+    assert not report['model']['unavailable']
+    assert report['model']['scores']['ROUGE_L'] == 0.0
+    assert report['model']['scores']['exact_match'] == 0.0
+    assert report['baseline']['empty_captions'] == sum(
+        not caption.strip() for caption in result_captions(out, 'baseline'))
+    assert 'empty captions from model: 3 of 3 (scored as misses)' in capsys.readouterr().out

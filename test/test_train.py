@@ -695,3 +695,176 @@ def test_a_folder_named_datasets_is_named_before_training(
     message = str(raised.value)
     assert str(tmp_path / 'datasets') in message and 'rename that folder' in message
     assert not (tmp_path / 'out').exists()
+
+
+def assert_one_line(message, *fragments):
+    """Check that the message is one line and names every fragment."""
+    assert '\n' not in message and message.strip() == message
+    for fragment in fragments:
+        assert fragment in message, f'{fragment!r} not in {message!r}'
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path, dataset, tiny_opt_checkpoint):
+    """A base with only pytorch_model.bin: one line naming --allow_pickle; with it, it loads."""
+    base = tmp_path / 'opt-bin'
+    shutil.copytree(tiny_opt_checkpoint, base)
+    weights = load_file(base / 'model.safetensors')
+    os.remove(base / 'model.safetensors')
+    # transformers 5 ignores safe_serialization=False, so write the legacy file by hand.
+    torch.save(weights, base / 'pytorch_model.bin')
+    with pytest.raises(SystemExit) as raised:
+        run_train(base, dataset, tmp_path / 'out', 'qformer', '--max_steps', '1')
+    assert_one_line(str(raised.value), str(base), '--allow_pickle')
+    assert not (tmp_path / 'out' / 'model.safetensors').exists()
+
+    model_args, _, training_args = train.parse_arguments([
+        '--model', str(base), '--data', str(dataset), '--output_dir', str(tmp_path / 'unused'),
+        '--use_cpu', 'true', '--allow_pickle', 'true'])
+    model, _ = train.load_model(model_args, training_args)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in weights.items())
+
+
+def test_a_base_that_needs_its_own_code_is_refused(tmp_path, dataset, tiny_opt_checkpoint):
+    """config.json with auto_map: refused in one line, even though BLIP-2 classes could load it."""
+    base = tmp_path / 'remote-code'
+    shutil.copytree(tiny_opt_checkpoint, base)
+    config = json.loads((base / 'config.json').read_text())
+    config['auto_map'] = {'AutoModelForVision2Seq': 'modeling_custom.CustomBlip2'}
+    (base / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as raised:
+        run_train(base, dataset, tmp_path / 'out', 'qformer', '--max_steps', '1')
+    assert_one_line(str(raised.value), str(base), 'auto_map', 'never runs')
+
+
+def test_rotation_keeps_the_newest_and_the_best_checkpoint_and_drops_incomplete_ones(
+        tmp_path, dataset, tiny_opt_checkpoint):
+    """
+    --save_total_limit 2 over 5 saves and a leftover cut off while saving: best + newest stay.
+
+    The leftover sorts last by step and by time, as the Trainer's rotation orders them: there
+    it would pass for the newest checkpoint and push out each one this run saves.
+    """
+    output = tmp_path / 'out'
+    leftover = output / 'checkpoint-50'
+    leftover.mkdir(parents=True)
+    (leftover / 'model.safetensors').write_bytes(b'cut off')
+    later = time.time() + 3600
+    os.utime(leftover, (later, later))
+    # No learning: every evaluation gives the same loss, so the best stays the first one.
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'full', '--max_steps', '5',
+                     '--save_steps', '1', '--eval_strategy', 'steps', '--eval_steps', '1',
+                     '--caption_eval_images', '0', '--metric_for_best_model', 'eval_loss',
+                     '--learning_rate', '0', '--save_total_limit', '2', '--resume') == 0
+    state = json.loads((output / 'trainer_state.json').read_text())
+    assert state['best_model_checkpoint'] == str(output / 'checkpoint-1')
+    assert [step for step, _ in train.list_checkpoints(output)] == [5, 1]
+    for step in (5, 1):
+        assert train.checkpoint_problem(output / f'checkpoint-{step}') == ''
+
+
+def test_a_run_cut_before_the_marker_keeps_its_last_complete_checkpoint(
+        tmp_path, dataset, tiny_opt_checkpoint, monkeypatch):
+    """--save_total_limit 1: checkpoint-1 stays until checkpoint-2 is complete; resume uses it."""
+    output = tmp_path / 'out'
+    common = ['--max_steps', '3', '--save_steps', '1', '--save_total_limit', '1',
+              '--learning_rate', '1e-3']
+    write_marker = train.write_checkpoint_marker
+
+    def killed_before_the_second_marker(folder, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        write_marker(folder, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, 'write_checkpoint_marker', killed_before_the_second_marker)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(tiny_opt_checkpoint, dataset, output, 'qformer', *common)
+    assert train.checkpoint_problem(output / 'checkpoint-1') == ''
+    assert train.checkpoint_problem(output / 'checkpoint-2') != ''
+    assert train.find_resume_checkpoint(output) == str(output / 'checkpoint-1')
+
+    assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', *common, '--resume') == 0
+    assert [step for step, _ in train.list_checkpoints(output)] == [3]
+    assert train.checkpoint_problem(output / 'checkpoint-3') == ''
+
+
+# Put on PYTHONPATH of one training process only: its write of SLOW_CHECKPOINT/optimizer.pt
+# leaves a few bytes, says so in SLOW_CHECKPOINT_FLAG, and hangs, so the test can kill it there.
+SLOW_CHECKPOINT_WRITE = """
+import os
+import time
+
+import torch
+
+_save = torch.save
+
+
+def slow_save(obj, f, *args, **kwargs):
+    wanted = os.path.join(os.environ['SLOW_CHECKPOINT'], 'optimizer.pt')
+    if isinstance(f, (str, os.PathLike)) and os.path.abspath(f) == wanted:
+        with open(f, 'wb') as stream:
+            stream.write(b'cut off')
+        open(os.environ['SLOW_CHECKPOINT_FLAG'], 'w').close()
+        time.sleep(600)
+    return _save(obj, f, *args, **kwargs)
+
+
+torch.save = slow_save
+"""
+
+
+def test_kill_9_while_a_checkpoint_is_written_then_resume_equals_an_uninterrupted_run(
+        tmp_path, dataset, tiny_opt_checkpoint):
+    """SIGKILL half-way through checkpoint-4: --resume goes on from checkpoint-2, same result."""
+    common = ['--method', 'full', '--max_steps', '6', '--save_steps', '2',
+              '--learning_rate', '1e-3', '--seed', '7']
+    straight = tmp_path / 'straight'
+    assert train.main(['--model', str(tiny_opt_checkpoint), '--data', str(dataset),
+                       '--output_dir', str(straight), *FAST, *common]) == 0
+
+    hooks = tmp_path / 'hooks'
+    hooks.mkdir()
+    (hooks / 'sitecustomize.py').write_text(SLOW_CHECKPOINT_WRITE)
+    output = tmp_path / 'killed'
+    flag = tmp_path / 'writing-checkpoint-4'
+    environment = dict(_subprocess_environment(), PYTHONPATH=f'{hooks}{os.pathsep}{REPO}',
+                       SLOW_CHECKPOINT=str(output / 'checkpoint-4'),
+                       SLOW_CHECKPOINT_FLAG=str(flag))
+    command = [sys.executable, '-m', 'training.train', '--model', str(tiny_opt_checkpoint),
+               '--data', str(dataset), '--output_dir', str(output), *FAST, *common]
+    with open(tmp_path / 'stderr.txt', 'w') as stderr_file:
+        process = subprocess.Popen(command, cwd=REPO, env=environment,
+                                   stdout=subprocess.DEVNULL, stderr=stderr_file)
+        try:
+            deadline = time.monotonic() + 180
+            while not flag.exists() and process.poll() is None:
+                assert time.monotonic() < deadline, 'checkpoint-4 was never written'
+                time.sleep(0.2)
+            assert process.poll() is None, (tmp_path / 'stderr.txt').read_text()[-3000:]
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert train.checkpoint_problem(output / 'checkpoint-2') == ''
+    assert (output / 'checkpoint-4' / 'optimizer.pt').read_bytes() == b'cut off'
+    assert train.CHECKPOINT_MARKER in train.checkpoint_problem(output / 'checkpoint-4')
+    assert not (output / 'model.safetensors').exists()
+
+    assert train.main(['--model', str(tiny_opt_checkpoint), '--data', str(dataset),
+                       '--output_dir', str(output), *FAST, *common, '--resume']) == 0
+    expected, actual = load_weights(straight), load_weights(output)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], actual[name], rtol=1e-5, atol=1e-7), name
+
+    def step_losses(folder):
+        history = json.loads((folder / 'trainer_state.json').read_text())['log_history']
+        return {entry['step']: entry['loss'] for entry in history if 'loss' in entry}
+
+    losses = step_losses(straight)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert step_losses(output) == pytest.approx(losses, rel=1e-5)
+    assert train.checkpoint_problem(output / 'checkpoint-4') == ''

@@ -26,6 +26,12 @@ CIDEr, SPICE when its models are installed, and exact match (a prediction equal 
 references after tokenization); ``--metrics`` picks some of them. METEOR and the PTB tokenizer
 need Java: without it METEOR is reported unavailable and a simple lower-case/punctuation
 tokenizer is used instead; a metric that fails never hides the others.
+
+An empty caption (no word after tokenization: the model ended it at once) is not a caption:
+it is counted (``empty_captions`` in metrics.json and the table) and scored as a miss by every
+metric, as a word that no reference holds, so a model that says nothing never scores better
+than one that says something wrong. Whether such a caption came from non-finite logits cannot
+be told from the text the captioner returns; both are counted here.
 """
 
 import argparse
@@ -68,6 +74,7 @@ class Scores:
     unavailable: dict = field(default_factory=dict)
     tokenizer: str = ''
     images: int = 0
+    empty_captions: int = 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,6 +171,16 @@ def exact_match(references, predictions):
     return hits / len(predictions)
 
 
+def missing_caption_word(references):
+    """Return a word that no reference holds: what an empty caption is scored as."""
+    words = {word for texts in references.values() for text in texts
+             for word in simple_tokenize(text).split()}
+    word = 'nocaption'
+    while word in words:
+        word += 'x'
+    return word
+
+
 def score_captions(references, predictions, metrics=ALL_METRICS, tokenizer='auto',
                    spice='auto'):
     """
@@ -173,6 +190,10 @@ def score_captions(references, predictions, metrics=ALL_METRICS, tokenizer='auto
     'ptb' (pycocoevalcap's, needs Java), 'simple', or 'auto' (ptb when Java runs). ``spice``:
     'auto' runs SPICE only when its models are installed, 'always' lets it try to download
     them, 'never' skips it. Returns :class:`Scores`.
+
+    Empty predictions (no word) are counted in ``Scores.empty_captions`` and scored as misses:
+    each is replaced by one word that no reference holds (ROUGE-L and METEOR cannot score an
+    empty caption at all).
     """
     unknown = [name for name in metrics if name not in ALL_METRICS]
     if unknown:
@@ -202,6 +223,14 @@ def score_captions(references, predictions, metrics=ALL_METRICS, tokenizer='auto
         raise EvaluationError('the PTB tokenizer needs Java: install a Java runtime or use '
                               'tokenizer simple')
     result.tokenizer = tokenizer
+    empty = {key for key, caption in predictions.items() if not simple_tokenize(caption)}
+    result.empty_captions = len(empty)
+    if empty:
+        LOGGER.warning('%d of %d captions are empty: scored as misses', len(empty),
+                       len(predictions))
+        missing = missing_caption_word({key: references[key] for key in predictions})
+        predictions = {key: missing if key in empty else caption
+                       for key, caption in predictions.items()}
     gts = tokenize({key: list(references[key]) for key in predictions}, tokenizer)
     res = tokenize({key: [predictions[key]] for key in predictions}, tokenizer)
     if not res:
@@ -367,6 +396,10 @@ def format_table(columns):
     for title, scores in columns:
         for name, reason in sorted(scores.unavailable.items()):
             lines.append(f'{name} unavailable for {title}: {reason}')
+    for title, scores in columns:
+        if scores.empty_captions:
+            lines.append(f'empty captions from {title}: {scores.empty_captions} of '
+                         f'{scores.images} (scored as misses)')
     tokenizers = sorted({scores.tokenizer for _, scores in columns})
     lines.append(f"images: {columns[0][1].images}; tokenizer: {', '.join(tokenizers)}")
     return '\n'.join(lines)
@@ -374,7 +407,8 @@ def format_table(columns):
 
 def _scores_json(scores):
     return {'scores': scores.scores, 'unavailable': scores.unavailable,
-            'tokenizer': scores.tokenizer, 'images': scores.images}
+            'tokenizer': scores.tokenizer, 'images': scores.images,
+            'empty_captions': scores.empty_captions}
 
 
 def evaluate_models(args):

@@ -35,6 +35,7 @@ import math
 import os
 from pathlib import Path
 import re
+import shutil
 import signal
 import sys
 
@@ -351,6 +352,36 @@ def find_resume_checkpoint(output_dir):
     return None
 
 
+def rotate_checkpoints(output_dir, keep, protected=()):
+    """
+    Delete checkpoints until ``keep`` are left; return the deleted folders.
+
+    Runs after a checkpoint's marker is written (the Trainer's own rotation runs before it, so a
+    run killed in between could be left with no complete checkpoint). Incomplete folders go
+    first, as no resume reads them, then the oldest complete ones. Never deleted: the folders
+    in ``protected`` (the one just saved, the best one) and the newest complete one, which
+    --resume picks. Those can leave more than ``keep``, as the Trainer's rotation does.
+    """
+    if not keep or keep < 1:
+        return []
+    checkpoints = [folder for _, folder in list_checkpoints(output_dir)]
+    complete = [folder for folder in checkpoints if not checkpoint_problem(folder)]
+    kept = {os.path.realpath(folder) for folder in list(protected) + complete[:1] if folder}
+    candidates = ([folder for folder in reversed(checkpoints) if folder not in complete]
+                  + list(reversed(complete)))
+    deleted = []
+    for folder in candidates:
+        if len(checkpoints) - len(deleted) <= keep:
+            break
+        if os.path.realpath(folder) in kept:
+            continue
+        LOGGER.info('deleting %s checkpoint %s (--save_total_limit %d)',
+                    'complete' if folder in complete else 'incomplete', folder, keep)
+        shutil.rmtree(folder, ignore_errors=True)
+        deleted.append(folder)
+    return deleted
+
+
 def check_resume_checkpoint(folder):
     """Raise TrainingError unless ``folder``, from --resume_from_checkpoint, is complete."""
     if not os.path.isdir(folder):
@@ -423,11 +454,17 @@ def _distributed():
 
 
 class CheckpointMarkerCallback(TrainerCallback):
-    """Complete each checkpoint: add the training info, then the marker, once all ranks saved."""
+    """
+    Complete each checkpoint: add the training info, then the marker, once all ranks saved.
 
-    def __init__(self, info):
+    Then keep ``keep_checkpoints`` of them (:func:`rotate_checkpoints`); the Trainer must be
+    given ``save_total_limit=None``, or it deletes older ones before the new one is complete.
+    """
+
+    def __init__(self, info, keep_checkpoints=None):
         """``info``: the :func:`training_info` dict written into every checkpoint."""
         self.info = info
+        self.keep_checkpoints = keep_checkpoints
 
     def on_save(self, args, state, control, **kwargs):
         """Mark ``checkpoint-<step>`` complete (the Trainer calls this after saving it)."""
@@ -442,6 +479,8 @@ class CheckpointMarkerCallback(TrainerCallback):
             write_training_info(folder, self.info)
             share_weight_files(folder)
             write_checkpoint_marker(folder, state.global_step)
+            rotate_checkpoints(args.output_dir, self.keep_checkpoints,
+                               protected=(folder, state.best_model_checkpoint))
 
 
 class GracefulStopCallback(TrainerCallback):
@@ -533,10 +572,17 @@ def resolve_weights_dtype(model_args):
 
 def load_model(model_args, training_args):
     """Load the BLIP-2 checkpoint and its processor; raise TrainingError on failure."""
-    from transformers import AutoConfig, Blip2ForConditionalGeneration, Blip2Processor
+    from transformers import (AutoConfig, Blip2ForConditionalGeneration, Blip2Processor,
+                              PretrainedConfig)
 
     where = f"BLIP-2 model '{model_args.model}'"
     try:
+        settings, _ = PretrainedConfig.get_config_dict(model_args.model)
+        if settings.get('auto_map'):
+            # Training never runs code that comes with a checkpoint (trust_remote_code).
+            raise TrainingError(f'cannot load {where}: its config.json names code of its own '
+                                '(auto_map), which training never runs; use a checkpoint that '
+                                "transformers' built-in BLIP-2 classes load")
         config = AutoConfig.from_pretrained(model_args.model)
     except (OSError, ValueError) as error:
         raise TrainingError(f'cannot load {where}: {_one_line(error)}') from error
@@ -559,7 +605,11 @@ def load_model(model_args, training_args):
         processor = Blip2Processor.from_pretrained(model_args.model)
         model = Blip2ForConditionalGeneration.from_pretrained(model_args.model, **load_args)
     except (OSError, ValueError, RuntimeError) as error:
-        raise TrainingError(f'cannot load {where}: {_one_line(error)}') from error
+        hint = ''
+        if not model_args.allow_pickle and 'safetensors' in str(error).lower():
+            hint = (' (it has no safetensors weights: add --allow_pickle true to load its '
+                    'pickle .bin weights if you trust its source, or re-save it as safetensors)')
+        raise TrainingError(f'cannot load {where}: {_one_line(error)}{hint}') from error
     if model.config.text_config.is_encoder_decoder:
         # T5 averages its loss itself; without this the Trainer would skip dividing it by the
         # gradient accumulation steps.
@@ -900,10 +950,13 @@ def run(argv=None):
                         'max_new_tokens': data_args.caption_max_new_tokens}
     info = training_info(model_args, data_args, blip2)
     stopper = GracefulStopCallback(training_args.stop_after_steps)
+    # Checkpoints are rotated once the new one is complete, by the marker callback.
+    marker = CheckpointMarkerCallback(info, keep_checkpoints=training_args.save_total_limit)
+    training_args.save_total_limit = None
     trainer = CaptionTrainer(
         model=model, args=training_args, train_dataset=train_dataset,
         eval_dataset=eval_dataset, data_collator=collator, processing_class=processor,
-        callbacks=[CheckpointMarkerCallback(info), stopper], caption_eval=caption_eval)
+        callbacks=[marker, stopper], caption_eval=caption_eval)
 
     # 6. Train, then evaluate the final weights.
     if finishing:
