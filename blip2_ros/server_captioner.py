@@ -215,7 +215,7 @@ class ServerCaptioner:
         if isinstance(error, openai.APIConnectionError):
             return CaptionFailure('server_unreachable', (
                 f'cannot reach {where} ({_cause(error)}): is it running? Start it with '
-                'scripts/serve_vllm.sh'))
+                'scripts/serve_vllm.py'))
         if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
             variable = self.config.api_key_env or 'api_key_env'
             return CaptionFailure('server_auth', (

@@ -14,33 +14,16 @@
 
 """training.export_merged: a LoRA run's adapter becomes a whole model that captions the same."""
 
-import json
-
-from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, TRAINING_INFO_FILE,
-                                 training_prompt)
+from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, training_prompt
 import numpy as np
-import torch
 from training.export_merged import main
+from vllm_server import build_lora_training_output
 
 
 def test_merged_model_captions_as_base_plus_adapter_with_the_training_prompt(
         lively_opt_checkpoint, tmp_path):
-    from peft import get_peft_model, LoraConfig
-    from transformers import Blip2ForConditionalGeneration
-
-    adapter = tmp_path / 'lora-run'
-    model = Blip2ForConditionalGeneration.from_pretrained(lively_opt_checkpoint)
-    # The targets training.train gives a LoRA on the whole BLIP-2.
-    peft_model = get_peft_model(model, LoraConfig(
-        r=4, target_modules=r'.*language_model.*\.(q_proj|v_proj)'))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if 'lora_B' in name:  # zero at first: the adapter would change nothing
-                parameter.normal_(0.0, 0.5, generator=generator)
-    peft_model.save_pretrained(adapter)
-    (adapter / TRAINING_INFO_FILE).write_text(json.dumps(
-        {'prompt': 'a photo of', 'method': 'lora', 'base_model': str(lively_opt_checkpoint)}))
+    adapter = build_lora_training_output(lively_opt_checkpoint, tmp_path / 'lora-run',
+                                         std=0.5, seed=5, prompt='a photo of')
 
     merged = tmp_path / 'merged'
     assert main(['--adapter', str(adapter), '--output', str(merged)]) == 0

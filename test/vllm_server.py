@@ -160,11 +160,11 @@ class VllmServer:
             return False
 
 
-def build_lora_training_output(base, folder):
+def build_lora_training_output(base, folder, std=0.2, seed=3, prompt=''):
     """
     Save a LoRA adapter on ``base`` as a ``training.train --method lora`` run leaves it.
 
-    The adapter's B matrices are random instead of zero, so it changes the captions.
+    The adapter's B matrices are random (``std``) instead of zero, so it changes the captions.
     """
     import json
 
@@ -176,14 +176,14 @@ def build_lora_training_output(base, folder):
     model = Blip2ForConditionalGeneration.from_pretrained(base)
     peft_model = get_peft_model(model, LoraConfig(
         r=4, target_modules=r'.*language_model.*\.(q_proj|v_proj)'))
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
-            if 'lora_B' in name:
-                parameter.normal_(0.0, 0.2, generator=generator)
+            if 'lora_B' in name:  # zero at first: the adapter would change nothing
+                parameter.normal_(0.0, std, generator=generator)
     peft_model.save_pretrained(folder)
     Path(folder, TRAINING_INFO_FILE).write_text(json.dumps(
-        {'prompt': '', 'method': 'lora', 'base_model': str(base)}))
+        {'prompt': prompt, 'method': 'lora', 'base_model': str(base)}))
     return Path(folder)
 
 
