@@ -26,14 +26,12 @@ the frames to a server instead (:mod:`blip2_ros.server_captioner`).
 
 from dataclasses import dataclass
 
-# Re-exported: the names callers have always imported from here.
+# DEFAULT_MODEL, TRAINING_INFO_FILE and training_prompt are here for the captioner's callers.
 from blip2_ros.checkpoint import (  # noqa: F401
     DEFAULT_MODEL, load_checkpoint, ModelLoadError, one_line, prompt_problem, resolve_device,
-    resolve_dtype, TRAINING_INFO_FILE, training_prompt)
-from blip2_ros.decode import (  # noqa: F401
-    compile_cache_folder, CUDA_STEP_COMPILE_OPTIONS, DecodeLoop, keep_compiled_code,
-    MAX_STATIC_CACHES, OneRowLinear, use_one_row_reductions)
-from blip2_ros.preprocess import FramePreprocessor, resize_like_pil  # noqa: F401
+    TRAINING_INFO_FILE, training_prompt)
+from blip2_ros.decode import DecodeLoop
+from blip2_ros.preprocess import FramePreprocessor
 import numpy as np
 import torch
 

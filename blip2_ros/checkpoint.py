@@ -19,15 +19,13 @@ A model is a local folder (``~`` expanded) or a Hugging Face hub id; this module
 which, checks a folder's files before anything loads, and refuses weights that would leave
 layers randomly initialised, a checkpoint that needs its own code, pickle weights unless
 allowed, and a tokenizer that does not fit its model. Every refusal is a :class:`ModelLoadError`
-whose message is one line: what is there, what is missing, what to do.
+whose message is one line: what is there, what is missing, what to do. Importing this module
+needs neither torch nor transformers, so the doctor uses its checks where those are broken.
 """
 
 import json
 import logging
 import os
-
-from safetensors import SafetensorError
-import torch
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,7 +34,7 @@ DEFAULT_MODEL = 'Salesforce/blip2-opt-2.7b'
 TRAINING_INFO_FILE = 'blip2_ros_training.json'
 MAX_PROMPT_CHARS = 2000
 DEVICE_HELP = "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
-DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+DTYPES = ('float32', 'float16', 'bfloat16')
 SAVE_HINT = ('give the folder that save_pretrained wrote (config.json, model.safetensors, '
              'processor files) or a hub id such as ' + DEFAULT_MODEL)
 # Weight files as save_pretrained names them: one file, or an index and the shards it lists.
@@ -58,6 +56,7 @@ def one_line(error, limit=300):
 
 def resolve_device(device):
     """Turn 'auto' | 'cpu' | 'cuda' | 'cuda:N' into a torch.device that exists on this machine."""
+    import torch
     if device == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if device == 'cpu':
@@ -77,6 +76,7 @@ def resolve_device(device):
 
 def resolve_dtype(dtype, device, is_encoder_decoder):
     """Pick the weight dtype: bf16 on GPUs that support it, fp32 on CPU, never fp16 for T5."""
+    import torch
     if dtype == 'auto':
         if device.type != 'cuda':
             return torch.float32
@@ -90,7 +90,7 @@ def resolve_dtype(dtype, device, is_encoder_decoder):
         raise ModelLoadError(
             'float16 overflows in Flan-T5 and gives empty or garbage captions; '
             'use dtype bfloat16 or float32')
-    return DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def weight_problem(folder, files):
     The shards an index file lists must all be there, and every safetensors file must have a
     readable header: a truncated or damaged file fails there, and only the header is read.
     """
-    from safetensors import safe_open
+    from safetensors import safe_open, SafetensorError
     for _, single_name, index_name in WEIGHT_FILES:
         if single_name in files:
             names = [single_name]
@@ -331,6 +331,7 @@ def _missing_weights_problem(loading_info):
 
 def load_weights(location, dtype, allow_pickle, local_files_only, where):
     """Load the BLIP-2 weights, refusing a checkpoint that would leave any layer random."""
+    from safetensors import SafetensorError
     from transformers import Blip2ForConditionalGeneration
     try:
         # Never trust_remote_code: a checkpoint must not run code of its own on a robot.
@@ -367,6 +368,7 @@ def load_checkpoint(config, device):
     files, the config and the tokenizer before the weights, which take minutes to load for a
     full-size model.
     """
+    import torch
     from transformers import Blip2Processor
     where = f"BLIP-2 model '{config.model}'"
     location, is_folder = locate_checkpoint(config.model, config.local_files_only, where)
@@ -430,6 +432,7 @@ def _peft_model(model, adapter):
     """Wrap the part of ``model`` the adapter was trained on; return it and the load result."""
     from peft import PeftConfig, PeftModel, set_peft_model_state_dict
     from peft.utils import load_peft_weights
+    from safetensors import SafetensorError
     try:
         peft_config = PeftConfig.from_pretrained(adapter)
         if peft_config.is_prompt_learning:

@@ -26,9 +26,10 @@ import shutil
 import subprocess
 import sys
 
-from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, keep_compiled_code,
-                                 MAX_STATIC_CACHES, ModelLoadError, OneRowLinear,
-                                 resize_like_pil, use_one_row_reductions)
+from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, ModelLoadError
+from blip2_ros.decode import (keep_compiled_code, MAX_STATIC_CACHES, OneRowLinear,
+                              use_one_row_reductions)
+from blip2_ros.preprocess import resize_like_pil
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
