@@ -36,6 +36,7 @@ import json
 import os
 import sys
 
+from blip2_ros.checkpoint import one_line
 import numpy as np
 
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')
@@ -104,7 +105,7 @@ def load_rgb(path):
                 return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
             return np.array(image.convert('RGB'), dtype=np.uint8)
     except Exception as error:  # noqa: B902 - decoders and plugins fail in many ways
-        raise ImageLoadError(f'{path}: cannot read image ({_reason(error)})') from error
+        raise ImageLoadError(f'{path}: cannot read image ({one_line(error)})') from error
 
 
 def _upright(image, path):
@@ -112,13 +113,9 @@ def _upright(image, path):
     try:
         return ImageOps.exif_transpose(image)
     except Exception as error:  # noqa: B902 - EXIF parsing raises struct.error and others
-        _warn(f'{_printable(path)}: its EXIF orientation cannot be read ({_reason(error)}), '
+        _warn(f'{_printable(path)}: its EXIF orientation cannot be read ({one_line(error)}), '
               'so it is captioned as stored')
         return image
-
-
-def _reason(error):
-    return ' '.join(str(error).split()) or type(error).__name__
 
 
 def _printable(path):

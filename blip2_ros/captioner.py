@@ -138,36 +138,17 @@ class Blip2Captioner:
         static_cache = self.config.cache == 'static' or self.config.torch_compile
         self.decoder = DecodeLoop(self.model, self.device, static_cache,
                                   self.config.torch_compile)
-
-    @property
-    def fast_preprocessing(self):
-        """Whether frames are resized and normalised on the device instead of by PIL."""
-        return self.preprocess.fast
-
-    @property
-    def image_size(self):
-        """The (height, width) frames are resized to; None off the fast path."""
-        return self.preprocess.image_size
-
-    @property
-    def static_cache(self):
-        """Whether captions are decoded on reused static KV caches."""
-        return self.decoder.static_cache
-
-    @property
-    def decode_loop(self):
-        """Whether greedy captions come from the decode loop instead of generate()."""
-        return self.decoder.enabled
+        # What the node and the benchmarks read, fixed from here on.
+        self.fast_preprocessing = self.preprocess.fast
+        self.image_size = self.preprocess.image_size
+        self.static_cache = static_cache
+        self.decode_loop = self.decoder.enabled
+        self.compile_cache = self.decoder.compile_cache
 
     @property
     def compile_decode(self):
         """Whether the decode loop runs compiled (False again once compiling has failed)."""
         return self.decoder.compiled
-
-    @property
-    def compile_cache(self):
-        """The folder compiled code is kept in across reboots, or None."""
-        return self.decoder.compile_cache
 
     def length_problem(self, prompt, max_new_tokens):
         """Return why a prompt and caption length overflow the language model, or None."""
