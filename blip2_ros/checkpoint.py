@@ -291,7 +291,7 @@ def locate_checkpoint(model, local_files_only, where):
     elif kind == 'file':
         problem = f'{location} is a file, not a checkpoint folder; {SAVE_HINT}'
     elif kind == 'missing':
-        problem = f'no such folder; {SAVE_HINT}'
+        problem = f'no such folder: {location}; {SAVE_HINT}'
     else:
         problem = _hub_id_problem(model, local_files_only)
     if problem:

@@ -165,7 +165,7 @@ class DecodeLoop:
             LOGGER.info('the checkpoint sets %s; decoding with generate()', unsupported[0])
         self._set_up_tokens(settings)
         # Everything before the first token, and the decode step: fixed shapes per batch size.
-        self._compiled = {}
+        self._compiled_functions = {}
         self.compiled = torch_compile and self.enabled
         self.compile_cache = self._compile() if self.compiled else None
         if torch_compile and not self.enabled:
@@ -197,7 +197,7 @@ class DecodeLoop:
         if cuda:
             use_one_row_reductions(self.model.language_model)
         # fullgraph: a graph break would silently split a graph and lose its CUDA graph.
-        self._compiled = {
+        self._compiled_functions = {
             function.__name__: torch.compile(function, options=options if cuda else None,
                                              fullgraph=True)
             for function, options in ((self._prefill, CUDA_COMPILE_OPTIONS),
@@ -272,7 +272,7 @@ class DecodeLoop:
         batch_size, prompt_length = input_ids.shape
         cache, cache_length = self.static_cache_for(batch_size, prompt_length, max_new_tokens)
         eos_ban, eos_bias = self._eos_ban, self._no_eos_bias
-        cuda_graphs = bool(self._compiled) and self.device.type == 'cuda'
+        cuda_graphs = bool(self._compiled_functions) and self.device.type == 'cuda'
         tokens, unfinished, context, positions = self._run(
             '_prefill', cache, pixel_values, input_ids, attention_mask, cache_length,
             eos_ban if min_new_tokens > 0 else eos_bias)
@@ -298,7 +298,7 @@ class DecodeLoop:
 
     def _run(self, name, *args):
         """Run a method compiled if it is; if it cannot be compiled here, say why and go eager."""
-        compiled = self._compiled.get(name)
+        compiled = self._compiled_functions.get(name)
         if compiled is None:
             return getattr(self, name)(*args)
         if self.device.type == 'cuda':
@@ -312,7 +312,7 @@ class DecodeLoop:
             # Compiling fails before the code runs, so the cache is as it was.
             LOGGER.error('compiling failed, decoding uncompiled from now on: %s',
                          one_line(error))
-            self._compiled = {}
+            self._compiled_functions = {}
             self.compiled = False
             return getattr(self, name)(*args)
 
