@@ -48,7 +48,8 @@ def child(args):
     common.quiet_libraries()
     import numpy as np
     import torch
-    from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, resolve_device
+    from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+    from blip2_ros.checkpoint import resolve_device
 
     started = time.perf_counter()
     config = CaptionerConfig(model=DEMO_MODEL, device=args.device, torch_compile=True,

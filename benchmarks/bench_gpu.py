@@ -519,7 +519,8 @@ def add_floor_and_ratios(entry, bandwidth, prompt_length, model):
 def benchmark_model(run, language_model, name, bandwidth, keep_for_training):
     """Build one architecture and measure naive, eager and fast captioning on it."""
     import torch
-    from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, use_one_row_reductions
+    from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+    from blip2_ros.decode import use_one_row_reductions
 
     quick = run.args.quick
     device = run.device

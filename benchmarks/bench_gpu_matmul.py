@@ -64,7 +64,7 @@ VARIANT_TITLES = {'cublas': 'cuBLAS', 'bias_apart': 'bias apart', 'one_row': 'On
 def variant_classes(rows):
     """Return {key: nn.Linear or a subclass}: cuBLAS first, then the variants against it."""
     import torch
-    from blip2_ros.captioner import OneRowLinear
+    from blip2_ros.decode import OneRowLinear
 
     class BiasApartLinear(torch.nn.Linear):
         def forward(self, input):  # noqa: A002 - nn.Linear's argument name
@@ -150,7 +150,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     common.quiet_libraries()
     import torch
-    from blip2_ros.captioner import CUDA_STEP_COMPILE_OPTIONS
+    from blip2_ros.decode import CUDA_STEP_COMPILE_OPTIONS
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.quick:

@@ -40,6 +40,7 @@ import os
 import sys
 import warnings
 
+from blip2_ros.checkpoint import one_line
 import numpy as np
 
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')
@@ -86,7 +87,7 @@ def _walk_folder(top, problems):
     """Return the sorted image paths under ``top``; add to problems each unreadable folder."""
     def unreadable(error):
         problems.append(f'{_printable(error.filename or top)}: cannot read folder '
-                        f'({error.strerror or _reason(error)})')
+                        f'({error.strerror or one_line(error)})')
 
     found, walked = [], set()
     # Symlinked subfolders are followed; a link back to a folder already walked (a loop, or a
@@ -123,9 +124,9 @@ def load_rgb(path, max_pixels=None):
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)
             image = Image.open(path)
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(f'{name}: too large to decode safely ({_reason(error)})') from error
+        raise ImageLoadError(f'{name}: too large to decode safely ({one_line(error)})') from error
     except Exception as error:  # noqa: B902 - decoders and plugins fail in many ways
-        raise ImageLoadError(f'{name}: cannot read image ({_reason(error)})') from error
+        raise ImageLoadError(f'{name}: cannot read image ({one_line(error)})') from error
     with image:
         width, height = image.size
         if max_pixels is not None and width * height > max_pixels:
@@ -136,11 +137,11 @@ def load_rgb(path, max_pixels=None):
             # Decoded first: a truncated file is a decoding error, not an EXIF one.
             image.load()
         except Exception as error:  # noqa: B902
-            raise ImageLoadError(f'{name}: cannot be decoded ({_reason(error)})') from error
+            raise ImageLoadError(f'{name}: cannot be decoded ({one_line(error)})') from error
         try:
             return _to_rgb(_upright(image, name))
         except Exception as error:  # noqa: B902 - MemoryError, a plugin's odd mode
-            raise ImageLoadError(f'{name}: cannot convert to RGB ({_reason(error)})') from error
+            raise ImageLoadError(f'{name}: cannot convert to RGB ({one_line(error)})') from error
 
 
 def _to_rgb(image):
@@ -164,13 +165,9 @@ def _upright(image, name):
     try:
         return ImageOps.exif_transpose(image)
     except Exception as error:  # noqa: B902 - EXIF parsing raises struct.error and others
-        _warn(f'{name}: its EXIF orientation cannot be read ({_reason(error)}), '
+        _warn(f'{name}: its EXIF orientation cannot be read ({one_line(error)}), '
               'so it is captioned as stored')
         return image
-
-
-def _reason(error):
-    return ' '.join(str(error).split()) or type(error).__name__
 
 
 def _printable(path):
@@ -315,7 +312,7 @@ def _make_captioner(args):
         _warn(f'error: {error}')
         return None
     except Exception as error:  # noqa: B902 - one line, whatever the libraries raise
-        _warn(f'error: cannot load {args.model}: {type(error).__name__}: {_reason(error)}')
+        _warn(f'error: cannot load {args.model}: {type(error).__name__}: {one_line(error)}')
         return None
     return captioner
 
@@ -336,7 +333,7 @@ def _caption_batch(captioner, paths, frames):
         else:
             named = _printable(paths[0]) + (f' and {len(paths) - 1} more' if len(paths) > 1
                                             else '')
-            _warn(f'{named}: no captions ({type(error).__name__}: {_reason(error)}), skipped')
+            _warn(f'{named}: no captions ({type(error).__name__}: {one_line(error)}), skipped')
         return 0, len(frames), None
     captioned = failed = 0
     for path, caption in zip(paths, captions):

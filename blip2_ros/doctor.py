@@ -35,11 +35,13 @@ import argparse
 from dataclasses import dataclass
 import importlib
 from importlib import metadata
-import json
 import os
 import shutil
 import subprocess
 import sys
+
+from blip2_ros.checkpoint import (config_problem, lacks_processor_files, model_location,
+                                  one_line, weight_kind, weight_problem)
 
 OK, WARN, MISSING = 'OK', 'WARN', 'MISSING'
 MESSAGE_PACKAGES = (('sensor_msgs.msg', 'Image'), ('sensor_msgs.msg', 'CompressedImage'),
@@ -67,11 +69,6 @@ class Check:
         return f'{text} -> {self.fix}' if self.fix else text
 
 
-def _one_line(error):
-    text = ' '.join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 160 else text[:157] + '...'
-
-
 def _version(distribution, module=None):
     try:
         return metadata.version(distribution)
@@ -94,7 +91,7 @@ def check_module(name, distribution, purpose, fix, required=True):
         module = importlib.import_module(name)
     except Exception as error:  # a broken install fails with anything, not only ImportError
         return Check(MISSING if required else WARN,
-                     f'{distribution} not importable ({_one_line(error)}): {purpose}', fix)
+                     f'{distribution} not importable ({one_line(error, 160)}): {purpose}', fix)
     return Check(OK, f'{distribution} {_version(distribution, module)} ({purpose})')
 
 
@@ -136,7 +133,7 @@ def check_torch_compile():
     """Check what torch_compile needs: a compiler, and a folder to keep compiled code in."""
     try:
         import torch
-        from blip2_ros.captioner import compile_cache_folder
+        from blip2_ros.decode import compile_cache_folder
     except Exception:
         return [Check(WARN, 'torch_compile: not checked, torch is missing')]
     checks = []
@@ -168,7 +165,7 @@ def check_rclpy():
         from rclpy.utilities import get_rmw_implementation_identifier
         rmw = get_rmw_implementation_identifier()
     except Exception as error:
-        return Check(MISSING, f'rclpy not importable ({_one_line(error)}): the node needs it',
+        return Check(MISSING, f'rclpy not importable ({one_line(error, 160)}): the node needs it',
                      'source your ROS 2 setup (source /opt/ros/<distro>/setup.bash) or install '
                      'the ROS 2 wheels: pip install -r requirements.txt')
     requested = os.environ.get('RMW_IMPLEMENTATION', '')
@@ -192,7 +189,7 @@ def check_messages():
             # Loads the compiled type support, which is what fails on a half-installed ROS.
             type(message_type).__import_type_support__()
         except Exception as error:
-            missing.append(f'{module_name}.{type_name} ({_one_line(error)})')
+            missing.append(f'{module_name}.{type_name} ({one_line(error, 160)})')
     packages = sorted({name.split('.')[0] for name, _ in MESSAGE_PACKAGES})
     if missing:
         return Check(MISSING, f'message packages: cannot load {", ".join(missing)}',
@@ -210,7 +207,7 @@ def check_cv_bridge():
     failure = cv_bridge_failure()
     if failure is not None:
         import numpy
-        what = (f'cv_bridge from the ROS 2 install does not load ({_one_line(failure)}): the '
+        what = (f'cv_bridge from the ROS 2 install does not load ({one_line(failure, 160)}): the '
                 'node converts images with blip2_ros.image_conversion instead')
         if int(numpy.__version__.split('.')[0]) >= 2:
             return Check(WARN, what, f'numpy {numpy.__version__} is first on the path, and the '
@@ -233,62 +230,13 @@ def check_java():
     try:
         result = subprocess.run([java, '-version'], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError) as error:
-        return Check(WARN, f'Java at {java} does not run ({_one_line(error)})',
+        return Check(WARN, f'Java at {java} does not run ({one_line(error, 160)})',
                      'reinstall Java (apt install default-jre-headless)')
     first_line = (result.stderr or result.stdout).strip().splitlines()
     if result.returncode != 0 or not first_line:
         return Check(WARN, f'Java at {java} failed (exit {result.returncode})',
                      'reinstall Java (apt install default-jre-headless)')
     return Check(OK, f'Java: {first_line[0]} (METEOR)')
-
-
-def _looks_like_path(model):
-    return (os.path.isabs(model) or model.startswith(('.', '~')) or model.count('/') > 1
-            or os.sep != '/' and os.sep in model)
-
-
-def _weights(files):
-    """Return 'safetensors', 'pickle' or '' from the file names a checkpoint has."""
-    if 'model.safetensors' in files or 'model.safetensors.index.json' in files:
-        return 'safetensors'
-    if 'pytorch_model.bin' in files or 'pytorch_model.bin.index.json' in files:
-        return 'pickle'
-    return ''
-
-
-def _weight_problem(folder, files):
-    """
-    Return why the weights in a checkpoint folder cannot load, or '' when they look whole.
-
-    The shards an index file lists must all be there, and every safetensors file must have a
-    readable header: a truncated or damaged file fails there, and only the header is read.
-    """
-    from safetensors import safe_open, SafetensorError
-    for single_name, index_name in (('model.safetensors', 'model.safetensors.index.json'),
-                                    ('pytorch_model.bin', 'pytorch_model.bin.index.json')):
-        if single_name in files:
-            names = [single_name]
-        elif index_name in files:
-            try:
-                with open(os.path.join(folder, index_name), encoding='utf-8') as stream:
-                    names = sorted(set(json.load(stream)['weight_map'].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-                return f'its {index_name} cannot be read ({_one_line(error)})'
-            missing = [name for name in names if name not in files]
-            if missing:
-                return (f'{len(missing)} of the {len(names)} weight files its {index_name} '
-                        f'lists are missing ({", ".join(missing[:3])})')
-        else:
-            continue
-        for name in names:
-            if name.endswith('.safetensors'):
-                try:
-                    with safe_open(os.path.join(folder, name), framework='pt'):
-                        pass
-                except (OSError, SafetensorError) as error:
-                    return f'its weight file {name} is damaged ({_one_line(error)})'
-        return ''
-    return ''
 
 
 def _locate_hub_model(model, cache_dir, local_files_only):
@@ -314,27 +262,8 @@ def _locate_hub_model(model, cache_dir, local_files_only):
         config = hf_hub_download(model, 'config.json', cache_dir=cache_dir)
     except Exception as error:
         return None, '', Check(MISSING, f"model '{model}' is not in the local cache and its "
-                                        f'config cannot be fetched ({_one_line(error)})', fix)
+                                        f'config cannot be fetched ({one_line(error, 160)})', fix)
     return os.path.dirname(config), 'download', None
-
-
-def _cached_weights(model, cache_dir):
-    """Return the weight kind a cached hub model has complete, or ''."""
-    from huggingface_hub import try_to_load_from_cache
-    for index_name, single_name, kind in (
-            ('model.safetensors.index.json', 'model.safetensors', 'safetensors'),
-            ('pytorch_model.bin.index.json', 'pytorch_model.bin', 'pickle')):
-        if isinstance(try_to_load_from_cache(model, single_name, cache_dir=cache_dir), str):
-            return kind
-        index = try_to_load_from_cache(model, index_name, cache_dir=cache_dir)
-        if isinstance(index, str):
-            with open(index, encoding='utf-8') as stream:
-                shards = set(json.load(stream).get('weight_map', {}).values())
-            if shards and all(isinstance(try_to_load_from_cache(model, shard,
-                                                                cache_dir=cache_dir), str)
-                              for shard in shards):
-                return kind
-    return ''
 
 
 def count_parameters(config):
@@ -376,65 +305,88 @@ def _fits(parameters):
     return None
 
 
+def _find_model(model, local_files_only, cache_dir):
+    """Return (folder, source, files) for a model name, or a MISSING Check that says why not."""
+    location, kind = model_location(model)
+    if kind == 'folder':
+        return location, 'folder', set(os.listdir(location))
+    if kind == 'file':
+        return Check(MISSING, f"model '{model}' is a file, not a folder",
+                     'give the folder save_pretrained wrote (config.json, weights, processor '
+                     'files) or a hub id such as Salesforce/blip2-opt-2.7b')
+    if kind == 'missing':
+        return Check(MISSING, f"model folder '{model}' does not exist",
+                     'give a folder written by save_pretrained (config.json, weights, '
+                     'processor files) or a hub id such as Salesforce/blip2-opt-2.7b')
+    try:
+        folder, source, problem = _locate_hub_model(model, cache_dir, local_files_only)
+    except Exception as error:
+        return Check(MISSING, f"model '{model}' cannot be looked up ({one_line(error, 160)})",
+                     'give a local folder, or check the model id')
+    return problem or (folder, source, set(os.listdir(folder)))
+
+
+def _read_config(model, folder, where):
+    """Return the BLIP-2 config in ``folder``, or a MISSING Check that says why it is none."""
+    try:
+        from transformers import AutoConfig, PretrainedConfig
+        config_dict, _ = PretrainedConfig.get_config_dict(folder, local_files_only=True)
+        problem = config_problem(config_dict)
+        if problem:
+            return Check(MISSING, f"model '{model}' ({where}): {problem}")
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as error:
+        return Check(MISSING, f"model '{model}' has an unreadable config "
+                              f'({one_line(error, 160)})',
+                     'give a folder written by save_pretrained')
+
+
+def _files_checks(model, folder, source, files, where):
+    """Check a checkpoint's weights and processor files as the loader does, before loading."""
+    # Weights of a model not yet downloaded are unknown; the load itself will tell.
+    if source == 'download':
+        return []
+    if not weight_kind(files):
+        return [Check(MISSING, f"model '{model}' ({where}) has a config but no complete weights",
+                      'download or save the whole checkpoint (model*.safetensors)')]
+    problem = weight_problem(folder, files)
+    if problem:
+        return [Check(MISSING, f"model '{model}' ({where}): {problem}",
+                      'download or save the whole checkpoint again')]
+    checks = []
+    if weight_kind(files) == 'pickle':
+        checks.append(Check(WARN, f"model '{model}' has only pickle weights (pytorch_model.bin)",
+                            'set allow_pickle:=true if you trust it, or convert to safetensors'))
+    if lacks_processor_files(files):
+        checks.append(Check(MISSING, f"model '{model}' ({where}) lacks its processor files "
+                                     '(preprocessor_config.json, tokenizer files)',
+                            'save the Blip2Processor next to the model (save_pretrained)'))
+    return checks
+
+
 def check_model(model, local_files_only=False, cache_dir=None):
     """Whether ``model`` (folder or hub id) can be loaded, and how much memory it needs."""
-    checks = []
-    if os.path.isdir(model):
-        folder, source = model, 'folder'
-        files = set(os.listdir(folder))
-        weights = _weights(files)
-    elif _looks_like_path(model) or os.path.exists(model):
-        return [Check(MISSING, f"model folder '{model}' does not exist",
-                      'give a folder written by save_pretrained (config.json, weights, '
-                      'processor files) or a hub id such as Salesforce/blip2-opt-2.7b')]
-    else:
-        try:
-            folder, source, problem = _locate_hub_model(model, cache_dir, local_files_only)
-        except Exception as error:
-            return [Check(MISSING, f"model '{model}' cannot be looked up ({_one_line(error)})",
-                          'give a local folder, or check the model id')]
-        if problem is not None:
-            return [problem]
-        files = set(os.listdir(folder))
-        # Weights of a model not yet downloaded are unknown; the load itself will tell.
-        weights = _cached_weights(model, cache_dir) if source == 'cache' else 'safetensors'
+    found = _find_model(model, local_files_only, cache_dir)
+    if isinstance(found, Check):
+        return [found]
+    folder, source, files = found
     where = {'folder': 'local folder', 'cache': 'in the local Hugging Face cache',
              'download': 'not cached yet: only its config was fetched'}[source]
     if 'config.json' not in files:
         return [Check(MISSING, f"model '{model}' ({where}) has no config.json",
                       'give the folder that save_pretrained wrote')]
-    try:
-        from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except Exception as error:
-        return [Check(MISSING, f"model '{model}' has an unreadable config ({_one_line(error)})",
-                      'give a folder written by save_pretrained')]
-    model_type = getattr(config, 'model_type', '')
-    if model_type != 'blip-2':
-        return [Check(MISSING, f"model '{model}' is a '{model_type}' model, not BLIP-2",
-                      'name a BLIP-2 checkpoint, e.g. Salesforce/blip2-opt-2.7b')]
-    if not weights:
-        return [Check(MISSING, f"model '{model}' ({where}) has a config but no complete weights",
-                      'download or save the whole checkpoint (model*.safetensors)')]
-    problem = _weight_problem(folder, files) if source != 'download' else ''
-    if problem:
-        return [Check(MISSING, f"model '{model}' ({where}): {problem}",
-                      'download or save the whole checkpoint again')]
-    if weights == 'pickle':
-        checks.append(Check(WARN, f"model '{model}' has only pickle weights (pytorch_model.bin)",
-                            'set allow_pickle:=true if you trust it, or convert to safetensors'))
-    processor_files = {'preprocessor_config.json', 'processor_config.json'} & files
-    tokenizer_files = {'tokenizer.json', 'tokenizer_config.json'} & files
-    if source != 'download' and (not processor_files or not tokenizer_files):
-        return checks + [Check(MISSING, f"model '{model}' ({where}) lacks its processor files "
-                                        '(preprocessor_config.json, tokenizer files)',
-                               'save the Blip2Processor next to the model (save_pretrained)')]
+    config = _read_config(model, folder, where)
+    if isinstance(config, Check):
+        return [config]
+    checks = _files_checks(model, folder, source, files, where)
+    if any(check.status == MISSING for check in checks):
+        return checks
     text_model = getattr(config.text_config, 'model_type', '?')
     try:
         parameters = count_parameters(config)
     except Exception as error:
         checks.append(Check(OK, f"model '{model}' ({where}): BLIP-2 with {text_model}; "
-                                f'parameter count unknown ({_one_line(error)})'))
+                                f'parameter count unknown ({one_line(error, 160)})'))
         return checks
     status = WARN if source == 'download' else OK
     checks.insert(0, Check(status, f"model '{model}' ({where}): BLIP-2 with {text_model}, "

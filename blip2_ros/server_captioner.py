@@ -30,7 +30,8 @@ import threading
 import time
 from urllib.parse import urlparse
 
-from blip2_ros.captioner import _one_line, ModelLoadError, resize_like_pil
+from blip2_ros.checkpoint import ModelLoadError, one_line
+from blip2_ros.preprocess import resize_like_pil
 import cv2
 import numpy as np
 import torch
@@ -228,8 +229,8 @@ class ServerCaptioner:
         if isinstance(error, openai.APIStatusError):
             return CaptionFailure('server_rejected', (
                 f'{where} rejected the request (HTTP {error.status_code}): '
-                f'{_one_line(_status_message(error))}'))
-        return CaptionFailure('server_error', f'request to {where} failed: {_one_line(error)}')
+                f'{one_line(_status_message(error))}'))
+        return CaptionFailure('server_error', f'request to {where} failed: {one_line(error)}')
 
     def _fail(self, failure):
         with self._lock:
@@ -247,7 +248,7 @@ class ServerCaptioner:
 
 def _cause(error):
     cause = error.__cause__ or error.__context__
-    return _one_line(cause) if cause else 'connection failed'
+    return one_line(cause) if cause else 'connection failed'
 
 
 def _status_message(error):

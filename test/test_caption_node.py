@@ -703,11 +703,11 @@ def test_start_up_compiles_on_the_inference_thread_for_the_caption_length_it_use
     assert not any('/cam' in status.message for message in early for status in message.status)
     assert any('no frames on /cam' in status.message for message in late
                for status in message.status)
-    compiled_for = set(captioner._static_caches)
+    compiled_for = set(captioner.decoder.static_caches)
     camera = harness.publisher(Image, '/cam')
     camera.publish(image_message(make_frame(77)))
     harness.wait_for_infos(1)
-    assert set(captioner._static_caches) == compiled_for, 'the first frame compiled again'
+    assert set(captioner.decoder.static_caches) == compiled_for, 'the first frame compiled again'
 
 
 def test_a_warm_up_that_runs_out_of_memory_stops_the_node_saying_what_to_lower(

@@ -26,9 +26,10 @@ import shutil
 import subprocess
 import sys
 
-from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, keep_compiled_code,
-                                 MAX_STATIC_CACHES, ModelLoadError, OneRowLinear,
-                                 resize_like_pil, use_one_row_reductions)
+from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, ModelLoadError
+from blip2_ros.decode import (keep_compiled_code, MAX_STATIC_CACHES, OneRowLinear,
+                              use_one_row_reductions)
+from blip2_ros.preprocess import resize_like_pil
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
@@ -460,13 +461,13 @@ def test_the_decode_loop_stops_once_every_caption_has_ended(lively_checkpoints):
     end_word = max(sorted(set(words)), key=words.count)  # sorted: the same word every run
     model.language_model.generation_config.eos_token_id = word_id(folder, end_word)
     captioner = refuse_generate(wrap(folder, model, max_new_tokens=30, cache='static'))
-    decode_step, steps = captioner._decode_step, []
+    decode_step, steps = captioner.decoder._decode_step, []
 
     def counted_step(*args):
         steps.append(args)
         return decode_step(*args)
 
-    captioner._decode_step = counted_step
+    captioner.decoder._decode_step = counted_step
     captions = captioner.caption(frames, prompt=MIXED_PROMPTS)
     assert all(caption.split()[-1] == end_word for caption in captions), captions
     # Every caption ended before the limit; running on to it takes 29 steps.
@@ -517,7 +518,6 @@ def test_generation_settings_the_loop_lacks_send_decoding_to_generate(lively_che
     captions = captioner.caption(frames)
     assert captions == wrap(folder, max_new_tokens=10).caption(frames, repetition_penalty=3.0)
     assert captions != wrap(folder, max_new_tokens=10).caption(frames)
-    assert not make_captioner(folder, cache='static', num_beams=2).decode_loop
 
 
 @pytest.mark.usefixtures('one_torch_thread')
@@ -626,12 +626,12 @@ def test_a_step_that_cannot_be_compiled_runs_uncompiled_and_says_why(
     # torch's own patch: monkeypatch.setattr would delete these settings when it undoes them
     # (torch's config deletes on delattr), breaking every later compile in this process.
     no_compiler = {'cpp.cxx': (str(tmp_path / 'no-such-c++'),), 'fx_graph_cache': False}
-    with caplog.at_level('ERROR', logger='blip2_ros.captioner'), \
+    with caplog.at_level('ERROR', logger='blip2_ros.decode'), \
             torch._inductor.config.patch(no_compiler):
         captions = captioner.caption(frames, min_new_tokens=8)
     assert not captioner.compile_decode
     errors = [record.getMessage() for record in caplog.records
-              if record.name == 'blip2_ros.captioner']
+              if record.name == 'blip2_ros.decode']
     assert len(errors) == 1 and 'decoding uncompiled' in errors[0] and '\n' not in errors[0]
     assert 'compiler' in errors[0].lower(), errors[0]
     assert captions == make_captioner(folder, max_new_tokens=8).caption(
@@ -690,7 +690,7 @@ def test_a_compile_cache_folder_that_cannot_be_made_leaves_torchs_default(
     (tmp_path / 'not-a-folder').write_text('')
     monkeypatch.delenv('TORCHINDUCTOR_CACHE_DIR', raising=False)
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'not-a-folder'))
-    with caplog.at_level('INFO', logger='blip2_ros.captioner'):
+    with caplog.at_level('INFO', logger='blip2_ros.decode'):
         assert keep_compiled_code() is None
     assert 'TORCHINDUCTOR_CACHE_DIR' not in os.environ
     assert any('not kept across reboots' in record.getMessage() for record in caplog.records)
@@ -764,11 +764,12 @@ def test_a_truncated_weight_file_is_one_clear_line(tiny_opt_checkpoint, tmp_path
     truncate(folder / 'model.safetensors')
     with pytest.raises(ModelLoadError) as error:
         make_captioner(folder)
-    assert_one_line(error, str(folder), 'weight file is damaged', 'save the checkpoint again')
+    assert_one_line(error, str(folder), 'model.safetensors is damaged',
+                    'save the checkpoint again')
 
 
 def test_a_checkpoint_without_its_tokenizer_files_is_refused(tiny_opt_checkpoint, tmp_path):
-    # transformers then makes a 2-token tokenizer without a pad token; captions would be
+    # transformers would make a 2-token tokenizer without a pad token; captions would be
     # garbage, or the first batch would fail on padding.
     folder = tmp_path / 'no-tokenizer'
     shutil.copytree(tiny_opt_checkpoint, folder)
@@ -776,7 +777,8 @@ def test_a_checkpoint_without_its_tokenizer_files_is_refused(tiny_opt_checkpoint
     os.remove(folder / 'tokenizer_config.json')
     with pytest.raises(ModelLoadError) as error:
         make_captioner(folder)
-    assert_one_line(error, str(folder), 'no pad token', 'tokenizer.json', 'tokenizer_config.json')
+    assert_one_line(error, str(folder), 'lacks its processor files', 'tokenizer.json',
+                    'tokenizer_config.json')
 
 
 def test_small_word_level_tokenizers_of_the_tiny_and_demo_models_are_accepted(
@@ -870,7 +872,7 @@ def test_a_model_that_is_not_blip2_is_refused(tmp_path):
                              max_position_embeddings=32)).save_pretrained(folder)
     with pytest.raises(ModelLoadError) as error:
         make_captioner(folder)
-    assert_one_line(error, str(folder), "'opt'", 'not BLIP-2')
+    assert_one_line(error, str(folder), "model_type 'opt', so it is not BLIP-2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1109,7 +1111,7 @@ STATIC_CACHE_CALLS = [
 
 def static_caches(captioner):
     """Return the identities of the static KV caches the captioner holds."""
-    return {id(cache) for cache in captioner._static_caches.values()}
+    return {id(cache) for cache in captioner.decoder.static_caches.values()}
 
 
 @pytest.mark.usefixtures('one_torch_thread')
@@ -1133,7 +1135,7 @@ def test_reused_static_caches_give_the_dynamic_captions_call_after_call(
             assert static_caches(static) == before, f'call {call} allocated a cache again'
         seen.add((count, str(prompt)))
     assert len(set(captions)) > 3, 'captions must differ between calls to mean anything'
-    assert len(static._static_caches) >= 3 and len(dynamic._static_caches) == 0
+    assert len(static.decoder.static_caches) >= 3 and not dynamic.decoder.static_caches
 
 
 @pytest.mark.usefixtures('one_torch_thread')
@@ -1149,13 +1151,14 @@ def test_a_batch_shape_reuses_its_static_cache(lively_checkpoints, language_mode
     captioner.caption(model_size_frames(3), prompt='a photo of')
     assert len(static_caches(captioner)) == 2 and first < static_caches(captioner)
 
-    cache, length = captioner._static_cache_for(2, 40, 6)
-    assert captioner._static_cache_for(2, 40, 6) == (cache, length)
-    assert captioner._static_cache_for(3, 40, 6)[0] is not cache
+    cache, length = captioner.decoder.static_cache_for(2, 40, 6)
+    assert captioner.decoder.static_cache_for(2, 40, 6) == (cache, length)
+    assert captioner.decoder.static_cache_for(3, 40, 6)[0] is not cache
     # Rounded up, so that a slightly longer prompt reuses the same cache.
     assert length % 16 == 0 and length >= (6 + 1 if language_model == 't5' else 40 + 6)
     # T5's cross-attention cache holds exactly the encoder's input.
-    assert (captioner._static_cache_for(2, 41, 6)[0] is cache) == (language_model == 'opt')
+    reused = captioner.decoder.static_cache_for(2, 41, 6)[0] is cache
+    assert reused == (language_model == 'opt')
 
 
 def cache_layers(cache):
@@ -1176,7 +1179,7 @@ def test_static_cache_tensors_exist_before_the_first_forward_pass(
     captioner = make_captioner(lively_checkpoints[language_model], max_new_tokens=6,
                                cache='static')
     handed_out = []
-    make_cache = captioner._static_cache_for
+    make_cache = captioner.decoder.static_cache_for
 
     def recording_static_cache_for(*args):
         cache, length = make_cache(*args)
@@ -1186,7 +1189,7 @@ def test_static_cache_tensors_exist_before_the_first_forward_pass(
                                    for layer in layers]))
         return cache, length
 
-    monkeypatch.setattr(captioner, '_static_cache_for', recording_static_cache_for)
+    monkeypatch.setattr(captioner.decoder, 'static_cache_for', recording_static_cache_for)
     frames = model_size_frames(2, first_seed=500)
     captions = captioner.caption(frames, prompt='a photo of')
     (cache, addresses), = handed_out
@@ -1207,12 +1210,12 @@ def test_static_caches_are_bounded_and_the_least_recently_used_goes_first(lively
     frames = model_size_frames(MAX_STATIC_CACHES + 2)
     for count in range(1, MAX_STATIC_CACHES + 1):
         captioner.caption(frames[:count])
-    assert len(captioner._static_caches) == MAX_STATIC_CACHES
+    assert len(captioner.decoder.static_caches) == MAX_STATIC_CACHES
     captioner.caption(frames[:1])  # used again: now the most recent
     captioner.caption(frames[:MAX_STATIC_CACHES + 1])
-    assert len(captioner._static_caches) == MAX_STATIC_CACHES
+    assert len(captioner.decoder.static_caches) == MAX_STATIC_CACHES
     # The batch of 2 was the least recently used.
-    assert sorted(key[0] for key in captioner._static_caches) == [1] + list(
+    assert sorted(key[0] for key in captioner.decoder.static_caches) == [1] + list(
         range(3, MAX_STATIC_CACHES + 2))
 
 

@@ -116,7 +116,7 @@ def test_folder_that_is_not_a_usable_blip2(capsys, tmp_path, tiny_opt_checkpoint
               vocab_size=50).save_pretrained(other)
     status, lines = run_doctor(capsys, '--model', str(other))
     assert status == 1
-    assert "is a 'opt' model, not BLIP-2" in line_about(lines, str(other))
+    assert "model_type 'opt', so it is not BLIP-2" in line_about(lines, str(other))
 
     no_weights = tmp_path / 'config-only'
     no_weights.mkdir()

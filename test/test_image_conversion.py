@@ -546,7 +546,7 @@ def _jpeg(rgb, quality=90):
 def _resized(rgb, size):
     """Resize as the captioner does (antialiased bicubic on uint8), as int levels."""
     import torch
-    from blip2_ros.captioner import resize_like_pil
+    from blip2_ros.preprocess import resize_like_pil
     image = torch.from_numpy(np.array(rgb, order='C')).permute(2, 0, 1).unsqueeze(0)
     return resize_like_pil(image, size, 'bicubic')[0].permute(1, 2, 0).numpy().astype(int)
 

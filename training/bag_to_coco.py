@@ -48,6 +48,7 @@ import shutil
 import sys
 import time
 
+from blip2_ros.checkpoint import one_line
 from blip2_ros.image_conversion import ImageConversionError, message_to_rgb
 import cv2
 import numpy as np
@@ -179,11 +180,6 @@ class ConversionSummary:
         return lines
 
 
-def _one_line(error):
-    text = ' '.join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 240 else text[:237] + '...'
-
-
 def _normalise_type(msgtype):
     """Return 'pkg/msg/Type' for the 2019-era 'pkg/Type' spelling too."""
     parts = msgtype.split('/')
@@ -244,7 +240,7 @@ class BagFile:
             with open(path, 'rb') as stream:
                 head = stream.read(16)
         except OSError as error:
-            raise self._fail(f'cannot read: {_one_line(error)}') from None
+            raise self._fail(f'cannot read: {one_line(error, 240)}') from None
         if not head:
             raise self._fail('file is empty')
         if head.startswith(_ROS1_MAGIC):
@@ -283,7 +279,7 @@ class BagFile:
                 hint = ' (a recording cut short has no index; `rosbag reindex` can repair it)'
             elif 'magic' in text:
                 hint = ' (the file is truncated: was the recording stopped cleanly?)'
-            raise self._fail(f'cannot open {self.kind}: {_one_line(error)}{hint}') from None
+            raise self._fail(f'cannot open {self.kind}: {one_line(error, 240)}{hint}') from None
         self._reader = reader
         try:
             for connection in reader.connections:
@@ -292,7 +288,7 @@ class BagFile:
                 self._connections.setdefault(topic, []).append(connection)
         except Exception as error:
             self.close()
-            raise self._fail(f'cannot list topics: {_one_line(error)}') from None
+            raise self._fail(f'cannot list topics: {one_line(error, 240)}') from None
 
     def close(self):
         """Close the reader if it is open."""
@@ -347,7 +343,7 @@ class BagFile:
                 return
             except Exception as error:
                 raise self._fail(
-                    f'the bag is damaged or truncated: {_one_line(error)}') from None
+                    f'the bag is damaged or truncated: {one_line(error, 240)}') from None
             yield item
 
     def _typestore(self, connection):
@@ -381,7 +377,7 @@ class BagFile:
         except Exception as error:
             raise self._fail(
                 f'the {msgtype} message on {connection.topic} at {time_ns} ns cannot be '
-                f'deserialized ({_one_line(error)}); the bag is damaged') from None
+                f'deserialized ({one_line(error, 240)}); the bag is damaged') from None
 
 
 @dataclass
@@ -417,7 +413,8 @@ def load_caption_ranges(path):
     try:
         text = path.read_text(encoding='utf-8')
     except (OSError, UnicodeDecodeError) as error:
-        raise ConversionError(f'cannot read captions file {path}: {_one_line(error)}') from None
+        raise ConversionError(
+            f'cannot read captions file {path}: {one_line(error, 240)}') from None
     rows = []
     if suffix == '.csv':
         for number, row in enumerate(csv.reader(text.splitlines()), start=1):
@@ -660,7 +657,7 @@ def dataset_lock(out, on_wait=None):
         lock_file = open(lock_path, 'a')
     except OSError as error:
         raise ConversionError(
-            f'cannot create the lock file {lock_path} for --out: {_one_line(error)}') from None
+            f'cannot create the lock file {lock_path} for --out: {one_line(error, 240)}') from None
     with lock_file:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -47,6 +47,7 @@ import shutil
 import subprocess
 import sys
 
+from blip2_ros.checkpoint import one_line
 from training.coco import DatasetError, dumps, image_path, write_text_atomic
 
 LOGGER = logging.getLogger('training.evaluate')
@@ -136,11 +137,6 @@ def _scorer(name):
         return Cider()
     from pycocoevalcap.spice.spice import Spice
     return Spice()
-
-
-def _one_line(error):
-    text = ' '.join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + '...'
 
 
 def parse_metrics(text):
@@ -253,7 +249,7 @@ def score_captions(references, predictions, metrics=ALL_METRICS, tokenizer='auto
             with contextlib.redirect_stdout(printed):
                 score, _ = _scorer(name).compute_score(gts, res)
         except Exception as error:  # noqa: B902 - an optional metric must not sink the others
-            result.unavailable[name] = _one_line(error)
+            result.unavailable[name] = one_line(error, 200)
             LOGGER.warning('%s unavailable: %s', name, result.unavailable[name])
             continue
         LOGGER.debug('%s: %s', name, printed.getvalue().strip())
@@ -276,21 +272,21 @@ def _read_json(path, what):
     except FileNotFoundError:
         raise EvaluationError(f'{what} file {path} does not exist') from None
     except (OSError, ValueError) as error:
-        raise EvaluationError(f'cannot read {what} file {path}: {_one_line(error)}') from None
+        raise EvaluationError(f'cannot read {what} file {path}: {one_line(error, 200)}') from None
 
 
 def _id_and_caption(entry, where):
     """Return an entry's (image_id, caption); raise EvaluationError if either is unusable."""
     if not isinstance(entry, dict) or 'image_id' not in entry or 'caption' not in entry:
-        raise EvaluationError(f'{where} needs image_id and caption, got {_one_line(entry)}')
+        raise EvaluationError(f'{where} needs image_id and caption, got {one_line(entry, 200)}')
     image_id, caption = entry['image_id'], entry['caption']
     # Ids are dict keys and are compared with the other file's: integers (COCO) or strings.
     if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
         raise EvaluationError(f'{where}: image_id must be an integer (or a string), not '
-                              f'{_one_line(json.dumps(image_id))}')
+                              f'{one_line(json.dumps(image_id), 200)}')
     if not isinstance(caption, str):
         raise EvaluationError(f'{where}: caption must be a string, not '
-                              f'{_one_line(json.dumps(caption))}')
+                              f'{one_line(json.dumps(caption), 200)}')
     return image_id, caption
 
 
@@ -340,7 +336,7 @@ def write_json(path, data):
 
 def training_prompt(*folders, default=''):
     """Return the prompt saved by training.train in the first folder that has one."""
-    from blip2_ros.captioner import ModelLoadError, training_prompt as saved_prompt
+    from blip2_ros.checkpoint import ModelLoadError, training_prompt as saved_prompt
     try:
         return saved_prompt(*folders, default=default)
     except ModelLoadError as error:
@@ -528,7 +524,7 @@ def main(argv=None):
         # Our own messages end with what to do: shortening them could cut that off.
         raise SystemExit(f"error: {' '.join(str(error).split())}") from None
     except OSError as error:
-        raise SystemExit(f'error: {_one_line(error)}') from None
+        raise SystemExit(f'error: {one_line(error, 200)}') from None
     except KeyboardInterrupt:
         print('evaluate: interrupted; results are written only once every model has run',
               file=sys.stderr)

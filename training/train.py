@@ -39,7 +39,7 @@ import shutil
 import signal
 import sys
 
-from blip2_ros.captioner import TRAINING_INFO_FILE
+from blip2_ros.checkpoint import one_line, TRAINING_INFO_FILE
 import torch
 from training.coco import DatasetError, usual_mode, write_text_atomic
 from training.data import (CaptionCollator, CaptionPairs, generate_captions, load_split,
@@ -280,7 +280,7 @@ def parse_arguments(argv=None):
         except FileNotFoundError:
             raise TrainingError(f'config file {name} does not exist') from None
         except (OSError, ValueError, yaml.YAMLError) as error:
-            raise TrainingError(f'cannot read config file {name}: {_one_line(error)}') from None
+            raise TrainingError(f'cannot read config file {name}: {one_line(error)}') from None
         if not isinstance(config, dict):
             raise TrainingError(f'config file {name} must hold settings as "name: value" lines')
         settings = {action.dest for action in parser._actions}
@@ -585,7 +585,7 @@ def load_model(model_args, training_args):
                                 "transformers' built-in BLIP-2 classes load")
         config = AutoConfig.from_pretrained(model_args.model)
     except (OSError, ValueError) as error:
-        raise TrainingError(f'cannot load {where}: {_one_line(error)}') from error
+        raise TrainingError(f'cannot load {where}: {one_line(error)}') from error
     if getattr(config, 'model_type', '') != 'blip-2':
         raise TrainingError(f"cannot load {where}: it is a '{config.model_type}' model, "
                             'not BLIP-2')
@@ -609,7 +609,7 @@ def load_model(model_args, training_args):
         if not model_args.allow_pickle and 'safetensors' in str(error).lower():
             hint = (' (it has no safetensors weights: add --allow_pickle true to load its '
                     'pickle .bin weights if you trust its source, or re-save it as safetensors)')
-        raise TrainingError(f'cannot load {where}: {_one_line(error)}{hint}') from error
+        raise TrainingError(f'cannot load {where}: {one_line(error)}{hint}') from error
     if model.config.text_config.is_encoder_decoder:
         # T5 averages its loss itself; without this the Trainer would skip dividing it by the
         # gradient accumulation steps.
@@ -763,11 +763,6 @@ class CaptionTrainer(Trainer):
 
 # ---------------------------------------------------------------------------------------------
 # Main
-
-
-def _one_line(error):
-    text = ' '.join(str(error).split())
-    return text if len(text) <= 300 else text[:297] + '...'
 
 
 def validate_data(folder):
