@@ -161,7 +161,7 @@ def test_a_frame_is_sent_as_a_lossless_png_of_the_model_input_size():
     # Noise is the worst case for PNG; a real 1080p frame costs far less than 6 MB raw.
     assert len(url) < 250_000
     import torch
-    from blip2_ros.captioner import resize_like_pil
+    from blip2_ros.preprocess import resize_like_pil
     expected = resize_like_pil(torch.from_numpy(frame).permute(2, 0, 1).unsqueeze(0),
                                (224, 224), 'bicubic')[0].permute(1, 2, 0).numpy()
     assert np.array_equal(decoded, expected)

@@ -31,8 +31,8 @@ import os
 import shutil
 import sys
 
-from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, DTYPES, ModelLoadError,
-                                 TRAINING_INFO_FILE)
+from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
+from blip2_ros.checkpoint import DTYPES, ModelLoadError, TRAINING_INFO_FILE
 
 
 def recorded_base_model(adapter):
