@@ -205,6 +205,9 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     parser.add_argument('--dtype', default='auto',
                         choices=('auto', 'float32', 'float16', 'bfloat16'))
+    parser.add_argument('--quantization', default='none', choices=('none', 'int8', 'int4'),
+                        help='weight-only 8-bit (torchao; CPU and GPU) or 4-bit (bitsandbytes '
+                             'NF4; GPU only) weights: less memory, captions may change a little')
     parser.add_argument('--batch-size', type=_positive_int, default=8,
                         help='images per generate call')
     parser.add_argument('--max-new-tokens', type=_positive_int, default=30)
@@ -302,6 +305,7 @@ def _make_captioner(args):
             model=args.model, adapter=args.adapter, device=args.device, dtype=args.dtype,
             local_files_only=args.local_files_only, allow_pickle=args.allow_pickle,
             max_new_tokens=args.max_new_tokens, prompt=prompt, backend=args.backend,
+            quantization=args.quantization,
             server_url=args.server_url, api_key_env=args.api_key_env,
             request_timeout=args.request_timeout, server_image_size=args.server_image_size,
             max_in_flight=args.batch_size))

@@ -54,6 +54,8 @@ class CaptionerConfig:
     # torch.compile); 'dynamic' is the library default.
     cache: str = 'dynamic'
     torch_compile: bool = False
+    # Weight-only 'int8' (torchao, CPU and CUDA) or 'int4' (bitsandbytes NF4, CUDA); 'none'.
+    quantization: str = 'none'
     # 'local' runs the model in this process; 'openai' sends the frames to an OpenAI-compatible
     # server (vLLM), and then ``model`` is the name the server serves.
     backend: str = 'local'

@@ -329,17 +329,28 @@ def _missing_weights_problem(loading_info):
             'be random; download or save the whole checkpoint again')
 
 
-def load_weights(location, dtype, allow_pickle, local_files_only, where):
-    """Load the BLIP-2 weights, refusing a checkpoint that would leave any layer random."""
+def load_weights(location, dtype, allow_pickle, local_files_only, where, four_bit_on=None):
+    """
+    Load the BLIP-2 weights, refusing a checkpoint that would leave any layer random.
+
+    ``four_bit_on`` (a CUDA device) loads the weights as bitsandbytes NF4 onto that device.
+    """
     from safetensors import SafetensorError
     from transformers import Blip2ForConditionalGeneration
+    options = {}
+    if four_bit_on is not None:
+        from transformers import BitsAndBytesConfig
+        options = {'device_map': {'': four_bit_on.index or 0},
+                   'quantization_config': BitsAndBytesConfig(
+                       load_in_4bit=True, bnb_4bit_quant_type='nf4',
+                       bnb_4bit_compute_dtype=dtype)}
     try:
         # Never trust_remote_code: a checkpoint must not run code of its own on a robot.
         # allow_pickle only widens the choice: safetensors still win where both exist.
         model, loading_info = Blip2ForConditionalGeneration.from_pretrained(
             location, dtype=dtype, use_safetensors=None if allow_pickle else True,
             trust_remote_code=False, local_files_only=local_files_only,
-            output_loading_info=True)
+            output_loading_info=True, **options)
     except SafetensorError as error:
         raise ModelLoadError(
             f'cannot load {where}: a weight file is damaged ({one_line(error)}); download '
@@ -356,6 +367,64 @@ def load_weights(location, dtype, allow_pickle, local_files_only, where):
     if unexpected:
         LOGGER.warning('%s has %d weights that no layer uses (first: %s); they are ignored',
                        where, len(unexpected), unexpected[0])
+    return model
+
+
+QUANTIZATIONS = ('none', 'int8', 'int4')
+
+
+def _import_torchao_quietly():
+    """
+    Import torchao.quantization without the warnings a user cannot act on.
+
+    Its CUDA-only extensions log one warning each on a CPU-only torch, and registering its
+    enums with torch's pytree logs a deprecation notice each.
+    """
+    loggers = [logging.getLogger(name) for name in ('torchao', 'torch.utils._pytree')]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    return torchao.quantization
+
+
+def quantization_problem(quantization, device, has_adapter=False):
+    """Return why weight-only ``quantization`` cannot work on ``device``, or None."""
+    if quantization not in QUANTIZATIONS:
+        return f"unknown quantization '{quantization}': use {', '.join(QUANTIZATIONS)}"
+    if quantization == 'int8':
+        try:
+            _import_torchao_quietly()
+        except ImportError:
+            return 'quantization int8 needs the torchao package: pip install torchao'
+    if quantization == 'int4':
+        if device.type != 'cuda':
+            return ('quantization int4 needs a CUDA GPU (bitsandbytes NF4); on a CPU use '
+                    'int8, which torchao runs there')
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return 'quantization int4 needs the bitsandbytes package: pip install bitsandbytes'
+        if has_adapter:
+            return ('quantization int4 cannot merge an adapter into 4-bit weights: merge it '
+                    'first (python -m training.export_merged) and load the merged folder')
+    return None
+
+
+def quantize(model, quantization, dtype):
+    """
+    Make the weights of ``model``'s Linear layers 8-bit (torchao, weight only) in place.
+
+    int4 happens while loading instead (bitsandbytes NF4, see ``load_weights``).
+    """
+    if quantization != 'int8':
+        return model
+    quantization_api = _import_torchao_quietly()
+    quantization_api.quantize_(model, quantization_api.Int8WeightOnlyConfig())
     return model
 
 
@@ -385,11 +454,19 @@ def load_checkpoint(config, device):
     problem = tokenizer_problem(processor.tokenizer, model_config.text_config)
     if problem:
         raise ModelLoadError(f'cannot load {where}: {problem}')
-    model = load_weights(location, dtype, config.allow_pickle, config.local_files_only, where)
+    quantization = getattr(config, 'quantization', 'none')
+    problem = quantization_problem(quantization, device, bool(config.adapter))
+    if problem:
+        raise ModelLoadError(problem)
+    four_bit = quantization == 'int4'
+    model = load_weights(location, dtype, config.allow_pickle, config.local_files_only, where,
+                         four_bit_on=device if four_bit else None)
     if config.adapter:
         model = merge_adapter(model, config.adapter, config.allow_pickle)
     try:
-        return model.to(device).eval(), processor, dtype
+        if not four_bit:  # 4-bit weights were loaded onto the device and cannot move
+            model = quantize(model.to(device), quantization, dtype)
+        return model.eval(), processor, dtype
     except torch.OutOfMemoryError as error:
         raise ModelLoadError(
             f'{where} does not fit in {device} memory as {dtype}: '
