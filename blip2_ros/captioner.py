@@ -82,8 +82,8 @@ def make_captioner(config):
         from blip2_ros.openvino_captioner import OpenVINOCaptioner
         return OpenVINOCaptioner(config)
     if config.backend != 'local':
-        raise ModelLoadError(
-            f"unknown backend '{config.backend}': use {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+        names = ', '.join(BACKENDS[:-1])
+        raise ModelLoadError(f"unknown backend '{config.backend}': use {names} or {BACKENDS[-1]}")
     return Blip2Captioner(config)
 
 

@@ -203,13 +203,24 @@ def convert(model, folder, weights):
             }
         for name, graph in graphs.items():
             if weights == 'int8':
-                import nncf
-                graph = nncf.compress_weights(graph, mode=nncf.CompressWeightsMode.INT8_ASYM)
+                graph = _compress_weights(graph)
             # fp32 must stay fp32: save_model would store the weights as fp16 by default.
             openvino.save_model(graph, os.path.join(staging, name), compress_to_fp16=False)
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _compress_weights(graph):
+    """Return ``graph`` with 8-bit asymmetric weights (nncf), without nncf's progress tables."""
+    nncf_logger = logging.getLogger('nncf')
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)
+    try:
+        import nncf
+        return nncf.compress_weights(graph, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    finally:
+        nncf_logger.setLevel(level)
 
 
 class OpenVINODecoder:
@@ -234,7 +245,9 @@ class OpenVINODecoder:
         self.hidden_size = image_encoder.output(0).get_partial_shape()[2].get_length()
 
     def _step(self, input_ids, prefix, mask, positions, cache):
-        outputs = self.step_request.infer([input_ids, prefix, mask, positions, *cache])
+        # Shared inputs: the cache would otherwise be copied into the request at every token.
+        outputs = self.step_request.infer([input_ids, prefix, mask, positions, *cache],
+                                          share_inputs=True)
         values = list(outputs.values())
         return values[0], values[1:]
 
@@ -384,5 +397,5 @@ def _refuse_encoder_decoder(config):
     text_config = read_blip2_config(location, config.local_files_only, where).text_config
     if text_config.model_type != 'opt':
         raise ModelLoadError(
-            f"backend openvino takes BLIP-2 checkpoints with an OPT language model, and "
+            'backend openvino takes BLIP-2 checkpoints with an OPT language model, and '
             f"'{config.model}' has {text_config.model_type}: use backend local for it")
