@@ -58,13 +58,13 @@ def openvino_captioner(model, **options):
 
 @pytest.fixture(scope='module')
 def lively_openvino(lively_opt_checkpoint):
-    """The lively OPT checkpoint on the OpenVINO backend, fp32."""
+    """Return the lively OPT checkpoint on the OpenVINO backend, fp32."""
     return openvino_captioner(lively_opt_checkpoint)
 
 
 @pytest.fixture(scope='module')
 def lively_local(lively_opt_checkpoint):
-    """The same checkpoint on the local backend, on the CPU in float32."""
+    """Return the same checkpoint on the local backend, on the CPU in float32."""
     return Blip2Captioner(CaptionerConfig(model=str(lively_opt_checkpoint), device='cpu',
                                           dtype='float32', max_new_tokens=10))
 
