@@ -27,6 +27,8 @@ stops early (``| head``) ends it quietly.
     python -m blip2_ros.caption_images --model Salesforce/blip2-opt-2.7b photos/ extra.jpg
     python -m blip2_ros.caption_images --backend openai --server-url http://127.0.0.1:8000/v1 \
         --model blip2-opt-2.7b photos/
+    python -m blip2_ros.caption_images --backend openvino --model Salesforce/blip2-opt-2.7b \
+        photos/
 
 With ``--backend openai`` the images are captioned by an OpenAI-compatible server (vLLM) and
 ``--model`` is the name it serves; the API key, if the server needs one, comes from the
@@ -186,9 +188,14 @@ def parse_args(argv=None):
     parser.add_argument('--model', default='Salesforce/blip2-opt-2.7b',
                         help='hub id or local folder of a BLIP-2 checkpoint; with --backend '
                              'openai the name the server serves')
-    parser.add_argument('--backend', default='local', choices=('local', 'openai'),
+    parser.add_argument('--backend', default='local', choices=('local', 'openai', 'openvino'),
                         help='local: the model runs here; openai: an OpenAI-compatible server '
-                             '(vLLM) at --server-url captions the images')
+                             '(vLLM) at --server-url captions the images; openvino: the model '
+                             'runs here on the CPU through OpenVINO (OPT checkpoints; '
+                             'converted once and kept in ~/.cache/blip2_ros/openvino)')
+    parser.add_argument('--openvino-weights', default='fp32', choices=('fp32', 'int8'),
+                        help='--backend openvino: fp32 (captions as --backend local) or int8 '
+                             '(8-bit weights: faster, captions may change a little)')
     parser.add_argument('--server-url', default='http://127.0.0.1:8000/v1',
                         help='--backend openai: base URL of the server')
     parser.add_argument('--api-key-env', default='',
@@ -305,7 +312,7 @@ def _make_captioner(args):
             model=args.model, adapter=args.adapter, device=args.device, dtype=args.dtype,
             local_files_only=args.local_files_only, allow_pickle=args.allow_pickle,
             max_new_tokens=args.max_new_tokens, prompt=prompt, backend=args.backend,
-            quantization=args.quantization,
+            quantization=args.quantization, openvino_weights=args.openvino_weights,
             server_url=args.server_url, api_key_env=args.api_key_env,
             request_timeout=args.request_timeout, server_image_size=args.server_image_size,
             max_in_flight=args.batch_size))

@@ -65,9 +65,12 @@ class CaptionerConfig:
     # The served model's input size: frames are resized to it before they are sent.
     server_image_size: int = 224
     max_in_flight: int = 8
+    # backend 'openvino': 'fp32' (captions equal the local backend's) or 'int8' (nncf weight
+    # compression: faster, captions may change a little).
+    openvino_weights: str = 'fp32'
 
 
-BACKENDS = ('local', 'openai')
+BACKENDS = ('local', 'openai', 'openvino')
 
 
 def make_captioner(config):
@@ -75,8 +78,12 @@ def make_captioner(config):
     if config.backend == 'openai':
         from blip2_ros.server_captioner import ServerCaptioner
         return ServerCaptioner(config)
+    if config.backend == 'openvino':
+        from blip2_ros.openvino_captioner import OpenVINOCaptioner
+        return OpenVINOCaptioner(config)
     if config.backend != 'local':
-        raise ModelLoadError(f"unknown backend '{config.backend}': use {' or '.join(BACKENDS)}")
+        names = ', '.join(BACKENDS[:-1])
+        raise ModelLoadError(f"unknown backend '{config.backend}': use {names} or {BACKENDS[-1]}")
     return Blip2Captioner(config)
 
 
