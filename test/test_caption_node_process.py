@@ -68,8 +68,8 @@ def test_bad_setting_stops_the_node_with_one_clear_line(tiny_opt_checkpoint, set
 
 
 def test_main_gives_sigterm_back_when_it_returns(tiny_opt_checkpoint):
-    # During start-up main() handles SIGTERM itself; a program that calls it and goes on must
-    # still end on SIGTERM afterwards.
+    # rclpy handles SIGTERM while it runs; a program that calls main() and goes on must still
+    # end on SIGTERM afterwards.
     script = ('import signal, sys\n'
               'from blip2_ros.caption_node import main\n'
               'code = main(sys.argv[1:])\n'
