@@ -128,8 +128,9 @@ class Harness:
         self.executor.add_node(self.peer)
         self.spinner = threading.Thread(target=self.executor.spin, daemon=True)
         self.spinner.start()
-        # autostart loads the model in the background; the tests begin with it captioning.
-        wait_until_active(self.node)
+        if parameters.get('autostart', True):
+            # autostart loads the model in the background; the tests begin with it captioning.
+            wait_until_active(self.node)
 
     def publisher(self, message_type, topic, reliability=ReliabilityPolicy.RELIABLE):
         """Create a publisher and wait until the caption node's subscription has matched it."""
