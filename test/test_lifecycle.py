@@ -30,13 +30,24 @@ from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
+from test_caption_node import Harness, image_message, make_frame, wait_for
 import torch
-
-from test_caption_node import harness_factory, image_message, make_frame, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.ros
 
 NODE = '/blip2_caption'
+
+
+@pytest.fixture
+def harness_factory():
+    harnesses = []
+
+    def make(*args, **kwargs):
+        harnesses.append(Harness(*args, **kwargs))
+        return harnesses[-1]
+    yield make
+    for harness in harnesses:
+        harness.close()
 
 
 def mapped_files():
