@@ -54,6 +54,7 @@ from rclpy.exceptions import (InvalidParameterTypeException, InvalidTopicNameExc
                               ParameterException, ParameterUninitializedException)
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.expand_topic_name import expand_topic_name
+from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.lifecycle import LifecycleNodeMixin, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -162,6 +163,9 @@ LATENCY_WINDOW = 200
 # How long a caption_now call waits for the inference thread, which may be busy with a batch
 # (seconds on a CPU) before it gets to the request.
 CAPTION_NOW_TIMEOUT = 60.0
+
+# What rcl raises, e.g. for a transition that the current state does not have.
+RCLError = rclpy_implementation.RCLError
 
 WORKER_STOPPED = 'the inference thread has stopped: restart the node (its log says why)'
 
@@ -304,6 +308,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
         # a model to load; in a reentrant one they answer. _transition keeps two transitions
         # from overlapping.
         LifecycleNodeMixin.__init__(self, callback_group=ReentrantCallbackGroup())
+        self._refuse_impossible_transitions()
         quiet_opencv()
         self._declare_parameters()
         self.model_name = self.get_parameter('model').value
@@ -358,6 +363,24 @@ class CaptionNode(LifecycleNodeMixin, Node):
         self.add_post_set_parameters_callback(self._after_set_parameters)
         if self.get_parameter('autostart').value:
             threading.Thread(target=self._autostart, name='blip2_autostart', daemon=True).start()
+
+    def _refuse_impossible_transitions(self):
+        """Answer success: false to a transition the current state has not, on every distro."""
+        # Jazzy's rclpy lets rcl's error out of the change_state callback, which ends the
+        # executor's spin: one wrong request from a lifecycle manager would stop the node.
+        change_state = self._service_change_state.callback
+
+        def guarded(request, response):
+            try:
+                return change_state(request, response)
+            except RCLError as error:
+                transition = request.transition.label or request.transition.id
+                self.get_logger().error(
+                    f"transition '{transition}' is not possible from {self.lifecycle_state}: "
+                    f'{str(error).split(", at ")[0]}')
+                response.success = False
+                return response
+        self._service_change_state.callback = guarded
 
     def _reset_counters(self):
         self._last_batch_start = None
