@@ -347,6 +347,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
         self.max_pixels = self.get_parameter('max_pixels').value
         self.max_batch_size = self.get_parameter('max_batch_size').value
         self.decode_min_size = None
+        self._cuda_baseline = 0
 
         # Diagnostics go out in every state (they say which), so theirs is a plain publisher.
         self.diagnostics_publisher = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
@@ -484,6 +485,15 @@ class CaptionNode(LifecycleNodeMixin, Node):
         self.configure_error = None
         self.adapter_problem = None
         config = self._captioner_config(self.get_parameter('adapter').value, self._prompt())
+        device = self.get_parameter('device').value
+        if self.backend == 'local' and device.startswith(('auto', 'cuda')) and \
+                torch.cuda.is_available():
+            # Cleanup compares with it; a device that does not exist fails the load anyway.
+            try:
+                self._cuda_baseline = torch.cuda.memory_allocated(
+                    'cuda' if device == 'auto' else device)
+            except (RuntimeError, ValueError, AssertionError):
+                self._cuda_baseline = 0
         with self._lock:
             self._generation += 1
             self._reset_counters()
@@ -579,6 +589,12 @@ class CaptionNode(LifecycleNodeMixin, Node):
         del captioner, swap
         self._free_memory(device)
         self.get_logger().info(f"released '{self.model_name}'" + self._memory_note(device))
+        if isinstance(device, torch.device) and device.type == 'cuda':
+            left_mib = (torch.cuda.memory_allocated(device) - self._cuda_baseline) / 2**20
+            if left_mib > 16:  # a released model leaves nothing behind; a leak, its weights
+                self.get_logger().warning(
+                    f'{left_mib:.0f} MiB more CUDA memory allocated than before the model '
+                    'loaded: something still holds tensors of it')
 
     @staticmethod
     def _free_memory(device):
@@ -1347,6 +1363,8 @@ def main(args=None):
         executor.spin_until_future_complete(node.finished)
         if node.finished.done():
             exit_code = node.finished.result()
+            # The shutdown transition's answer is sent after its callback returns.
+            executor.shutdown(timeout_sec=5.0)
     except (ModelLoadError, ParameterException) as error:
         # Bad settings and models are the user's to fix: one line, no traceback.
         rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
