@@ -656,7 +656,6 @@ class CaptionNode(LifecycleNodeMixin, Node):
         batch_sizes = self._warm_up_batch_sizes(captioner)
         if not batch_sizes:
             return
-        self.phase = f'warming up: compiling for batch sizes {batch_sizes}'
         self.get_logger().info(f'compiling the decode step for batch sizes {batch_sizes}; '
                                'this takes a while')
         started = time.monotonic()
@@ -942,7 +941,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
             captioner = make_captioner(config)
             self._log_loaded(captioner, config.adapter)
             if self._warm_up_batch_sizes(captioner):
-                self.phase = 'warming up (compiling)'
+                self.phase = 'warming up (compiling)'  # a swap's warm-up keeps the phase
             self._warm_up(captioner, config.prompt)
             with self._lock:
                 if stop.is_set():
