@@ -13,24 +13,30 @@
 # limitations under the License.
 
 """
-ROS 2 node: camera topics in, BLIP-2 captions out on ``/blip2/caption``.
+ROS 2 managed node: camera topics in, BLIP-2 captions out on ``/blip2/caption``.
 
-The subscription callbacks only keep the newest message per camera. A worker thread converts and
-captions whatever is pending, all cameras in one batch, so the executor stays free for services,
-parameter changes and diagnostics while the GPU is busy, and no queue builds up when the cameras
-are faster than the model. The same thread does all inference: the start-up warm-up and the
-``caption_now`` service's captions too, which it hands over and waits for.
+A lifecycle node: ``configure`` loads the model and warms it up, ``activate`` subscribes to the
+cameras and starts captioning, ``deactivate`` stops it with the model kept, ``cleanup`` releases
+the model. With ``autostart`` (the default) the node takes those steps itself, in the
+background, so it answers services and publishes diagnostics while the model loads.
+
+The subscription callbacks only keep the newest message per camera. A worker thread loads the
+model, then converts and captions whatever is pending, all cameras in one batch, so the executor
+stays free for services, parameter changes and diagnostics while the GPU is busy, and no queue
+builds up when the cameras are faster than the model. The same thread does all inference: the
+warm-up, the ``caption_now`` service's captions, and the warm-up of a swapped-in adapter.
 """
 
 from collections import deque
 import ctypes
 import ctypes.util
+import gc
 import json
 import os
-import signal
 import sys
 import threading
 import time
+import traceback
 
 from blip2_ros.captioner import (CaptionerConfig, DEFAULT_MODEL, make_captioner,
                                  ModelLoadError, prompt_problem, TRAINING_INFO_FILE,
@@ -48,9 +54,12 @@ from rclpy.exceptions import (InvalidParameterTypeException, InvalidTopicNameExc
                               ParameterException, ParameterUninitializedException)
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.expand_topic_name import expand_topic_name
+from rclpy.impl.implementation_singleton import rclpy_implementation
+from rclpy.lifecycle import LifecycleNodeMixin, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.task import Future
 from rclpy.validate_full_topic_name import validate_full_topic_name
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -58,13 +67,21 @@ from std_srvs.srv import SetBool, Trigger
 import torch
 
 NODE_NAME = 'blip2_caption'
-# The thread that runs every model call (see CaptionNode.__init__).
+# The thread that loads the model and runs every model call (see CaptionNode._configure).
 INFERENCE_THREAD = 'blip2_inference'
+# The thread that loads a new adapter at run time, beside the weights in use.
+ADAPTER_LOADER_THREAD = 'blip2_adapter_loader'
+# A file every LoRA folder that save_pretrained writes holds.
+ADAPTER_CONFIG_FILE = 'adapter_config.json'
 
 
 # The single list of parameters: the node declares these, config/caption_node.yaml holds the same
 # defaults (a test checks), and the README's table is generated from it.
 PARAMETERS = (
+    ParameterSpec('autostart', True, 'Configure and activate at start-up, without a lifecycle '
+                  'manager: the node loads the model in the background and captions once it is '
+                  'ready. false: wait in the unconfigured state, with no model loaded, for a '
+                  'configure transition.'),
     ParameterSpec('backend', 'local', 'local: run BLIP-2 in this process. openai: send the '
                   'frames to an OpenAI-compatible server (vLLM, see scripts/serve_vllm.sh) at '
                   'server_url; frames then leave this machine.'),
@@ -82,7 +99,11 @@ PARAMETERS = (
                   '(224 for every published BLIP-2); frames are resized to it before sending.',
                   integer_range=(16, 4096)),
     ParameterSpec('adapter', '', 'Folder of a LoRA adapter from the training package; '
-                  'empty for none. Merged into the model at start-up.'),
+                  'empty for none. Merged into the model when it loads. A change at run time '
+                  'loads the base model with the new adapter beside the old weights, which go '
+                  'on captioning until it is ready (memory for two models meanwhile); a folder '
+                  'that fails to load is logged and leaves the old one in place. '
+                  'backend local only.', read_only=False),
     ParameterSpec('device', 'auto', 'auto, cpu, cuda or cuda:N. auto takes the GPU if torch '
                   'sees one.'),
     ParameterSpec('dtype', 'auto', 'auto, float32, float16 or bfloat16. auto: bfloat16 on GPUs '
@@ -142,6 +163,9 @@ LATENCY_WINDOW = 200
 # How long a caption_now call waits for the inference thread, which may be busy with a batch
 # (seconds on a CPU) before it gets to the request.
 CAPTION_NOW_TIMEOUT = 60.0
+
+# What rcl raises, e.g. for a transition that the current state does not have.
+RCLError = rclpy_implementation.RCLError
 
 WORKER_STOPPED = 'the inference thread has stopped: restart the node (its log says why)'
 
@@ -240,58 +264,127 @@ def _stamp_dict(header):
     return {'sec': int(header.stamp.sec), 'nanosec': int(header.stamp.nanosec)}
 
 
-class CaptionNode(Node):
+def _weights_name(adapter):
+    """Name the weights a node captions with, for a log line."""
+    return f"adapter '{adapter}'" if adapter else 'the base model (no adapter)'
+
+
+def same_base_model(recorded, loaded):
+    """Tell whether an adapter's recorded base model names the loaded one."""
+    if recorded == loaded:
+        return True
+    if os.path.isdir(recorded) and os.path.isdir(loaded):
+        return os.path.samefile(recorded, loaded)
+    # A hub id on the workstation, its downloaded folder on the robot (or the other way round):
+    # the same model goes by the same last name.
+    return (os.path.basename(recorded.rstrip('/\\')) == os.path.basename(loaded.rstrip('/\\')))
+
+
+class AdapterSwap:
+    """A captioner with a new adapter, loaded beside the old one, for the inference thread."""
+
+    def __init__(self, adapter, captioner, generation, trained_prompt):
+        """Hold what the inference thread swaps in; ``done`` is set once it has."""
+        self.adapter = adapter
+        self.captioner = captioner
+        self.generation = generation
+        self.trained_prompt = trained_prompt
+        self.done = threading.Event()
+
+
+class CaptionNode(LifecycleNodeMixin, Node):
     """Subscribe to cameras, caption the newest frames with BLIP-2, publish the captions."""
 
     def __init__(self, **kwargs):
-        """Check parameters, load the model (ModelLoadError if either fails), wire up ROS I/O."""
-        super().__init__(NODE_NAME, **kwargs)
+        """
+        Check the parameters (ModelLoadError on a bad one) and offer services and diagnostics.
+
+        The model is loaded by the configure transition; with autostart, a background thread
+        configures and activates the node, and ``finished`` holds 1 if that fails.
+        """
+        Node.__init__(self, NODE_NAME, **kwargs)
+        # Transitions run inside the change_state service's callback. In the node's default,
+        # mutually exclusive group, get_state, parameters and diagnostics would wait minutes for
+        # a model to load; in a reentrant one they answer. _transition keeps two transitions
+        # from overlapping.
+        LifecycleNodeMixin.__init__(self, callback_group=ReentrantCallbackGroup())
+        self._refuse_impossible_transitions()
         quiet_opencv()
         self._declare_parameters()
         self.model_name = self.get_parameter('model').value
+        self.backend = self.get_parameter('backend').value
         self._choose_prompt()
         torch_threads = self.get_parameter('torch_threads').value
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        # The captioner checks at load time that the prompt and caption length fit the model,
-        # and its warm-up compiles for this caption length.
-        self.captioner = make_captioner(CaptionerConfig(
-            backend=self.get_parameter('backend').value,
-            server_url=self.get_parameter('server_url').value,
-            api_key_env=self.get_parameter('api_key_env').value,
-            request_timeout=self.get_parameter('request_timeout').value,
-            server_image_size=self.get_parameter('server_image_size').value,
-            max_in_flight=self.get_parameter('max_batch_size').value,
-            model=self.model_name,
-            adapter=self.get_parameter('adapter').value,
-            device=self.get_parameter('device').value,
-            dtype=self.get_parameter('dtype').value,
-            local_files_only=self.get_parameter('local_files_only').value,
-            allow_pickle=self.get_parameter('allow_pickle').value,
-            max_new_tokens=self.get_parameter('max_new_tokens').value,
-            prompt=self._prompt(),
-            cache=self.get_parameter('cache').value,
-            torch_compile=self.get_parameter('torch_compile').value))
-        self.backend = self.captioner.backend
-        if self.backend == 'local':
-            self.get_logger().info(f"loaded '{self.model_name}' on {self.captioner.device} "
-                                   f'as {self.captioner.dtype}')
-        else:
-            self.get_logger().info(f"captioning with '{self.model_name}' on the server at "
-                                   f'{self.captioner.server_url}: frames leave this machine')
-        if self.backend == 'local' and self.captioner.device.type == 'cpu' and \
-                torch.get_num_threads() > 1 and 'OMP_WAIT_POLICY' not in os.environ:
-            self.get_logger().warning(
-                "OMP_WAIT_POLICY is not set, so torch's idle threads spin and slow down the "
-                'node and other processes on a busy CPU: start the node with '
-                'OMP_WAIT_POLICY=PASSIVE (caption.launch.py does) or set torch_threads to 1')
 
-        self._lock = threading.Lock()  # guards cameras, requests, counters and statistics
+        self._lock = threading.Lock()  # guards cameras, requests, counters and the captioner
         self._work_ready = threading.Condition(self._lock)
+        self._transition_lock = threading.Lock()
+        self._stopping = False  # the node is being destroyed
+        self.finished = Future()  # main() returns its result: 0 finalized, 1 autostart failed
+        self.captioner = None
+        self.loaded_adapter = ''
+        self.phase = 'no model loaded'  # what diagnostics say besides the lifecycle state
+        self.configure_error = None
+        self.adapter_problem = None
+        self._autostarting = False
+        self._worker = None
+        self._worker_stop = threading.Event()
+        self._model_loaded = threading.Event()
+        self._generation = 0  # counts configures: a swap loaded for an older model is dropped
+        self._wanted_adapter = None
+        self._adapter_loader = None
+        self._pending_swap = None
         self._requests = deque()  # caption_now calls waiting for the inference thread
-        self._last_batch_start = None
-        self._stopping = False
+        self.active = False
         self.enabled = True
+        self.cameras = {topic: Camera(topic) for topic in self.image_topics}
+        self._camera_subscriptions = []
+        self.caption_publisher = self.caption_info_publisher = None
+        self.listening_since = time.monotonic()
+        self._reset_counters()
+        self.max_pixels = self.get_parameter('max_pixels').value
+        self.max_batch_size = self.get_parameter('max_batch_size').value
+        self.decode_min_size = None
+        self._cuda_baseline = 0
+
+        # Diagnostics go out in every state (they say which), so theirs is a plain publisher.
+        self.diagnostics_publisher = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self.create_service(SetBool, '~/enable', self._on_enable,
+                            callback_group=ReentrantCallbackGroup())
+        # caption_now waits for the inference thread; one at a time, so that waiting calls
+        # never take every executor thread from services, parameters and diagnostics.
+        self.create_service(Trigger, '~/caption_now', self._on_caption_now,
+                            callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(self.get_parameter('diagnostics_period').value,
+                          self._publish_diagnostics,
+                          callback_group=MutuallyExclusiveCallbackGroup())
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.add_post_set_parameters_callback(self._after_set_parameters)
+        if self.get_parameter('autostart').value:
+            threading.Thread(target=self._autostart, name='blip2_autostart', daemon=True).start()
+
+    def _refuse_impossible_transitions(self):
+        """Answer success: false to a transition the current state has not, on every distro."""
+        # Jazzy's rclpy lets rcl's error out of the change_state callback, which ends the
+        # executor's spin: one wrong request from a lifecycle manager would stop the node.
+        change_state = self._service_change_state.callback
+
+        def guarded(request, response):
+            try:
+                return change_state(request, response)
+            except RCLError as error:
+                transition = request.transition.label or request.transition.id
+                self.get_logger().error(
+                    f"transition '{transition}' is not possible from {self.lifecycle_state}: "
+                    f'{str(error).split(", at ")[0]}')
+                response.success = False
+                return response
+        self._service_change_state.callback = guarded
+
+    def _reset_counters(self):
+        self._last_batch_start = None
         self.rejected = {}
         self._rejected_at_last_report = 0
         self._dropped_at_last_report = 0
@@ -303,74 +396,282 @@ class CaptionNode(Node):
         self.caption_rate = RateMeter()
         self.inference_ms = deque(maxlen=LATENCY_WINDOW)
         self.end_to_end_ms = deque(maxlen=LATENCY_WINDOW)
-        self.max_pixels = self.get_parameter('max_pixels').value
-        # Large JPEGs decode at a reduced scale that still covers the model's input size.
-        self.decode_min_size = (self.captioner.image_size
-                                if self.captioner.fast_preprocessing else None)
-        self.max_batch_size = self.get_parameter('max_batch_size').value
 
-        self.caption_publisher = self.create_publisher(
-            String, self.get_parameter('caption_topic').value, 10)
-        self.caption_info_publisher = self.create_publisher(
-            String, self.get_parameter('caption_info_topic').value, 10)
-        self.diagnostics_publisher = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        self.cameras = {topic: Camera(topic) for topic in self.image_topics}
+    @property
+    def lifecycle_state(self):
+        """Return the label of the current lifecycle state: 'unconfigured', 'active', ..."""
+        return self._state_machine.current_state[1]
 
-        warm_up_batch_sizes = []
-        if self.captioner.compile_decode:
-            # Compile now, so that the first camera frames are not the ones that wait for it.
-            warm_up_batch_sizes = list(range(1, min(len(self.cameras), self.max_batch_size) + 1))
-            self.get_logger().info(f'compiling the decode step for batch sizes '
-                                   f'{warm_up_batch_sizes}; this takes a while')
-        self._warmed_up = threading.Event()
-        self._warm_up_error = None
-        # Every inference call runs on this one thread: torch keeps CUDA graphs per thread, so
-        # graphs recorded by the warm-up are replayed only by later calls on the same thread.
-        self._worker = threading.Thread(target=self._run_worker, args=(warm_up_batch_sizes,),
+    def _autostart(self):
+        """Configure and activate without a lifecycle manager; a failure ends main() with 1."""
+        self._autostarting = True
+        try:
+            for name, trigger in (('configure', self.trigger_configure),
+                                  ('activate', self.trigger_activate)):
+                if trigger() == TransitionCallbackReturn.SUCCESS:
+                    continue
+                if self._stopping or not self.context.ok():
+                    return  # stopped while it loaded: not a failure
+                problem = self.configure_error or f'{name} failed'
+                self.get_logger().fatal(problem)
+                if not self.finished.done():
+                    self.finished.set_result(1)
+                return
+        finally:
+            self._autostarting = False
+
+    # Lifecycle transitions -----------------------------------------------------------------
+
+    def on_configure(self, state):
+        """Load the model and warm it up; create the caption publishers."""
+        return self._transition('configure', self._configure)
+
+    def on_activate(self, state):
+        """Subscribe to the cameras and start captioning."""
+        return self._transition('activate', lambda: self._activate(state))
+
+    def on_deactivate(self, state):
+        """Stop captioning and unsubscribe; the model stays loaded."""
+        return self._transition('deactivate', lambda: self._deactivate(state))
+
+    def on_cleanup(self, state):
+        """Release the model and its memory, and the caption publishers."""
+        return self._transition('cleanup', lambda: self._cleanup(state))
+
+    def on_shutdown(self, state):
+        """Release everything; main() returns once the node is finalized."""
+        def shut_down():
+            self._release_all(state)
+            if not self.finished.done():
+                self.finished.set_result(0)
+            return TransitionCallbackReturn.SUCCESS
+        return self._transition('shutdown', shut_down)
+
+    def on_error(self, state):
+        """Release everything after a transition raised; the node goes back to unconfigured."""
+        return self._transition('error processing', lambda: self._release_all(state))
+
+    def _transition(self, name, work):
+        """Run one transition, one at a time; log what fails, since rclpy swallows it."""
+        if not self._transition_lock.acquire(blocking=False):
+            self.get_logger().error(f'{name} refused: another transition is under way')
+            return TransitionCallbackReturn.FAILURE
+        try:
+            result = work()
+            self.get_logger().info(f'{name}: done, now {self._goal_state(name, result)}')
+            return result
+        except ModelLoadError as error:
+            # A model or setting the user has to fix: one line, back to unconfigured.
+            self.configure_error = str(error)
+            if not self._autostarting:  # autostart says it once, as FATAL
+                self.get_logger().error(f'{name} failed: {error}')
+            return TransitionCallbackReturn.FAILURE
+        except Exception as error:  # noqa: B902 - a bug; rclpy would drop it without a word
+            self.configure_error = f'{name} failed: {_first_line(error)}'
+            self.get_logger().error(f'{name} failed: {error!r}\n{traceback.format_exc()}')
+            return TransitionCallbackReturn.ERROR
+        finally:
+            self._transition_lock.release()
+
+    @staticmethod
+    def _goal_state(name, result):
+        if result != TransitionCallbackReturn.SUCCESS:
+            return 'back where it was'
+        return {'configure': 'inactive', 'activate': 'active', 'deactivate': 'inactive',
+                'cleanup': 'unconfigured', 'shutdown': 'finalized',
+                'error processing': 'unconfigured'}[name]
+
+    def _configure(self):
+        self.configure_error = None
+        self.adapter_problem = None
+        config = self._captioner_config(self.get_parameter('adapter').value, self._prompt())
+        device = self.get_parameter('device').value
+        if self.backend == 'local' and device.startswith(('auto', 'cuda')) and \
+                torch.cuda.is_available():
+            # Cleanup compares with it; a device that does not exist fails the load anyway.
+            try:
+                self._cuda_baseline = torch.cuda.memory_allocated(
+                    'cuda' if device == 'auto' else device)
+            except (RuntimeError, ValueError, AssertionError):
+                self._cuda_baseline = 0
+        with self._lock:
+            self._generation += 1
+            self._reset_counters()
+            self._worker_stop = stop = threading.Event()
+            self._model_loaded = loaded = threading.Event()
+            self.phase = f"loading '{self.model_name}'"
+        # Loading and warming up run on the inference thread, which captions afterwards:
+        # torch keeps CUDA graphs per thread. The transition waits for it in short steps, so
+        # that a node being destroyed (Ctrl-C) does not wait for a compile to end.
+        self._worker = threading.Thread(target=self._run_worker, args=(config, stop, loaded),
                                         name=INFERENCE_THREAD, daemon=True)
-        warm_up_start = time.monotonic()
         self._worker.start()
-        # In short waits: a stop signal that the OS hands to another thread is acted on only
-        # when this (the main) thread runs Python code again.
-        while not self._warmed_up.wait(timeout=0.1):
-            pass
-        error = self._warm_up_error
-        if error is not None:
-            # Compiling errors are handled in the captioner (it decodes uncompiled); what
-            # reaches here is mostly a batch of every camera's frames that does not fit.
-            hint = ('; lower max_batch_size, or use a smaller dtype or model'
-                    if isinstance(error, torch.OutOfMemoryError) else '')
-            raise ModelLoadError(f'warming up for batch sizes {warm_up_batch_sizes} failed: '
-                                 f'{_first_line(error)}{hint}')
-        if warm_up_batch_sizes:
-            kept = self.captioner.compile_cache
-            self.get_logger().info(
-                f'compiled in {time.monotonic() - warm_up_start:.0f} s'
-                + (f'; kept in {kept}, so the next start is faster' if kept else ''))
+        while not loaded.wait(timeout=0.1):
+            if self._stopping or not self.context.ok():
+                stop.set()
+                return TransitionCallbackReturn.FAILURE
+        if self.captioner is None:
+            self._release_model()  # ends the thread
+            raise ModelLoadError(self._load_error)
+        self.caption_publisher = self.create_lifecycle_publisher(
+            String, self.get_parameter('caption_topic').value, 10)
+        self.caption_info_publisher = self.create_lifecycle_publisher(
+            String, self.get_parameter('caption_info_topic').value, 10)
+        self.phase = 'model loaded, not captioning'
+        return TransitionCallbackReturn.SUCCESS
 
-        # A camera is silent from when the node listens, not from before a long warm-up.
-        self.listening_since = time.monotonic()
+    def _activate(self, state):
+        if self._worker is None or not self._worker.is_alive():
+            raise ModelLoadError(WORKER_STOPPED)
         camera_qos = self._camera_qos(self.get_parameter('reliability').value)
         subscription_group = MutuallyExclusiveCallbackGroup()
         for topic in self.cameras:
             message_type = CompressedImage if topic.endswith('/compressed') else Image
             # Subscribed by the name given, which ROS resolves (and remaps) once.
-            self.create_subscription(
+            self._camera_subscriptions.append(self.create_subscription(
                 message_type, self.image_topics[topic],
                 lambda message, topic=topic: self._on_frame(topic, message),
-                camera_qos, callback_group=subscription_group)
+                camera_qos, callback_group=subscription_group))
             self.get_logger().info(f'listening to {topic} ({message_type.__name__})')
+        with self._work_ready:
+            # A camera is silent from when the node listens, not from before a long warm-up.
+            self.listening_since = time.monotonic()
+            self.active = True
+            self.phase = 'captioning'
+            self._work_ready.notify()
+        return LifecycleNodeMixin.on_activate(self, state)  # enables the caption publishers
 
-        self.create_service(SetBool, '~/enable', self._on_enable,
-                            callback_group=ReentrantCallbackGroup())
-        # caption_now waits for the inference thread; one at a time, so that waiting calls
-        # never take every executor thread from services, parameters and diagnostics.
-        self.create_service(Trigger, '~/caption_now', self._on_caption_now,
-                            callback_group=MutuallyExclusiveCallbackGroup())
-        self.create_timer(self.get_parameter('diagnostics_period').value,
-                          self._publish_diagnostics,
-                          callback_group=MutuallyExclusiveCallbackGroup())
-        self.add_on_set_parameters_callback(self._on_set_parameters)
+    def _deactivate(self, state):
+        with self._work_ready:
+            self.active = False
+            self.phase = 'model loaded, not captioning'
+            for camera in self.cameras.values():
+                camera.pending = False
+        for subscription in self._camera_subscriptions:
+            self.destroy_subscription(subscription)
+        self._camera_subscriptions = []
+        # A batch still in flight publishes nothing: lifecycle publishers drop it.
+        return LifecycleNodeMixin.on_deactivate(self, state)
+
+    def _cleanup(self, state):
+        self._release_model()
+        for publisher in (self.caption_publisher, self.caption_info_publisher):
+            if publisher is not None:
+                self.destroy_lifecycle_publisher(publisher)
+        self.caption_publisher = self.caption_info_publisher = None
+        return LifecycleNodeMixin.on_cleanup(self, state)
+
+    def _release_all(self, state):
+        """Leave any state for unconfigured: what shutdown and error processing do."""
+        if self.active:
+            self._deactivate(state)
+        self._cleanup(state)
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release_model(self):
+        """Stop the inference thread and drop the model, so that its memory goes back."""
+        self._worker_stop.set()
+        with self._work_ready:
+            self._work_ready.notify_all()
+            captioner, self.captioner = self.captioner, None
+            swap, self._pending_swap = self._pending_swap, None
+            self._wanted_adapter = None
+            self.phase = 'no model loaded'
+        worker = self._worker
+        if (worker is not None and worker is not threading.current_thread()
+                and self._model_loaded.is_set()):
+            worker.join(timeout=30.0)  # a batch in flight finishes first
+        if captioner is None:
+            return
+        if hasattr(captioner, 'close'):
+            captioner.close()
+        device = getattr(captioner, 'device', None)
+        del captioner, swap
+        self._free_memory(device)
+        self.get_logger().info(f"released '{self.model_name}'" + self._memory_note(device))
+        if isinstance(device, torch.device) and device.type == 'cuda':
+            left_mib = (torch.cuda.memory_allocated(device) - self._cuda_baseline) / 2**20
+            if left_mib > 16:  # a released model leaves nothing behind; a leak, its weights
+                self.get_logger().warning(
+                    f'{left_mib:.0f} MiB more CUDA memory allocated than before the model '
+                    'loaded: something still holds tensors of it')
+
+    @staticmethod
+    def _free_memory(device):
+        gc.collect()
+        if isinstance(device, torch.device) and device.type == 'cuda':
+            torch.cuda.empty_cache()
+
+    @staticmethod
+    def _memory_note(device):
+        if not (isinstance(device, torch.device) and device.type == 'cuda'):
+            return ''
+        return (f'; {torch.cuda.memory_allocated(device) / 2**20:.0f} MiB of CUDA memory '
+                'still allocated in this process')
+
+    def _captioner_config(self, adapter, prompt):
+        # The captioner checks at load time that the prompt and caption length fit the model,
+        # and its warm-up compiles for this caption length.
+        return CaptionerConfig(
+            backend=self.backend,
+            server_url=self.get_parameter('server_url').value,
+            api_key_env=self.get_parameter('api_key_env').value,
+            request_timeout=self.get_parameter('request_timeout').value,
+            server_image_size=self.get_parameter('server_image_size').value,
+            max_in_flight=self.get_parameter('max_batch_size').value,
+            model=self.model_name,
+            adapter=adapter,
+            device=self.get_parameter('device').value,
+            dtype=self.get_parameter('dtype').value,
+            local_files_only=self.get_parameter('local_files_only').value,
+            allow_pickle=self.get_parameter('allow_pickle').value,
+            max_new_tokens=self.get_parameter('max_new_tokens').value,
+            prompt=prompt,
+            cache=self.get_parameter('cache').value,
+            torch_compile=self.get_parameter('torch_compile').value)
+
+    def _log_loaded(self, captioner, adapter):
+        with_adapter = f" with adapter '{adapter}'" if adapter else ''
+        if captioner.backend == 'local':
+            self.get_logger().info(f"loaded '{self.model_name}'{with_adapter} on "
+                                   f'{captioner.device} as {captioner.dtype}')
+        else:
+            self.get_logger().info(f"captioning with '{self.model_name}' on the server at "
+                                   f'{captioner.server_url}: frames leave this machine')
+        if captioner.backend == 'local' and captioner.device.type == 'cpu' and \
+                torch.get_num_threads() > 1 and 'OMP_WAIT_POLICY' not in os.environ:
+            self.get_logger().warning(
+                "OMP_WAIT_POLICY is not set, so torch's idle threads spin and slow down the "
+                'node and other processes on a busy CPU: start the node with '
+                'OMP_WAIT_POLICY=PASSIVE (caption.launch.py does) or set torch_threads to 1')
+
+    def _warm_up_batch_sizes(self, captioner):
+        if not captioner.compile_decode:
+            return []
+        # Compile now, so that the first camera frames are not the ones that wait for it.
+        return list(range(1, min(len(self.cameras), self.max_batch_size) + 1))
+
+    def _warm_up(self, captioner, prompt):
+        """Compile for every batch size the cameras can make; ModelLoadError if that fails."""
+        batch_sizes = self._warm_up_batch_sizes(captioner)
+        if not batch_sizes:
+            return
+        self.get_logger().info(f'compiling the decode step for batch sizes {batch_sizes}; '
+                               'this takes a while')
+        started = time.monotonic()
+        try:
+            captioner.warm_up(batch_sizes, prompt=prompt)
+        except Exception as error:  # noqa: B902 -- said in one line, as a load error
+            # Compiling errors are handled in the captioner (it decodes uncompiled); what
+            # reaches here is mostly a batch of every camera's frames that does not fit.
+            hint = ('; lower max_batch_size, or use a smaller dtype or model'
+                    if isinstance(error, torch.OutOfMemoryError) else '')
+            raise ModelLoadError(f'warming up for batch sizes {batch_sizes} failed: '
+                                 f'{_first_line(error)}{hint}') from None
+        kept = captioner.compile_cache
+        self.get_logger().info(f'compiled in {time.monotonic() - started:.0f} s'
+                               + (f'; kept in {kept}, so the next start is faster'
+                                  if kept else ''))
 
     # Parameters ----------------------------------------------------------------------------
 
@@ -413,6 +714,7 @@ class CaptionNode(Node):
 
     def _choose_prompt(self):
         """Use the training prompt if none is given; stop on a prompt the model cannot take."""
+        self._prompt_from_training = None  # the prompt parameter's value, if set from training
         given = self.get_parameter('prompt').value
         problem = prompt_problem(given)
         if problem:
@@ -423,10 +725,14 @@ class CaptionNode(Node):
             return
         trained = self._prompt()
         if trained:
-            self.set_parameters([Parameter('prompt', value=trained)])
-            self.get_logger().info(
-                f"prompt '{trained}': the one the model was trained with "
-                f'({TRAINING_INFO_FILE}); set prompt to use another')
+            self._set_prompt_from_training(trained)
+
+    def _set_prompt_from_training(self, trained):
+        self._prompt_from_training = trained
+        self.set_parameters([Parameter('prompt', value=trained)])
+        self.get_logger().info(
+            f"prompt '{trained}': the one the model was trained with "
+            f'({TRAINING_INFO_FILE}); set prompt to use another')
 
     def _prompt(self, value=None):
         """
@@ -443,19 +749,55 @@ class CaptionNode(Node):
     def _on_set_parameters(self, parameters):
         changes = {parameter.name: parameter.value for parameter in parameters}
         problem = None
-        if 'prompt' in changes:
+        if 'adapter' in changes:
+            problem = self._adapter_problem(changes['adapter'])
+        if not problem and 'prompt' in changes:
             problem = prompt_problem(changes['prompt'])
-        if not problem and ('prompt' in changes or 'max_new_tokens' in changes):
+        captioner = self.captioner
+        if not problem and captioner is not None and (
+                'prompt' in changes or 'max_new_tokens' in changes):
             # Every batch would fail on a prompt and caption longer than the model's positions.
             # This only tokenizes the prompt; the model itself stays on the inference thread.
             try:
                 prompt = self._prompt(changes.get('prompt'))
             except ModelLoadError as error:
                 return SetParametersResult(successful=False, reason=str(error))
-            problem = self.captioner.length_problem(
+            problem = captioner.length_problem(
                 prompt,
                 changes.get('max_new_tokens', self.get_parameter('max_new_tokens').value))
         return SetParametersResult(successful=not problem, reason=problem or '')
+
+    def _adapter_problem(self, adapter):
+        """Say cheaply why ``adapter`` cannot be swapped in, or None if it can be tried."""
+        if self.lifecycle_state == 'configuring':
+            return ('the node is configuring (loading the model); set adapter once it is '
+                    'inactive or active')
+        if not adapter:
+            return None
+        where = f"adapter '{adapter}'"
+        if self.backend != 'local':
+            return (f"{where}: backend {self.backend} captions with the server's weights; "
+                    'serve a model merged with the adapter there (training.export_merged)')
+        if not os.path.isdir(adapter):
+            return f'{where}: no such folder'
+        config_path = os.path.join(adapter, ADAPTER_CONFIG_FILE)
+        if not os.path.isfile(config_path):
+            return (f'{where} holds no {ADAPTER_CONFIG_FILE}: give the folder that the '
+                    'training package (save_pretrained) wrote')
+        try:
+            with open(config_path, encoding='utf-8') as stream:
+                recorded = json.load(stream).get('base_model_name_or_path')
+        except (OSError, ValueError, AttributeError) as error:
+            return f'{where}: cannot read {ADAPTER_CONFIG_FILE}: {_first_line(error)}'
+        if recorded and not same_base_model(str(recorded), self.model_name):
+            return (f"{where} was trained on '{recorded}', not on the loaded model "
+                    f"'{self.model_name}'")
+        return None
+
+    def _after_set_parameters(self, parameters):
+        for parameter in parameters:
+            if parameter.name == 'adapter':
+                self._request_adapter(parameter.value)
 
     @staticmethod
     def _camera_qos(reliability):
@@ -463,6 +805,103 @@ class CaptionNode(Node):
             history=HistoryPolicy.KEEP_LAST, depth=1, durability=DurabilityPolicy.VOLATILE,
             reliability=(ReliabilityPolicy.RELIABLE if reliability == 'reliable'
                          else ReliabilityPolicy.BEST_EFFORT))
+
+    # Adapter swap at run time --------------------------------------------------------------
+
+    def _request_adapter(self, adapter):
+        """Load ``adapter`` in the background if a model is loaded (configure loads it else)."""
+        with self._lock:
+            if self.captioner is None:
+                return
+            self._wanted_adapter = adapter
+            if self._adapter_loader is None:  # a running loader takes the newest wish next
+                self._adapter_loader = threading.Thread(
+                    target=self._load_adapters, name=ADAPTER_LOADER_THREAD, daemon=True)
+                self._adapter_loader.start()
+
+    def _load_adapters(self):
+        while True:
+            with self._lock:
+                adapter, generation = self._wanted_adapter, self._generation
+                self._wanted_adapter = None
+                if adapter is None or self._stopping or self.captioner is None:
+                    self._adapter_loader = None
+                    return
+            if adapter != self.loaded_adapter:
+                self._load_adapter(adapter, generation)
+
+    def _load_adapter(self, adapter, generation):
+        """Load the base model with ``adapter`` and hand it to the inference thread."""
+        self.get_logger().info(f'loading {_weights_name(adapter)}; the current weights '
+                               'caption until it is ready')
+        try:
+            trained = (training_prompt(adapter, self.model_name)
+                       if self.get_parameter('use_training_prompt').value else '')
+            prompt = self._prompt_after_swap(trained) or trained
+            captioner = make_captioner(self._captioner_config(adapter, prompt))
+        except Exception as error:  # noqa: B902 -- the old weights caption on; say why
+            self._adapter_failed(adapter, str(error) if isinstance(error, ModelLoadError)
+                                 else _first_line(error))
+            return
+        swap = AdapterSwap(adapter, captioner, generation, trained)
+        del captioner
+        with self._work_ready:
+            if self._generation != generation or self.captioner is None:
+                return  # cleaned up meanwhile
+            self._pending_swap = swap
+            self._work_ready.notify()
+        # One swap at a time: a third copy of the weights would not fit on a small robot.
+        while not swap.done.wait(timeout=0.2):
+            if self._stopping or self._generation != generation or not (
+                    self._worker and self._worker.is_alive()):
+                return
+
+    def _prompt_after_swap(self, trained):
+        """Return the prompt parameter's value for new weights trained with ``trained``."""
+        current = self.get_parameter('prompt').value
+        if self._prompt_from_training is not None and current == self._prompt_from_training:
+            return trained  # it came from the old weights' training, not from the user
+        return current
+
+    def _adapter_failed(self, adapter, message):
+        problem = (f'{_weights_name(adapter)} not loaded: {message}; still captioning with '
+                   f'{_weights_name(self.loaded_adapter)}')
+        self.get_logger().error(problem)
+        self.adapter_problem = problem
+        # The parameter says what captions: back to the weights in use, unless a newer value
+        # is on its way.
+        if self.get_parameter('adapter').value == adapter and self._wanted_adapter is None:
+            self.set_parameters([Parameter('adapter', value=self.loaded_adapter)])
+
+    def _swap_in(self, swap):
+        """On the inference thread: warm the new weights up, then caption with them."""
+        try:
+            if swap.generation != self._generation:
+                return
+            prompt = self._prompt_after_swap(swap.trained_prompt) or swap.trained_prompt
+            try:
+                self._warm_up(swap.captioner, prompt)  # only compiling takes a while
+            except ModelLoadError as error:
+                self._adapter_failed(swap.adapter, str(error))
+                return
+            with self._lock:
+                old, self.captioner = self.captioner, swap.captioner
+                self.loaded_adapter = swap.adapter
+                self.adapter_problem = None
+            new_prompt = self._prompt_after_swap(swap.trained_prompt)
+            self.trained_prompt = swap.trained_prompt
+            if new_prompt != self.get_parameter('prompt').value:
+                self._set_prompt_from_training(new_prompt)
+            if hasattr(old, 'close'):
+                old.close()
+            device = getattr(old, 'device', None)
+            del old
+            self._free_memory(device)
+            self.get_logger().info(f'captioning with {_weights_name(swap.adapter)}'
+                                   + self._memory_note(device))
+        finally:
+            swap.captioner = None  # the node holds it now, or nobody does
+            swap.done.set()
 
     # Input ---------------------------------------------------------------------------------
 
@@ -496,21 +935,33 @@ class CaptionNode(Node):
 
     # Inference: all of it on the worker thread ---------------------------------------------
 
-    def _run_worker(self, warm_up_batch_sizes):
-        """Warm up, then caption until the node stops."""
+    def _run_worker(self, config, stop, loaded):
+        """Load the model and warm it up, then caption until the model is released."""
         try:
-            if warm_up_batch_sizes:
-                self.captioner.warm_up(warm_up_batch_sizes,
-                                       prompt=self._prompt())
-        except Exception as error:  # noqa: B902 -- the constructor reports it in one line
-            self._warm_up_error = error
+            captioner = make_captioner(config)
+            self._log_loaded(captioner, config.adapter)
+            if self._warm_up_batch_sizes(captioner):
+                self.phase = 'warming up (compiling)'  # a swap's warm-up keeps the phase
+            self._warm_up(captioner, config.prompt)
+            with self._lock:
+                if stop.is_set():
+                    return  # released (or the node destroyed) while it loaded
+                self.captioner = captioner
+                self.loaded_adapter = config.adapter
+                # Large JPEGs decode at a reduced scale that still covers the model's input.
+                self.decode_min_size = (captioner.image_size
+                                        if captioner.fast_preprocessing else None)
+            del captioner
+        except Exception as error:  # noqa: B902 -- the configure transition reports it
+            self._load_error = (str(error) if isinstance(error, ModelLoadError)
+                                else f'loading the model failed: {_first_line(error)}')
             return
         finally:
-            self._warmed_up.set()
+            loaded.set()
         try:
             if self.backend != 'local':
                 self._check_server()
-            self._inference_loop()
+            self._inference_loop(stop)
         finally:
             # Nobody else answers a caption_now call once this thread is gone.
             with self._lock:
@@ -528,18 +979,20 @@ class CaptionNode(Node):
             # Captioning goes on: requests retry with backoff until the server answers.
             self.get_logger().error(problem)
 
-    def _inference_loop(self):
-        while not self._stopping:
+    def _inference_loop(self, stop):
+        while not stop.is_set() and not self._stopping:
             try:
                 work = self._take_pending()
-                if isinstance(work, CaptionRequest):
+                if isinstance(work, AdapterSwap):
+                    self._swap_in(work)
+                elif isinstance(work, CaptionRequest):
                     self._answer(work)
                 elif work:
                     for start in range(0, len(work), self.max_batch_size):
                         self._run_batch(work[start:start + self.max_batch_size])
             except Exception as error:  # noqa: B902 -- a dead thread would end captioning
-                if self._stopping or not self.context.ok():
-                    return  # Ctrl-C shut the context down while this batch was in flight
+                if stop.is_set() or self._stopping or not self.context.ok():
+                    return  # released, or Ctrl-C, while this batch was in flight
                 with self._lock:
                     self.failed_batches += 1
                 self.get_logger().error(f'the inference thread hit an error and goes on: '
@@ -555,28 +1008,35 @@ class CaptionNode(Node):
         return self._last_batch_start + 1.0 / max_rate_hz - time.monotonic()
 
     def _frames_pending(self):
-        return self.enabled and any(camera.pending for camera in self.cameras.values())
+        return self.active and self.enabled and any(
+            camera.pending for camera in self.cameras.values())
 
     def _take_pending(self):
         """
-        Wait briefly for work; return a caption_now request, a batch of frames, or None.
+        Wait briefly for work; return an adapter swap, a caption_now request, frames, or None.
 
-        A batch is [(topic, message, receive_time)], one per camera with a new frame, when
-        captioning is enabled and max_rate_hz allows one. caption_now requests go first and
-        ignore both.
+        Frames are [(topic, message, receive_time)], one per camera with a new frame, when the
+        node is active, captioning is enabled and max_rate_hz allows a batch. Swaps and
+        caption_now requests go first and ignore all three.
         """
+        stop = self._worker_stop
+
+        def urgent():
+            return stop.is_set() or self._stopping or self._pending_swap or self._requests
+
         with self._work_ready:
             wait = self._seconds_to_next_batch()
             if wait > 0:
                 # Short waits, so that a higher max_rate_hz takes effect within 0.1 s.
-                self._work_ready.wait_for(lambda: self._stopping or self._requests,
-                                          timeout=min(wait, 0.1))
+                self._work_ready.wait_for(urgent, timeout=min(wait, 0.1))
             else:
-                self._work_ready.wait_for(
-                    lambda: self._stopping or self._requests or self._frames_pending(),
-                    timeout=0.5)
-            if self._stopping:
+                self._work_ready.wait_for(lambda: urgent() or self._frames_pending(),
+                                          timeout=0.5)
+            if stop.is_set() or self._stopping:
                 return None
+            if self._pending_swap:
+                swap, self._pending_swap = self._pending_swap, None
+                return swap
             if self._requests:
                 return self._requests.popleft()
             if self._seconds_to_next_batch() > 0 or not self._frames_pending():
@@ -639,8 +1099,9 @@ class CaptionNode(Node):
             return []
         prompt = self._prompt()
         max_new_tokens = self.get_parameter('max_new_tokens').value
+        captioner = self.captioner  # swapped only on this thread, between batches
         started = time.monotonic()
-        results = self.captioner.caption(frames, prompt=prompt, max_new_tokens=max_new_tokens)
+        results = captioner.caption(frames, prompt=prompt, max_new_tokens=max_new_tokens)
         finished = time.monotonic()
         inference_ms = (finished - started) * 1000.0
         captions, published_items, failures = [], [], []
@@ -655,7 +1116,8 @@ class CaptionNode(Node):
                 'caption': result, 'source_topic': topic,
                 'stamp': _stamp_dict(message.header), 'frame_id': message.header.frame_id,
                 'prompt': prompt, 'model': self.model_name, 'backend': self.backend,
-                'server': self.captioner.server_url if self.backend != 'local' else None,
+                'server': captioner.server_url if self.backend != 'local' else None,
+                'adapter': self.loaded_adapter,
                 'inference_ms': round(inference_ms, 3), 'batch_size': len(frames),
             })))
         published = time.monotonic()
@@ -683,11 +1145,18 @@ class CaptionNode(Node):
             self._work_ready.notify()
         response.success = True
         response.message = 'captioning enabled' if self.enabled else 'captioning paused'
+        if not self.active:
+            response.message += (f' (the node is {self.lifecycle_state}: it captions once it '
+                                 'is activated)')
         self.get_logger().info(response.message)
         return response
 
     def _on_caption_now(self, request, response):
         response.success = False
+        if not self.active:
+            response.message = (f'not active: the node is {self.lifecycle_state}; activate it '
+                                'first (lifecycle transition activate)')
+            return response
         if not self._worker.is_alive():
             response.message = WORKER_STOPPED
             return response
@@ -720,8 +1189,9 @@ class CaptionNode(Node):
         now = time.monotonic()
         with self._lock:
             return {
+                'lifecycle_state': self.lifecycle_state,
                 'enabled': self.enabled,
-                'inference_thread_alive': self._worker.is_alive(),
+                'inference_thread_alive': self._worker is not None and self._worker.is_alive(),
                 'cameras': {topic: {
                     'received': camera.received, 'replaced': camera.replaced,
                     'input_rate_hz': camera.input_rate.rate(now),
@@ -743,7 +1213,7 @@ class CaptionNode(Node):
                 'failed_batches': self.failed_batches,
                 'dropped_frames': sum(self.dropped.values()),
                 'dropped_by_reason': dict(self.dropped),
-                'server_problem': (None if self.backend == 'local'
+                'server_problem': (None if self.backend == 'local' or self.captioner is None
                                    or self.captioner.problem is None
                                    else str(self.captioner.problem)),
             }
@@ -756,47 +1226,33 @@ class CaptionNode(Node):
         for note in label_notes[self._label_notes_logged:]:
             self.get_logger().warning(note)
         self._label_notes_logged = len(label_notes)
-        stale_after = self.get_parameter('stale_input_timeout').value
-        listening = time.monotonic() - self.listening_since
-        problems = []
-        if not stats['inference_thread_alive']:
-            problems.append(WORKER_STOPPED)
-        for topic, camera in stats['cameras'].items():
-            age = camera['seconds_since_last_frame']
-            if (age is None and listening > stale_after) or (
-                    age is not None and age > stale_after):
-                problems.append(f'no frames on {topic} for {stale_after:g} s: check the topic '
-                                'name and that reliability matches the publisher')
-            if camera['rejection']:
-                problems.append(f'the newest frame from {topic} was rejected '
-                                f"({camera['rejection']}): see the node's log")
-        new_rejections = stats['rejected_frames'] - self._rejected_at_last_report
-        self._rejected_at_last_report = stats['rejected_frames']
-        if new_rejections:
-            problems.append(f'{new_rejections} frames rejected since the last report')
-        if stats['oom_batches']:
-            problems.append(f"{stats['oom_batches']} batches skipped: out of GPU memory")
-        if stats['failed_batches']:
-            problems.append(f"{stats['failed_batches']} batches failed: see the node's log")
-        new_drops = stats['dropped_frames'] - self._dropped_at_last_report
-        self._dropped_at_last_report = stats['dropped_frames']
-        if new_drops:
-            problems.append(f'{new_drops} frames got no caption since the last report')
-        if stats['server_problem']:
-            problems.insert(0, stats['server_problem'])
+        state = stats['lifecycle_state']
+        problems = self._problems(stats) if state in ('inactive', 'active') else []
+        if self.adapter_problem:
+            problems.append(self.adapter_problem)
+        if state == 'unconfigured' and self.configure_error:
+            problems.append(f'configure failed: {self.configure_error}')
         level = DiagnosticStatus.OK
         if problems:
-            level = (DiagnosticStatus.WARN if stats['inference_thread_alive']
-                     and not stats['server_problem'] else DiagnosticStatus.ERROR)
-        status = DiagnosticStatus(
-            level=level,
-            name=f'{self.get_name()}: captioning', hardware_id=str(self.captioner.device),
-            message='; '.join(problems) if problems else (
-                'captioning' if stats['enabled'] else 'paused'))
+            serious = (stats['server_problem'] or state == 'unconfigured'
+                       or not stats['inference_thread_alive'])
+            level = DiagnosticStatus.ERROR if serious else DiagnosticStatus.WARN
+        if problems:
+            message = '; '.join(problems)
+        elif state == 'active':
+            message = 'captioning' if stats['enabled'] else 'paused'
+        else:
+            message = f'{state}: {self.phase}'
+        captioner = self.captioner
+        device = str(captioner.device) if captioner is not None else ''
+        status = DiagnosticStatus(level=level, name=f'{self.get_name()}: captioning',
+                                  hardware_id=device, message=message)
         values = {
+            'lifecycle_state': state,
             'backend': self.backend,
-            'model': self.model_name, 'device': str(self.captioner.device),
-            'dtype': str(self.captioner.dtype).replace('torch.', ''),
+            'model': self.model_name, 'adapter': self.loaded_adapter, 'device': device,
+            'dtype': (str(captioner.dtype).replace('torch.', '')
+                      if captioner is not None else ''),
             'enabled': stats['enabled'],
             'captions_published': stats['captions_published'],
             'captions_per_second': f"{stats['captions_per_second']:.2f}",
@@ -825,20 +1281,47 @@ class CaptionNode(Node):
         array.header.stamp = self.get_clock().now().to_msg()
         self.diagnostics_publisher.publish(array)
 
+    def _problems(self, stats):
+        """Return what is wrong while the model is loaded, worst first."""
+        stale_after = self.get_parameter('stale_input_timeout').value
+        listening = time.monotonic() - self.listening_since
+        problems = []
+        if stats['server_problem']:
+            problems.append(stats['server_problem'])
+        if not stats['inference_thread_alive']:
+            problems.append(WORKER_STOPPED)
+        for topic, camera in stats['cameras'].items():
+            if not self.active:
+                break  # an inactive node listens to no camera
+            age = camera['seconds_since_last_frame']
+            if (age is None and listening > stale_after) or (
+                    age is not None and age > stale_after):
+                problems.append(f'no frames on {topic} for {stale_after:g} s: check the topic '
+                                'name and that reliability matches the publisher')
+            if camera['rejection']:
+                problems.append(f'the newest frame from {topic} was rejected '
+                                f"({camera['rejection']}): see the node's log")
+        new_rejections = stats['rejected_frames'] - self._rejected_at_last_report
+        self._rejected_at_last_report = stats['rejected_frames']
+        if new_rejections:
+            problems.append(f'{new_rejections} frames rejected since the last report')
+        if stats['oom_batches']:
+            problems.append(f"{stats['oom_batches']} batches skipped: out of GPU memory")
+        if stats['failed_batches']:
+            problems.append(f"{stats['failed_batches']} batches failed: see the node's log")
+        new_drops = stats['dropped_frames'] - self._dropped_at_last_report
+        self._dropped_at_last_report = stats['dropped_frames']
+        if new_drops:
+            problems.append(f'{new_drops} frames got no caption since the last report')
+        return problems
+
     def destroy_node(self):
-        """Stop the inference thread, then tear down ROS."""
+        """Stop the inference thread and release the model, then tear down ROS."""
+        self._stopping = True
         if hasattr(self, '_worker'):  # not if __init__ stopped early (rclpy.shutdown calls this)
-            with self._work_ready:
-                self._stopping = True
-                self._work_ready.notify_all()
-            # Still compiling at start-up: that cannot be cut short, so nothing waits for it
-            # (main() ends the process without it).
-            if (self._warmed_up.is_set() and self._worker.is_alive()
-                    and self._worker is not threading.current_thread()):
-                self._worker.join(timeout=30.0)
-        if hasattr(self, 'captioner') and hasattr(self.captioner, 'close'):
-            self.captioner.close()
-        return super().destroy_node()
+            # Still loading or compiling: that cannot be cut short, so nothing waits for it.
+            self._release_model()
+        return Node.destroy_node(self)
 
 
 def keep_large_buffers_in_the_heap():
@@ -861,64 +1344,41 @@ def keep_large_buffers_in_the_heap():
 
 
 def main(args=None):
-    """Run the caption node until Ctrl-C or shutdown; exit 1 if it cannot start."""
+    """Run the caption node until Ctrl-C, shutdown or finalized; exit 1 if it cannot start."""
     keep_large_buffers_in_the_heap()
     # A progress bar redraws with carriage returns, which a ROS log file keeps as clutter; the
     # node logs one line when the model is loaded.
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()
-    starting = True
-
-    def stop_start_up(signum, frame):
-        # rclpy's own handler runs first and shuts the context down, which ends spin(); while
-        # the model loads and compiles (minutes on a robot) nothing would look until the end.
-        if starting:
-            raise KeyboardInterrupt
-
-    handles_sigterm = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    if handles_sigterm:
-        # Before rclpy.init, so that rclpy's handler passes the signal on to this one.
-        signal.signal(signal.SIGTERM, stop_start_up)
     rclpy.init(args=args)
     node = None
     exit_code = 0
-    stopped_starting = False
     try:
         node = CaptionNode()
-        starting = False
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
-        executor.spin()
+        # The model loads on a thread of its own (autostart, or a configure transition), so
+        # the node spins from the start and Ctrl-C ends this at any moment.
+        executor.spin_until_future_complete(node.finished)
+        if node.finished.done():
+            exit_code = node.finished.result()
+            # The shutdown transition's answer is sent after its callback returns.
+            executor.shutdown(timeout_sec=5.0)
     except (ModelLoadError, ParameterException) as error:
         # Bad settings and models are the user's to fix: one line, no traceback.
         rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
         exit_code = 1
     except (KeyboardInterrupt, ExternalShutdownException):
-        stopped_starting = starting
-    except Exception:  # noqa: B902 - only to tell a stop during start-up from a bug
-        if rclpy.ok():
-            raise
-        # A stop signal that Python ignores (SIGINT in a background job) still shut the
-        # context down during start-up; the next ROS call then failed. Nothing is wrong.
-        stopped_starting = True
+        pass
     finally:
         if node is not None:
             node.destroy_node()
-        try:
-            rclpy.try_shutdown()
-        except Exception:  # noqa: B902 - rclpy raises its RCLError here
-            # rclpy's signal handler shuts the context down on a thread of its own; after a
-            # stop during start-up that can finish between try_shutdown's check and its call.
-            if rclpy.ok():
-                raise
-        if handles_sigterm:
-            # A caller that goes on after main() gets SIGTERM's default back: ending the process.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if stopped_starting or any(thread.name == INFERENCE_THREAD and thread.is_alive()
-                               for thread in threading.enumerate()):
-        # The inference thread may still be compiling (or only half started), or captioning
-        # past destroy_node's wait: Python's exit would end it inside torch, which aborts the
-        # process ('terminate called without an active exception').
+        rclpy.try_shutdown()
+    if any(thread.name in (INFERENCE_THREAD, ADAPTER_LOADER_THREAD) and thread.is_alive()
+           for thread in threading.enumerate()):
+        # A thread may still be loading or compiling (which cannot be cut short), or
+        # captioning past destroy_node's wait: Python's exit would end it inside torch, which
+        # aborts the process ('terminate called without an active exception').
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)

@@ -13,13 +13,16 @@
 # limitations under the License.
 
 """
-Start the BLIP-2 caption node with the package's parameter file.
+Start the BLIP-2 caption node, a lifecycle node, with the package's parameter file.
 
     ros2 launch blip2_ros caption.launch.py model:=Salesforce/blip2-opt-2.7b \
         image_topic:=/camera/image_raw prompt:='a photo of'
     ros2 launch blip2_ros caption.launch.py backend:=openai \
         server_url:=http://gpu-server:8000/v1 model:=blip2-opt-2.7b
+    ros2 launch blip2_ros caption.launch.py autostart:=false
 
+With ``autostart:=true`` (the default) the node configures and activates itself; with false it
+waits, unconfigured and without a model, for a lifecycle manager (or ``ros2 lifecycle set``).
 Launch arguments left empty keep the value from config/caption_node.yaml; ``params_file`` swaps
 that file for one of your own.
 """
@@ -30,7 +33,7 @@ from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
+from launch_ros.actions import LifecycleNode
 
 
 def _caption_node(context):
@@ -44,8 +47,12 @@ def _caption_node(context):
     if topics:
         # Several cameras: image_topic:='/left/image_raw,/right/image_raw/compressed'
         overrides['image_topics'] = [topic.strip() for topic in topics.split(',') if topic.strip()]
-    return [Node(
-        package='blip2_ros', executable='caption_node', name='blip2_caption', output='screen',
+    autostart = LaunchConfiguration('autostart').perform(context)
+    if autostart:
+        overrides['autostart'] = autostart.lower() in ('true', '1', 'yes')
+    return [LifecycleNode(
+        package='blip2_ros', executable='caption_node', name='blip2_caption', namespace='',
+        output='screen',
         parameters=[LaunchConfiguration('params_file').perform(context), overrides])]
 
 
@@ -56,6 +63,10 @@ def generate_launch_description():
     return LaunchDescription([
         DeclareLaunchArgument('params_file', default_value=default_params,
                               description='Parameter file of the caption node.'),
+        DeclareLaunchArgument('autostart', default_value='',
+                              description='true: configure and activate at start; false: '
+                              'wait unconfigured for a lifecycle manager. Empty keeps the '
+                              'parameter file (true).'),
         DeclareLaunchArgument('model', default_value='',
                               description='Hub id or folder of a BLIP-2 checkpoint.'),
         DeclareLaunchArgument('adapter', default_value='',

@@ -91,6 +91,16 @@ def wait_for(condition, timeout=TIMEOUT, what='condition'):
     raise AssertionError(f'timed out after {timeout} s waiting for {what}')
 
 
+def wait_until_active(node, timeout=TIMEOUT * 3):
+    """Wait for an autostarting node to be active; raise ModelLoadError if it cannot start."""
+    deadline = time.monotonic() + timeout
+    while node.lifecycle_state != 'active':
+        if node.finished.done():
+            raise ModelLoadError(node.configure_error)
+        assert time.monotonic() < deadline, f'still {node.lifecycle_state} after {timeout} s'
+        time.sleep(0.02)
+
+
 class Harness:
     """A caption node and a test node (publishers, listeners, clients) spinning in one process."""
 
@@ -118,6 +128,9 @@ class Harness:
         self.executor.add_node(self.peer)
         self.spinner = threading.Thread(target=self.executor.spin, daemon=True)
         self.spinner.start()
+        if parameters.get('autostart', True):
+            # autostart loads the model in the background; the tests begin with it captioning.
+            wait_until_active(self.node)
 
     def publisher(self, message_type, topic, reliability=ReliabilityPolicy.RELIABLE):
         """Create a publisher and wait until the caption node's subscription has matched it."""
@@ -710,7 +723,7 @@ def test_start_up_compiles_on_the_inference_thread_for_the_caption_length_it_use
     assert set(captioner.decoder.static_caches) == compiled_for, 'the first frame compiled again'
 
 
-def test_a_warm_up_that_runs_out_of_memory_stops_the_node_saying_what_to_lower(
+def test_a_warm_up_that_runs_out_of_memory_fails_the_start_saying_what_to_lower(
         lively_opt_checkpoint, monkeypatch):
     # Compiler errors never get here (the captioner decodes uncompiled); a batch of every
     # camera's frames that does not fit on the GPU does. torch raises this error on GPUs only.
@@ -724,8 +737,13 @@ def test_a_warm_up_that_runs_out_of_memory_stops_the_node_saying_what_to_lower(
                  Parameter('image_topics', value=['/left', '/right']),
                  Parameter('torch_compile', value=True)]
     try:
+        node = CaptionNode(context=context, parameter_overrides=overrides)
+        # autostart loads in the background; a failure ends main() with 1, saying this.
         with pytest.raises(ModelLoadError) as error:
-            CaptionNode(context=context, parameter_overrides=overrides)
+            wait_until_active(node)
+        assert node.finished.result() == 1 and node.lifecycle_state == 'unconfigured'
+        assert node.captioner is None
+        node.destroy_node()
     finally:
         rclpy.shutdown(context=context)
     assert str(error.value) == (
@@ -753,15 +771,17 @@ def test_prompt_or_caption_length_beyond_the_model_is_refused_at_run_time(
     assert node.statistics()['failed_batches'] == 0
 
 
-def test_caption_length_beyond_the_model_stops_the_node_at_start_up(lively_opt_checkpoint):
+def test_caption_length_beyond_the_model_fails_the_start(lively_opt_checkpoint):
     context = rclpy.Context()
     rclpy.init(context=context)
     try:
+        node = CaptionNode(context=context, parameter_overrides=[
+            Parameter('model', value=str(lively_opt_checkpoint)),
+            Parameter('image_topics', value=['/cam']),
+            Parameter('max_new_tokens', value=125)])
         with pytest.raises(ModelLoadError) as error:
-            CaptionNode(context=context, parameter_overrides=[
-                Parameter('model', value=str(lively_opt_checkpoint)),
-                Parameter('image_topics', value=['/cam']),
-                Parameter('max_new_tokens', value=125)])
+            wait_until_active(node)
+        node.destroy_node()
     finally:
         rclpy.shutdown(context=context)
     message = str(error.value)

@@ -68,8 +68,8 @@ def test_bad_setting_stops_the_node_with_one_clear_line(tiny_opt_checkpoint, set
 
 
 def test_main_gives_sigterm_back_when_it_returns(tiny_opt_checkpoint):
-    # During start-up main() handles SIGTERM itself; a program that calls it and goes on must
-    # still end on SIGTERM afterwards.
+    # rclpy handles SIGTERM while it runs; a program that calls main() and goes on must still
+    # end on SIGTERM afterwards.
     script = ('import signal, sys\n'
               'from blip2_ros.caption_node import main\n'
               'code = main(sys.argv[1:])\n'
@@ -158,3 +158,40 @@ def test_a_stop_signal_while_the_model_compiles_ends_the_node_at_once(
     assert process.returncode == 0, stderr
     assert 'compiled in' not in stderr, 'the node waited for the compile to end'
     assert 'Traceback' not in stderr and 'terminate called' not in stderr, stderr
+
+
+def test_without_autostart_the_process_waits_unconfigured_and_a_shutdown_ends_it(
+        tiny_opt_checkpoint):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    process = run_node('-p', f'model:={tiny_opt_checkpoint}', '-p', 'autostart:=false')
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node('process_lifecycle_peer', context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+
+    def call(service_type, name, request):
+        client = node.create_client(service_type, name)
+        assert client.wait_for_service(timeout_sec=60), f'{name} did not appear'
+        future = client.call_async(request)
+        executor.spin_until_future_complete(future, timeout_sec=60)
+        return future.result()
+    try:
+        state = call(GetState, '/blip2_caption/get_state', GetState.Request()).current_state
+        assert state.label == 'unconfigured'
+        time.sleep(1.0)
+        assert process.poll() is None, 'the node must wait for a lifecycle manager'
+        request = ChangeState.Request()
+        request.transition.id = Transition.TRANSITION_UNCONFIGURED_SHUTDOWN
+        assert call(ChangeState, '/blip2_caption/change_state', request).success
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+        assert 'Traceback' not in stderr
+        assert "loaded '" not in stderr, 'no model without configure'
+    finally:
+        if process.poll() is None:
+            process.kill()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)

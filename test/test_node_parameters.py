@@ -29,10 +29,26 @@ def test_parameter_file_holds_every_declared_parameter_with_its_default():
     assert values == {spec.name: spec.default for spec in PARAMETERS}
 
 
-def test_every_parameter_has_a_description_and_runtime_ones_are_the_documented_three():
+def test_every_parameter_has_a_description_and_runtime_ones_are_the_documented_four():
     assert all(len(spec.description) > 20 for spec in PARAMETERS)
     runtime = {spec.name for spec in PARAMETERS if not spec.read_only}
-    assert runtime == {'prompt', 'max_rate_hz', 'max_new_tokens'}
+    assert runtime == {'prompt', 'max_rate_hz', 'max_new_tokens', 'adapter'}
+
+
+def test_launch_file_starts_a_lifecycle_node_with_an_autostart_argument():
+    with open(os.path.join(ROOT, 'launch', 'caption.launch.py')) as stream:
+        tree = ast.parse(stream.read())
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    started = [getattr(node.func, 'id', '') for node in calls
+               if getattr(node.func, 'id', '') in ('Node', 'LifecycleNode')]
+    assert started == ['LifecycleNode']
+    (node,) = [node for node in calls if getattr(node.func, 'id', '') == 'LifecycleNode']
+    keywords = {keyword.arg: keyword.value for keyword in node.keywords}
+    assert keywords['name'].value == 'blip2_caption'
+    declared = {node.args[0].value for node in calls
+                if getattr(node.func, 'id', '') == 'DeclareLaunchArgument'}
+    assert 'autostart' in declared
+    assert {spec.name: spec.default for spec in PARAMETERS}['autostart'] is True
 
 
 def test_launch_file_offers_model_topic_and_prompt_arguments():

@@ -169,6 +169,10 @@ class LiveNode:
             self.executor.add_node(node)
         self.spinner = threading.Thread(target=self.executor.spin, daemon=True)
         self.spinner.start()
+        # autostart loads the model in the background; the node subscribes once it is active.
+        wait_for(lambda: self.node.lifecycle_state == 'active' or self.node.finished.done(),
+                 'the node to be active', timeout=60)
+        assert self.node.lifecycle_state == 'active', self.node.configure_error
 
     def graph(self, query):
         """Return ``{name: types}`` for one graph query of the caption node, less the baseline."""
@@ -535,6 +539,13 @@ def test_every_command_uses_real_modules_options_parameters_and_names(live, monk
         elif words[:3] == ['ros2', 'service', 'call']:
             assert services.get(words[3]) == words[4], f'no service {words[3]} {words[4]}'
             checked.add('service')
+        elif words[:2] == ['ros2', 'lifecycle']:
+            # The verb's transition labels are the node's own ('configure', 'shutdown', ...).
+            labels = {description[1] for description in
+                      live.node._state_machine.transition_graph}
+            assert words[3] == f'/{NODE_NAME}', words
+            assert words[2] == 'get' or (words[2] == 'set' and words[4] in labels), words
+            checked.add('lifecycle')
         elif words[:3] == ['ros2', 'param', 'set']:
             assert words[3] == f'/{NODE_NAME}' and words[4] in runtime, words
             checked.add('param')
@@ -544,7 +555,7 @@ def test_every_command_uses_real_modules_options_parameters_and_names(live, monk
         elif words[:2] == ['pip', 'install'] and '-r' in words:
             requirements = words[words.index('-r') + 1]
             assert (ROOT / os.path.basename(requirements)).is_file(), requirements
-    assert checked >= DOCUMENTED_MODULES | {'launch', 'service', 'param'}
+    assert checked >= DOCUMENTED_MODULES | {'launch', 'service', 'param', 'lifecycle'}
 
 
 def test_quick_start_is_the_two_scripts_that_ci_and_setup_really_use():
