@@ -73,15 +73,21 @@ def serve_node(parameters_file, name):
     keep_large_buffers_in_the_heap()
     rclpy.init(args=['--ros-args', '--params-file', parameters_file, '-r', f'__node:={name}'])
     node = CaptionNode()
-    worker = next(thread for thread in threading.enumerate()
-                  if thread.name == INFERENCE_THREAD)
-    # No frame has arrived yet, so the worker has not started torch's thread team: the team
-    # inherits this name when it starts, which lets /proc tell inference CPU time apart.
-    with open(f'/proc/self/task/{worker.native_id}/comm', 'w') as stream:
-        stream.write(INFERENCE_THREAD_NAME)
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     try:
+        # The node configures itself in the background (autostart); its inference thread
+        # appears when the model has loaded.
+        worker = None
+        while worker is None:
+            executor.spin_once(timeout_sec=0.1)
+            worker = next((thread for thread in threading.enumerate()
+                           if thread.name == INFERENCE_THREAD), None)
+        # No frame has arrived yet, so the worker has not started torch's thread team: the
+        # team inherits this name when it starts, which lets /proc tell inference CPU time
+        # apart.
+        with open(f'/proc/self/task/{worker.native_id}/comm', 'w') as stream:
+            stream.write(INFERENCE_THREAD_NAME)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

@@ -82,9 +82,10 @@ PARAMETERS = (
                   'manager: the node loads the model in the background and captions once it is '
                   'ready. false: wait in the unconfigured state, with no model loaded, for a '
                   'configure transition.'),
-    ParameterSpec('backend', 'local', 'local: run BLIP-2 in this process. openai: send the '
-                  'frames to an OpenAI-compatible server (vLLM, see scripts/serve_vllm.sh) at '
-                  'server_url; frames then leave this machine.'),
+    ParameterSpec('backend', 'local', 'local: run BLIP-2 in this process with transformers. '
+                  'openvino: in this process with OpenVINO (CPU-only robots; converted once, '
+                  'then cached). openai: send the frames to an OpenAI-compatible server (vLLM, '
+                  'see scripts/serve_vllm.py) at server_url; frames then leave this machine.'),
     ParameterSpec('model', DEFAULT_MODEL,
                   'Hugging Face hub id or local folder of a BLIP-2 checkpoint; with backend '
                   'openai, the name the server serves it under.'),
@@ -103,11 +104,17 @@ PARAMETERS = (
                   'loads the base model with the new adapter beside the old weights, which go '
                   'on captioning until it is ready (memory for two models meanwhile); a folder '
                   'that fails to load is logged and leaves the old one in place. '
-                  'backend local only.', read_only=False),
+                  'Not with backend openai (serve a merged model instead).', read_only=False),
     ParameterSpec('device', 'auto', 'auto, cpu, cuda or cuda:N. auto takes the GPU if torch '
                   'sees one.'),
     ParameterSpec('dtype', 'auto', 'auto, float32, float16 or bfloat16. auto: bfloat16 on GPUs '
                   'that support it, float32 on CPU; float16 is refused for Flan-T5.'),
+    ParameterSpec('quantization', 'none', 'Weight-only quantization, backend local: none, int8 '
+                  '(torchao; CPU and GPU: blip2-opt-2.7b in 3.7 GiB instead of 7.0) or int4 '
+                  '(bitsandbytes NF4, GPU only: 2.3 GiB). Captions may change a little; see '
+                  'docs/benchmarks.md section 8.'),
+    ParameterSpec('openvino_weights', 'fp32', 'backend openvino: fp32 (captions equal the local '
+                  "backend's) or int8 (nncf weight compression: faster, captions may change)."),
     ParameterSpec('local_files_only', False, 'Load the model from the local Hugging Face cache '
                   'or folder only, never from the network (offline robots).'),
     ParameterSpec('allow_pickle', False, 'Allow pickle (.bin) weights. Off: safetensors only.'),
@@ -628,17 +635,20 @@ class CaptionNode(LifecycleNodeMixin, Node):
             max_new_tokens=self.get_parameter('max_new_tokens').value,
             prompt=prompt,
             cache=self.get_parameter('cache').value,
-            torch_compile=self.get_parameter('torch_compile').value)
+            torch_compile=self.get_parameter('torch_compile').value,
+            quantization=self.get_parameter('quantization').value,
+            openvino_weights=self.get_parameter('openvino_weights').value)
 
     def _log_loaded(self, captioner, adapter):
         with_adapter = f" with adapter '{adapter}'" if adapter else ''
-        if captioner.backend == 'local':
+        if captioner.backend != 'openai':
             self.get_logger().info(f"loaded '{self.model_name}'{with_adapter} on "
-                                   f'{captioner.device} as {captioner.dtype}')
+                                   f'{captioner.device} as {captioner.dtype} '
+                                   f'({captioner.backend} backend)')
         else:
             self.get_logger().info(f"captioning with '{self.model_name}' on the server at "
                                    f'{captioner.server_url}: frames leave this machine')
-        if captioner.backend == 'local' and captioner.device.type == 'cpu' and \
+        if captioner.backend != 'openai' and captioner.device.type == 'cpu' and \
                 torch.get_num_threads() > 1 and 'OMP_WAIT_POLICY' not in os.environ:
             self.get_logger().warning(
                 "OMP_WAIT_POLICY is not set, so torch's idle threads spin and slow down the "
@@ -775,7 +785,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
         if not adapter:
             return None
         where = f"adapter '{adapter}'"
-        if self.backend != 'local':
+        if self.backend == 'openai':
             return (f"{where}: backend {self.backend} captions with the server's weights; "
                     'serve a model merged with the adapter there (training.export_merged)')
         if not os.path.isdir(adapter):
@@ -959,7 +969,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
         finally:
             loaded.set()
         try:
-            if self.backend != 'local':
+            if self.backend == 'openai':
                 self._check_server()
             self._inference_loop(stop)
         finally:
@@ -1116,7 +1126,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
                 'caption': result, 'source_topic': topic,
                 'stamp': _stamp_dict(message.header), 'frame_id': message.header.frame_id,
                 'prompt': prompt, 'model': self.model_name, 'backend': self.backend,
-                'server': captioner.server_url if self.backend != 'local' else None,
+                'server': captioner.server_url if self.backend == 'openai' else None,
                 'adapter': self.loaded_adapter,
                 'inference_ms': round(inference_ms, 3), 'batch_size': len(frames),
             })))
@@ -1213,7 +1223,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
                 'failed_batches': self.failed_batches,
                 'dropped_frames': sum(self.dropped.values()),
                 'dropped_by_reason': dict(self.dropped),
-                'server_problem': (None if self.backend == 'local' or self.captioner is None
+                'server_problem': (None if self.backend != 'openai' or self.captioner is None
                                    or self.captioner.problem is None
                                    else str(self.captioner.problem)),
             }

@@ -28,7 +28,7 @@ import sys
 
 ROOT = Path(__file__).resolve().parents[1]
 JAZZY_PYTHON = Path(sys.prefix) / 'jazzy' / 'bin' / 'python'
-TESTS = ['test/test_caption_node.py', 'test/test_node_parameters.py',
+TESTS = ['test/test_caption_node.py', 'test/test_lifecycle.py', 'test/test_node_parameters.py',
          'test/test_caption_node_process.py', 'test/test_image_conversion.py',
          'test/test_synthetic_factory.py', 'test/test_caption_images.py']
 VERSIONS = """
