@@ -31,7 +31,7 @@ from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
 from test_caption_node import Harness, image_message, make_frame, wait_for
-import torch
+from vllm_server import build_lora_training_output
 
 pytestmark = pytest.mark.ros
 
@@ -95,19 +95,7 @@ def caption_one(harness, camera, frame, count):
 
 def make_adapter(checkpoint, folder, seed):
     """Save a LoRA adapter for ``checkpoint`` whose captions differ from the base model's."""
-    from peft import get_peft_model, LoraConfig
-    from transformers import Blip2ForConditionalGeneration
-
-    model = Blip2ForConditionalGeneration.from_pretrained(checkpoint)
-    peft_model = get_peft_model(model, LoraConfig(
-        r=4, target_modules=r'.*language_model.*\.(q_proj|v_proj)'))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if 'lora_B' in name:  # zero at first: the adapter would change nothing
-                parameter.normal_(0.0, 0.5, generator=generator)
-    peft_model.save_pretrained(folder)
-    return folder
+    return build_lora_training_output(checkpoint, folder, std=0.5, seed=seed)
 
 
 def expected_caption(checkpoint, frame, adapter=''):
