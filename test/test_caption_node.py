@@ -91,8 +91,13 @@ def wait_for(condition, timeout=TIMEOUT, what='condition'):
     raise AssertionError(f'timed out after {timeout} s waiting for {what}')
 
 
-def wait_until_active(node, timeout=TIMEOUT * 3):
-    """Wait for an autostarting node to be active; raise ModelLoadError if it cannot start."""
+def wait_until_active(node, timeout=TIMEOUT * 12):
+    """
+    Wait for an autostarting node to be active; raise ModelLoadError if it cannot start.
+
+    The limit is generous: a first torch.compile on two busy cores takes minutes, and a start
+    that fails ends the wait at once.
+    """
     deadline = time.monotonic() + timeout
     while node.lifecycle_state != 'active':
         if node.finished.done():
@@ -108,6 +113,15 @@ class Harness:
         """Start both nodes in a private context; DDS carries the traffic between them."""
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
+        self.node = self.peer = self.executor = None
+        try:
+            self._start(checkpoint, topics, namespace, parameters)
+        except BaseException:
+            # A node left spinning would answer the next test's calls under the same name.
+            self.close()
+            raise
+
+    def _start(self, checkpoint, topics, namespace, parameters):
         overrides = [Parameter('model', value=str(checkpoint)),
                      Parameter('image_topics', value=list(topics)),
                      Parameter('diagnostics_period', value=0.2)]
@@ -155,11 +169,15 @@ class Harness:
         return self.infos[:count]
 
     def close(self):
-        """Stop spinning and tear everything down."""
-        self.executor.shutdown()
-        self.node.destroy_node()
-        self.peer.destroy_node()
-        rclpy.try_shutdown(context=self.context)
+        """Stop spinning and tear everything down, however far the start got."""
+        try:
+            if self.executor is not None:
+                self.executor.shutdown()
+        finally:
+            for node in (self.node, self.peer):
+                if node is not None:
+                    node.destroy_node()
+            rclpy.try_shutdown(context=self.context)
 
 
 @pytest.fixture

@@ -151,6 +151,15 @@ class LiveNode:
         """Start the node on two cameras (raw and compressed) with fast diagnostics."""
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
+        self.node = self.baseline = self.peer = self.executor = None
+        try:
+            self._start(checkpoint)
+        except BaseException:
+            # A node left spinning would answer the next test's calls under the same name.
+            self.close()
+            raise
+
+    def _start(self, checkpoint):
         self.node = CaptionNode(context=self.context, parameter_overrides=[
             Parameter('model', value=str(checkpoint)),
             Parameter('image_topics', value=[CAMERA, COMPRESSED_CAMERA]),
@@ -190,11 +199,15 @@ class LiveNode:
         return {name: types for name, types in own.items() if name not in common}
 
     def close(self):
-        """Stop spinning and tear the nodes down."""
-        self.executor.shutdown()
-        for node in (self.node, self.baseline, self.peer):
-            node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
+        """Stop spinning and tear the nodes down, however far the start got."""
+        try:
+            if self.executor is not None:
+                self.executor.shutdown()
+        finally:
+            for node in (self.node, self.baseline, self.peer):
+                if node is not None:
+                    node.destroy_node()
+            rclpy.try_shutdown(context=self.context)
 
 
 @pytest.fixture(scope='module')
