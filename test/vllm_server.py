@@ -22,6 +22,7 @@ stops it at the end of the session. Without that environment the tests that use 
 fail under CI, which must run them.
 """
 
+import ctypes
 import os
 from pathlib import Path
 import signal
@@ -58,6 +59,13 @@ def require_vllm_python():
     if os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def _terminate_with_parent():
+    """Ask Linux to send SIGTERM to this (child) process when its parent dies."""
+    if sys.platform.startswith('linux'):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def serve_command(model, *options):
@@ -113,9 +121,11 @@ class VllmServer:
         with open(self.log_path, 'ab') as log:
             log.write(f'--- {" ".join(command)}\n'.encode())
             # A session of its own: stop() ends the server and its engine processes together.
+            # If the test run itself dies (a crash, kill -9), the server gets SIGTERM and stops.
             self.process = subprocess.Popen(command, env=environment, stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            preexec_fn=_terminate_with_parent)
         deadline = time.monotonic() + timeout
         while not self._healthy():
             if self.process.poll() is not None:
