@@ -291,26 +291,27 @@ def conversion_times(messages, min_size, repeats=20):
     return times
 
 
-def write_node_parameters(folder, checkpoint):
+def write_node_parameters(folder, checkpoint, backend='local'):
     """Write the caption node's parameter file for this benchmark; return its path."""
     path = os.path.join(folder, 'caption_node_bench.yaml')
     with open(path, 'w') as stream:
         stream.write(
             '/**:\n  ros__parameters:\n'
             f'    model: {json.dumps(str(checkpoint))}\n'
+            f'    backend: {backend}\n'
             f'    image_topics: {json.dumps([RAW_TOPIC, JPEG_TOPIC])}\n'
             '    max_new_tokens: 8\n'
             '    diagnostics_period: 1.0\n')
     return path
 
 
-def run(frames, warmup, pause, log_folder):
+def run(frames, warmup, pause, log_folder, backend='local'):
     """Start the echo and the caption node, measure, stop them; return the raw results."""
     from training.tiny_blip2 import build_tiny_blip2
 
     checkpoint = build_tiny_blip2(os.path.join(log_folder, 'tiny'), image_size=MODEL_INPUT[0],
                                   patch_size=14)
-    parameters = write_node_parameters(log_folder, checkpoint)
+    parameters = write_node_parameters(log_folder, checkpoint, backend)
     messages = make_messages()
     children = {
         'echo': [os.path.abspath(__file__), '--serve-echo'],
@@ -399,6 +400,9 @@ def main(argv=None):
     parser.add_argument('--domain-id', type=int, default=common.DEFAULT_DOMAIN_ID,
                         help='ROS_DOMAIN_ID for every process of the benchmark')
     parser.add_argument('--frames', type=int, default=None, help='timed frames per config')
+    parser.add_argument('--backend', choices=['local', 'openvino'], default='local',
+                        help="the caption node's backend (openvino: the converted graphs; the "
+                             'first start converts the tiny model)')
     parser.add_argument('--serve-echo', action='store_true', help=argparse.SUPPRESS)
     common.add_omp_wait_policy_argument(parser)
     args = parser.parse_args(argv)
@@ -412,17 +416,19 @@ def main(argv=None):
     frames = args.frames or (8 if args.quick else 60)
     warmup = 2 if args.quick else 5
     with tempfile.TemporaryDirectory() as folder:
-        raw = run(frames, warmup, pause=0.03, log_folder=folder)
+        raw = run(frames, warmup, pause=0.03, log_folder=folder, backend=args.backend)
     rows, goals = analyse(raw)
     print(f'Round trip publish -> answer in ms, p50 over {frames} turns per row (p95 where '
           'said), one frame in flight at a time; every process uses '
-          f'config/fastdds_large_frames.xml; node OMP_WAIT_POLICY {args.omp_wait_policy}; '
+          f'config/fastdds_large_frames.xml; node backend {args.backend}, OMP_WAIT_POLICY '
+          f'{args.omp_wait_policy}; '
           'load average at the end: '
           f'{os.getloadavg()[0]:.2f}')
     print(common.table(rows, COLUMNS))
     print()
     print(common.goals_table(goals))
-    return common.finish({'benchmark': 'node_overhead', 'machine': common.machine_info(),
+    return common.finish({'benchmark': 'node_overhead', 'backend': args.backend,
+                          'machine': common.machine_info(),
                           'load_average': os.getloadavg(), 'frames': frames, 'rows': rows,
                           'goals': goals,
                           'raw': {f'{size} {encoding}': value
