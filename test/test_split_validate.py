@@ -17,6 +17,9 @@
 import json
 import os
 from pathlib import Path
+import subprocess
+import sys
+import textwrap
 
 import cv2
 import numpy as np
@@ -34,6 +37,7 @@ from training.validate import validate_dataset
 REALDATA = Path(os.environ.get(
     'BLIP2_ROS_REALDATA', Path(__file__).resolve().parents[2] / 'shared' / 'realdata'))
 SECOND = 1_000_000_000
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_dataset(folder, frames, captions_per_image=1, uncaptioned=()):
@@ -561,22 +565,25 @@ def _split_files(folder):
     return {name: (folder / name).read_bytes() for name in names}
 
 
-def test_an_interrupt_while_replacing_leaves_both_new_split_files(tmp_path, monkeypatch):
+def test_an_interrupt_while_replacing_leaves_both_new_split_files(tmp_path):
     folder = _recording(tmp_path)
     split.split_dataset(folder, 0.2, seed=1, block_seconds=10)
     old = _split_files(folder)
-    replace = os.replace
-
-    def interrupted_replace(source, destination):
-        # Ctrl-C arrives right after the first file is replaced: Python raises KeyboardInterrupt
-        # there. Raised directly, so no real signal reaches the other threads of the test run.
-        replace(source, destination)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, 'replace', interrupted_replace)
-    with pytest.raises(KeyboardInterrupt):
-        split.split_dataset(folder, 0.2, seed=2, block_seconds=10, reshuffle=True)
-    monkeypatch.undo()
+    # Ctrl-C arrives right after the first file is replaced. A real SIGINT, sent in a process
+    # of its own, as a user's Ctrl-C reaches the command, not to every thread of the test run.
+    script = textwrap.dedent('''
+        import os, signal, sys
+        from training import split
+        replace = os.replace
+        def interrupted_replace(source, destination):
+            replace(source, destination)
+            os.kill(os.getpid(), signal.SIGINT)
+        os.replace = interrupted_replace
+        split.split_dataset(sys.argv[1], 0.2, seed=2, block_seconds=10, reshuffle=True)
+    ''')
+    result = subprocess.run([sys.executable, '-c', script, str(folder)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and 'KeyboardInterrupt' in result.stderr, result.stderr
     new = _split_files(folder)
     assert new['train_split.jsonl'] != old['train_split.jsonl']
     assert new['val_split.jsonl'] != old['val_split.jsonl']
