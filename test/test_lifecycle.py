@@ -16,6 +16,7 @@
 
 import json
 import os
+import shutil
 import threading
 import time
 
@@ -117,10 +118,11 @@ def slow_loading(monkeypatch):
 
 
 def test_every_transition_over_the_lifecycle_services(harness_factory, lively_opt_checkpoint,
-                                                      slow_loading):
-    weights = str(lively_opt_checkpoint / 'model.safetensors')
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'], autostart=False,
-                              max_new_tokens=6)
+                                                      slow_loading, tmp_path):
+    # A copy of its own: other tests' captioners of this session may still map the shared one.
+    checkpoint = shutil.copytree(lively_opt_checkpoint, tmp_path / 'opt')
+    weights = str(checkpoint / 'model.safetensors')
+    harness = harness_factory(checkpoint, ['/cam'], autostart=False, max_new_tokens=6)
     node = harness.node
     # Unconfigured: no model, and the node says so.
     assert get_state(harness) == 'unconfigured'

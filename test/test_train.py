@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, training_prompt
@@ -577,12 +578,23 @@ def test_evaluating_on_trained_images_warns(
     assert len(summary) == 1 and 'eval_loss' in summary[0] and 'not held-out' in summary[0]
 
 
+
+def _signal_the_main_thread(number):
+    """
+    Send signal ``number`` as ``kill`` would, but to the main thread, where Python handles it.
+
+    Sent to the process, the kernel may deliver it to any thread of the test run (DDS, OpenMP,
+    a server client), whose blocking call it interrupts.
+    """
+    signal.pthread_kill(threading.main_thread().ident, number)
+
+
 def test_sigterm_in_the_last_step_finishes_the_run(
         tmp_path, dataset, tiny_opt_checkpoint, monkeypatch, caplog, capsys):
     """A signal during the last step lets the run save its model instead of asking to resume."""
     def signal_in_the_last_step(self, args, state, control, **kwargs):
         if state.global_step == state.max_steps - 1:
-            os.kill(os.getpid(), signal.SIGTERM)
+            _signal_the_main_thread(signal.SIGTERM)
 
     monkeypatch.setattr(train.GracefulStopCallback, 'on_step_begin', signal_in_the_last_step)
     output = tmp_path / 'out'
@@ -597,8 +609,8 @@ def test_a_second_signal_stops_at_once_without_saving(
     """Ctrl-C twice: no checkpoint, no model, and the handlers from before are back."""
     def two_signals_in_step_two(self, args, state, control, **kwargs):
         if state.global_step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
+            _signal_the_main_thread(signal.SIGTERM)
+            _signal_the_main_thread(signal.SIGTERM)
 
     monkeypatch.setattr(train.GracefulStopCallback, 'on_step_begin', two_signals_in_step_two)
     previous = signal.getsignal(signal.SIGTERM)
