@@ -175,25 +175,35 @@ def test_without_autostart_the_process_waits_unconfigured_and_a_shutdown_ends_it
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
 
-    def call(service_type, service, request, tries=1):
-        client = node.create_client(service_type, service)
-        assert client.wait_for_service(timeout_sec=60), f'{service} did not appear'
+    # Both clients first: a client DDS has only just matched can lose its first answer, so
+    # each connection is proven by a call that changes nothing, asked again until answered.
+    clients = {GetState: node.create_client(GetState, f'/{name}/get_state'),
+               ChangeState: node.create_client(ChangeState, f'/{name}/change_state')}
+
+    def call(service_type, request, tries=1):
+        client = clients[service_type]
+        assert client.wait_for_service(timeout_sec=60), f'{client.srv_name} did not appear'
         for _ in range(tries):
             future = client.call_async(request)
             executor.spin_until_future_complete(future, timeout_sec=60 / tries)
             if future.done():
                 return future.result()
             client.remove_pending_request(future)
-        raise AssertionError(f'no answer from {service}: {process.poll()=}')
+        raise AssertionError(f'no answer from {client.srv_name}: {process.poll()=}')
+
+    def transition(transition_id, tries=1):
+        request = ChangeState.Request()
+        request.transition.id = transition_id
+        return call(ChangeState, request, tries).success
     try:
-        # Found is not yet fully connected in DDS: the first answer can be lost, so ask again.
-        state = call(GetState, f'/{name}/get_state', GetState.Request(), tries=6).current_state
+        state = call(GetState, GetState.Request(), tries=6).current_state
         assert state.label == 'unconfigured'
+        # Activating an unconfigured node is refused and changes nothing.
+        assert not transition(Transition.TRANSITION_ACTIVATE, tries=6)
         time.sleep(1.0)
         assert process.poll() is None, 'the node must wait for a lifecycle manager'
-        request = ChangeState.Request()
-        request.transition.id = Transition.TRANSITION_UNCONFIGURED_SHUTDOWN
-        assert call(ChangeState, f'/{name}/change_state', request).success
+        assert call(GetState, GetState.Request()).current_state.label == 'unconfigured'
+        assert transition(Transition.TRANSITION_UNCONFIGURED_SHUTDOWN)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 0, stderr
         assert 'Traceback' not in stderr
