@@ -50,6 +50,7 @@ import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.exceptions import (InvalidParameterTypeException, InvalidTopicNameException,
                               ParameterException, ParameterUninitializedException)
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -58,7 +59,8 @@ from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.lifecycle import LifecycleNodeMixin, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, qos_policy_name_from_kind, QoSProfile,
+                       ReliabilityPolicy)
 from rclpy.task import Future
 from rclpy.validate_full_topic_name import validate_full_topic_name
 from sensor_msgs.msg import CompressedImage, Image
@@ -245,6 +247,7 @@ class Camera:
         self.dropped = 0  # frames that got no caption (server backend)
         self.input_rate = RateMeter()
         self.rejection = None  # the ImageConversionError of its newest frame, if it had one
+        self.incompatible_qos = None  # the QoS policy of the last publisher that cannot connect
 
 
 class NoCaptionError(RuntimeError):
@@ -538,7 +541,10 @@ class CaptionNode(LifecycleNodeMixin, Node):
             self._camera_subscriptions.append(self.create_subscription(
                 message_type, self.image_topics[topic],
                 lambda message, topic=topic: self._on_frame(topic, message),
-                camera_qos, callback_group=subscription_group))
+                camera_qos, callback_group=subscription_group,
+                event_callbacks=SubscriptionEventCallbacks(
+                    incompatible_qos=lambda event, topic=topic: self._on_incompatible_qos(
+                        topic, event))))
             self.get_logger().info(f'listening to {topic} ({message_type.__name__})')
         with self._work_ready:
             # A camera is silent from when the node listens, not from before a long warm-up.
@@ -547,6 +553,18 @@ class CaptionNode(LifecycleNodeMixin, Node):
             self.phase = 'captioning'
             self._work_ready.notify()
         return LifecycleNodeMixin.on_activate(self, state)  # enables the caption publishers
+
+    def _on_incompatible_qos(self, topic, event):
+        """Warn that a camera publisher's QoS cannot connect to this subscription, with the fix."""
+        policy = qos_policy_name_from_kind(event.last_policy_kind)
+        with self._lock:
+            self.cameras[topic].incompatible_qos = policy
+        fix = ("set the node's reliability parameter to best_effort, which hears both kinds of "
+               'publisher' if policy == 'RELIABILITY' else
+               "make the camera's QoS offer what the node asks for")
+        self.get_logger().warning(
+            f'a publisher on {topic} offers a QoS this node cannot receive ({policy} is '
+            f'incompatible): no frames from it will arrive; {fix}')
 
     def _deactivate(self, state):
         with self._work_ready:
@@ -1209,6 +1227,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
                                                  else now - camera.latest_receive_time),
                     'rejection': camera.rejection and camera.rejection.reason,
                     'dropped': camera.dropped,
+                    'incompatible_qos': camera.incompatible_qos,
                 } for topic, camera in self.cameras.items()},
                 'captions_published': self.captions_published,
                 'captions_per_second': self.caption_rate.rate(now),
@@ -1308,6 +1327,9 @@ class CaptionNode(LifecycleNodeMixin, Node):
                     age is not None and age > stale_after):
                 problems.append(f'no frames on {topic} for {stale_after:g} s: check the topic '
                                 'name and that reliability matches the publisher')
+            if camera['incompatible_qos']:
+                problems.append(f'a publisher on {topic} has an incompatible QoS '
+                                f"({camera['incompatible_qos']}): see the node's log")
             if camera['rejection']:
                 problems.append(f'the newest frame from {topic} was rejected '
                                 f"({camera['rejection']}): see the node's log")

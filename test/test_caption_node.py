@@ -538,6 +538,26 @@ def statuses(harness):
     return [status for message in list(harness.diagnostics) for status in message.status]
 
 
+def test_a_best_effort_camera_that_cannot_reach_a_reliable_node_is_named_with_the_fix(
+        harness_factory, lively_opt_checkpoint, capfd):
+    # DDS never connects the two: without the QoS event the node would only see silence.
+    harness = harness_factory(lively_opt_checkpoint, ['/cam'], reliability='reliable',
+                              stale_input_timeout=60.0)
+    harness.peer.create_publisher(
+        Image, '/cam', QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+    wait_for(lambda: harness.node.statistics()['cameras']['/cam']['incompatible_qos'],
+             what='the incompatible QoS event')
+    assert harness.node.statistics()['cameras']['/cam']['incompatible_qos'] == 'RELIABILITY'
+    wait_for(lambda: any(status.level == status.WARN and 'incompatible QoS (RELIABILITY)' in
+                         status.message and '/cam' in status.message
+                         for status in statuses(harness)),
+             what='a warning on /diagnostics')
+    warnings = [line for line in capfd.readouterr().err.splitlines()
+                if 'offers a QoS this node cannot receive' in line]
+    assert warnings and 'WARN' in warnings[0] and '/cam' in warnings[0]
+    assert 'reliability parameter to best_effort' in warnings[0]
+
+
 def test_diagnostics_warn_while_frames_are_rejected(harness_factory, lively_opt_checkpoint):
     harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4,
                               stale_input_timeout=60.0)

@@ -571,7 +571,7 @@ def test_an_interrupt_while_replacing_leaves_both_new_split_files(tmp_path):
     old = _split_files(folder)
     # Ctrl-C arrives right after the first file is replaced. A real SIGINT, sent in a process
     # of its own, as a user's Ctrl-C reaches the command, not to every thread of the test run.
-    script = textwrap.dedent('''
+    script = textwrap.dedent("""
         import os, signal, sys
         from training import split
         replace = os.replace
@@ -580,7 +580,7 @@ def test_an_interrupt_while_replacing_leaves_both_new_split_files(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
         os.replace = interrupted_replace
         split.split_dataset(sys.argv[1], 0.2, seed=2, block_seconds=10, reshuffle=True)
-    ''')
+    """)
     result = subprocess.run([sys.executable, '-c', script, str(folder)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and 'KeyboardInterrupt' in result.stderr, result.stderr

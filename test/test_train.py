@@ -578,7 +578,6 @@ def test_evaluating_on_trained_images_warns(
     assert len(summary) == 1 and 'eval_loss' in summary[0] and 'not held-out' in summary[0]
 
 
-
 def _signal_the_main_thread(number):
     """
     Send signal ``number`` as ``kill`` would, but to the main thread, where Python handles it.
