@@ -879,3 +879,24 @@ def test_kill_9_while_a_checkpoint_is_written_then_resume_equals_an_uninterrupte
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert step_losses(output) == pytest.approx(losses, rel=1e-5)
     assert train.checkpoint_problem(output / 'checkpoint-4') == ''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='what a machine without a GPU is told')
+def test_half_precision_on_a_cpu_is_refused_or_named_in_one_line(
+        tmp_path, tiny_opt_checkpoint, caplog):
+    """--fp16 cannot run on a CPU; --bf16 can, but is usually slower there, and says so."""
+    def parse(*options):
+        return train.parse_arguments([
+            '--model', str(tiny_opt_checkpoint), '--data', str(tmp_path), '--output_dir',
+            str(tmp_path / 'out'), '--method', 'qformer', *options])
+
+    with pytest.raises(train.TrainingError) as error:
+        parse('--fp16', 'true')
+    assert '--fp16 needs a CUDA GPU' in str(error.value) and '\n' not in str(error.value)
+    _, _, training_args = parse('--bf16', 'true')
+    assert training_args.bf16 and training_args.use_cpu
+    (warning,) = [record for record in caplog.records if '--bf16 on a CPU' in record.message]
+    assert warning.levelname == 'WARNING'
+    caplog.clear()
+    parse()
+    assert '--bf16 on a CPU' not in caplog.text

@@ -235,6 +235,13 @@ class CaptionTrainingArguments(TrainingArguments):
         if self.eval_steps is None:
             self.eval_steps = self.save_steps
         if not torch.cuda.is_available():
+            if self.fp16:
+                raise TrainingError('--fp16 needs a CUDA GPU, and torch sees none; on a CPU '
+                                    'train in float32 (the default), or --bf16')
+            if self.bf16:
+                LOGGER.warning('--bf16 on a CPU: bf16 autocast is slower than float32 unless '
+                               'the CPU has bf16 instructions (AMX, AVX512-BF16); drop it if '
+                               'steps are slow')
             # bf16 autocast and torchrun both need the Trainer told it runs on the CPU (gloo).
             self.use_cpu = True
             if self.ddp_backend is None and int(os.environ.get('WORLD_SIZE', '1')) > 1:
