@@ -537,3 +537,30 @@ def test_a_model_that_ends_every_caption_at_once_is_reported_empty(
     assert report['baseline']['empty_captions'] == sum(
         not caption.strip() for caption in result_captions(out, 'baseline'))
     assert 'empty captions from model: 3 of 3 (scored as misses)' in capsys.readouterr().out
+
+
+def test_a_model_worse_than_its_baseline_is_named_in_one_warning(
+        tmp_path, lively_opt_checkpoint, tiny_opt_checkpoint, caplog, one_torch_thread):
+    """The metrics where fine-tuning lost, each with both values; none when it did not lose."""
+    from training.data import load_rgb
+
+    frames_only = make_dataset(tmp_path / 'frames', ['x', 'y', 'z'])
+    frames = [load_rgb(frames_only / 'images' / f'frame_{index:03d}.png') for index in (1, 2, 3)]
+    references = captions_by_prompt(lively_opt_checkpoint, frames, [''])['']
+    # The references are what the baseline says: it scores 1.0, another model less.
+    data = make_dataset(tmp_path / 'data', references)
+    tuned = tiny_opt_checkpoint
+    common = ['--data', str(data), '--max_new_tokens', '6', *QUICK_METRICS]
+
+    assert evaluate.main(['--model', str(tuned), '--compare', str(lively_opt_checkpoint),
+                          '--out', str(tmp_path / 'worse'), *common]) == 0
+    (warning,) = [record for record in caplog.records if 'below its baseline' in record.getMessage()]
+    assert warning.levelname == 'WARNING' and '\n' not in warning.getMessage()
+    report = json.loads((tmp_path / 'worse' / 'metrics.json').read_text())['models']
+    model, baseline = report['model']['scores'], report['baseline']['scores']
+    assert baseline['exact_match'] == 1.0 and model['exact_match'] < 1.0
+    assert (f"exact_match {model['exact_match']:.3f} < 1.000" in warning.getMessage())
+    caplog.clear()
+    assert evaluate.main(['--model', str(lively_opt_checkpoint), '--compare', str(tuned),
+                          '--out', str(tmp_path / 'better'), *common]) == 0
+    assert 'below its baseline' not in caplog.text

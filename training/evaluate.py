@@ -401,6 +401,15 @@ def format_table(columns):
     return '\n'.join(lines)
 
 
+def worse_than_baseline(baseline, model):
+    """Return ``'CIDEr 0.412 < 0.530, ...'`` for each metric the model scores lower on, or ''."""
+    lower = [f'{name} {model.scores[name]:.3f} < {baseline.scores[name]:.3f}'
+             for name in METRIC_ORDER
+             if name in model.scores and name in baseline.scores
+             and model.scores[name] < baseline.scores[name] - 1e-9]
+    return ', '.join(lower)
+
+
 def _scores_json(scores):
     return {'scores': scores.scores, 'unavailable': scores.unavailable,
             'tokenizer': scores.tokenizer, 'images': scores.images,
@@ -452,6 +461,11 @@ def evaluate_models(args):
         report['models'][title] = {'model': model, 'adapter': adapter, 'prompt': run_prompt,
                                    **_scores_json(scores)}
         columns.append((title, scores))
+    if len(columns) == 2:
+        worse = worse_than_baseline(columns[0][1], columns[1][1])
+        if worse:
+            LOGGER.warning('the model scores below its baseline on %s: fine-tuning made it '
+                           'worse there (check the prompt, the steps and the data)', worse)
     # Only when every model has run: a failing one must not leave the other's results beside
     # an older metrics.json.
     for file_name, entries in results.items():
