@@ -554,7 +554,8 @@ def test_a_model_worse_than_its_baseline_is_named_in_one_warning(
 
     assert evaluate.main(['--model', str(tuned), '--compare', str(lively_opt_checkpoint),
                           '--out', str(tmp_path / 'worse'), *common]) == 0
-    (warning,) = [record for record in caplog.records if 'below its baseline' in record.getMessage()]
+    (warning,) = [record for record in caplog.records
+                  if 'below its baseline' in record.getMessage()]
     assert warning.levelname == 'WARNING' and '\n' not in warning.getMessage()
     report = json.loads((tmp_path / 'worse' / 'metrics.json').read_text())['models']
     model, baseline = report['model']['scores'], report['baseline']['scores']
