@@ -529,6 +529,10 @@ def parse_args(argv):
                         '(default: demo_output/)')
     parser.add_argument('--train-frames', type=int, default=0,
                         help='--from-scratch: frames to record (default: as the bundled model)')
+    parser.add_argument('--train-steps', type=int, default=0,
+                        help='--from-scratch: training steps (default: as the bundled model, '
+                        '3000, about 12 minutes in all on 2 CPU cores; fewer steps finish '
+                        'sooner and caption worse)')
     parser.add_argument('--vllm', action='store_true',
                         help='serve the model with a local vLLM server (the vLLM environment '
                         'scripts/setup_env.sh makes in .venv/vllm) and caption through it')
@@ -565,6 +569,41 @@ def _frame_size(args, model):
     return width, height
 
 
+def scratch_recipe(train_steps=0, train_frames=0):
+    """Return the bundled model's recipe with --train-steps and --train-frames applied."""
+    from dataclasses import replace
+
+    from training.demo_model import DemoRecipe
+
+    if train_steps < 0 or train_frames < 0:
+        raise DemoError('--train-steps and --train-frames must be positive')
+    recipe = DemoRecipe()
+    if train_frames:
+        recipe = replace(recipe, frames=train_frames)
+    if train_steps:
+        # Warm-up is a share of the run, as in the bundled recipe (200 of 3000 steps).
+        recipe = replace(recipe, max_steps=train_steps, warmup_steps=min(
+            recipe.warmup_steps, train_steps * recipe.warmup_steps // recipe.max_steps))
+    return recipe
+
+
+def expected_minutes(recipe):
+    """Say how long --from-scratch takes, scaled from the bundled model's measured stages."""
+    from training.demo_model import RECIPE_FILE
+
+    try:
+        with open(os.path.join(demo_model_path(), RECIPE_FILE), encoding='utf-8') as stream:
+            built = json.load(stream)
+        stages = built['results']['stage_seconds']
+        steps, frames = built['recipe']['max_steps'], built['recipe']['frames']
+    except (OSError, ValueError, KeyError):
+        return 'time unknown (the bundled model has no measured recipe)'
+    seconds = (stages['train'] * recipe.max_steps / steps
+               + (stages['record'] + stages['convert']) * recipe.frames / frames
+               + stages['split'] + stages['evaluate'])
+    return f'about {max(1, round(seconds / 60))} min'
+
+
 def _choose_model(args):
     if args.from_scratch:
         if args.model:
@@ -578,8 +617,11 @@ def _choose_model(args):
         # The stages report through logging; show them, they take minutes.
         logging.basicConfig(format='%(asctime)s %(name)s: %(message)s', level=logging.INFO)
         try:
-            return reproduce(args.work_dir or default_work_dir(),
-                             frames=args.train_frames or None)
+            recipe = scratch_recipe(args.train_steps, args.train_frames)
+            print(f'--from-scratch: {recipe.frames} frames, {recipe.max_steps} training steps; '
+                  f'{expected_minutes(recipe)} on the machine that built the bundled model',
+                  file=sys.stderr)
+            return reproduce(args.work_dir or default_work_dir(), recipe=recipe)
         except DemoModelError as error:
             raise DemoError(str(error)) from None
     if args.model:

@@ -477,3 +477,32 @@ def test_reproduction_reaches_the_quality_of_the_committed_model(tmp_path):
     assert results['fresh_exact_match'] >= 0.9
     accuracy, _ = exact_match_on_unseen_frames(out)
     assert accuracy >= 0.9
+
+
+def test_from_scratch_takes_a_step_budget_and_says_how_long_it_will_take(
+        tmp_path, monkeypatch, capsys):
+    """--train-steps reaches the training recipe; the expected time is printed before it runs."""
+    from blip2_ros import demo
+    from training import demo_model
+
+    asked = []
+
+    def stop_before_recording(work_dir, recipe=None, **kwargs):
+        asked.append(recipe)
+        raise DemoModelError('stopped by the test')
+
+    monkeypatch.setattr(demo_model, 'reproduce', stop_before_recording)
+    arguments = ['--from-scratch', '--work-dir', str(tmp_path / 'work')]
+    status = demo.main([*arguments, '--train-steps', '300', '--train-frames', '500'])
+    assert status == demo.EXIT_ERROR
+    assert (asked[-1].max_steps, asked[-1].frames, asked[-1].warmup_steps) == (300, 500, 20)
+    stderr = capsys.readouterr().err
+    assert '500 frames, 300 training steps; about ' in stderr
+    assert 'error: stopped by the test' in stderr
+    assert demo.main(arguments) == demo.EXIT_ERROR
+    default = DemoRecipe()
+    assert (asked[-1].max_steps, asked[-1].frames) == (default.max_steps, default.frames)
+    minutes = [int(found) for found in re.findall(r'about (\d+) min', capsys.readouterr().err)]
+    assert minutes and minutes[0] >= 5, 'the full recipe takes minutes'
+    assert demo.main([*arguments, '--train-frames', '50']) == demo.EXIT_ERROR
+    assert 'use at least 100' in capsys.readouterr().err
