@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, training_prompt
@@ -578,46 +577,56 @@ def test_evaluating_on_trained_images_warns(
     assert len(summary) == 1 and 'eval_loss' in summary[0] and 'not held-out' in summary[0]
 
 
-def _signal_the_main_thread(number):
-    """
-    Send signal ``number`` as ``kill`` would, but to the main thread, where Python handles it.
+# Signals from inside a training step, sent in a process of its own: the test run's own
+# process carries threads of every earlier test (DDS, OpenMP, servers' clients).
+SIGNAL_SCRIPT = """
+import os, signal, sys
+from training import train
+sent = int(sys.argv[1])
 
-    Sent to the process, the kernel may deliver it to any thread of the test run (DDS, OpenMP,
-    a server client), whose blocking call it interrupts.
-    """
-    signal.pthread_kill(threading.main_thread().ident, number)
+def send_signals(self, args, state, control, **kwargs):
+    if state.global_step == (state.max_steps - 1 if sent == 1 else 1):
+        for _ in range(sent):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+train.GracefulStopCallback.on_step_begin = send_signals
+previous = signal.getsignal(signal.SIGTERM)
+try:
+    status = train.main(sys.argv[2:])
+except KeyboardInterrupt:
+    status = 'KeyboardInterrupt'
+print('status', status, 'handler restored', signal.getsignal(signal.SIGTERM) == previous)
+"""
 
 
-def test_sigterm_in_the_last_step_finishes_the_run(
-        tmp_path, dataset, tiny_opt_checkpoint, monkeypatch, caplog, capsys):
+def run_train_with_signals(signals, model, data, output_dir, *extra):
+    """Run training in a child process that signals itself; return (stdout, stderr)."""
+    result = subprocess.run(
+        [sys.executable, '-c', SIGNAL_SCRIPT, str(signals), '--model', str(model),
+         '--data', str(data), '--output_dir', str(output_dir), '--method', 'qformer',
+         *FAST, *extra],
+        cwd=REPO, env=_subprocess_environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, result.stderr
+
+
+def test_sigterm_in_the_last_step_finishes_the_run(tmp_path, dataset, tiny_opt_checkpoint):
     """A signal during the last step lets the run save its model instead of asking to resume."""
-    def signal_in_the_last_step(self, args, state, control, **kwargs):
-        if state.global_step == state.max_steps - 1:
-            _signal_the_main_thread(signal.SIGTERM)
-
-    monkeypatch.setattr(train.GracefulStopCallback, 'on_step_begin', signal_in_the_last_step)
     output = tmp_path / 'out'
-    assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', '--max_steps', '3') == 0
-    assert 'SIGTERM received' in caplog.text and 'SIGTERM came in the last step' in caplog.text
-    assert f'saved model to {output}' in capsys.readouterr().out
+    stdout, stderr = run_train_with_signals(1, tiny_opt_checkpoint, dataset, output,
+                                            '--max_steps', '3')
+    assert 'status 0 handler restored True' in stdout, stdout[-2000:]
+    assert 'SIGTERM received' in stderr and 'SIGTERM came in the last step' in stderr
+    assert f'saved model to {output}' in stdout
     assert (output / 'model.safetensors').exists()
 
 
-def test_a_second_signal_stops_at_once_without_saving(
-        tmp_path, dataset, tiny_opt_checkpoint, monkeypatch):
+def test_a_second_signal_stops_at_once_without_saving(tmp_path, dataset, tiny_opt_checkpoint):
     """Ctrl-C twice: no checkpoint, no model, and the handlers from before are back."""
-    def two_signals_in_step_two(self, args, state, control, **kwargs):
-        if state.global_step == 1:
-            _signal_the_main_thread(signal.SIGTERM)
-            _signal_the_main_thread(signal.SIGTERM)
-
-    monkeypatch.setattr(train.GracefulStopCallback, 'on_step_begin', two_signals_in_step_two)
-    previous = signal.getsignal(signal.SIGTERM)
     output = tmp_path / 'out'
-    with pytest.raises(KeyboardInterrupt):
-        run_train(tiny_opt_checkpoint, dataset, output, 'qformer', '--max_steps', '5',
-                  '--save_steps', '1')
-    assert signal.getsignal(signal.SIGTERM) == previous
+    stdout, stderr = run_train_with_signals(2, tiny_opt_checkpoint, dataset, output,
+                                            '--max_steps', '5', '--save_steps', '1')
+    assert 'status KeyboardInterrupt handler restored True' in stdout, stderr[-2000:]
     assert [step for step, _ in train.list_checkpoints(output)] == [1]
     assert not (output / 'model.safetensors').exists()
 
