@@ -535,7 +535,8 @@ class CaptionNode(LifecycleNodeMixin, Node):
             raise ModelLoadError(WORKER_STOPPED)
         camera_qos = self._camera_qos(self.get_parameter('reliability').value)
         subscription_group = MutuallyExclusiveCallbackGroup()
-        for topic in self.cameras:
+        for topic, camera in self.cameras.items():
+            camera.incompatible_qos = None  # new subscriptions: DDS tells again if it still is
             message_type = CompressedImage if topic.endswith('/compressed') else Image
             # Subscribed by the name given, which ROS resolves (and remaps) once.
             self._camera_subscriptions.append(self.create_subscription(
