@@ -346,10 +346,8 @@ def _caption_batch(captioner, paths, frames):
                                             else '')
             _warn(f'{named}: no captions ({type(error).__name__}: {one_line(error)}), skipped')
         return 0, len(frames), None
-    from blip2_ros.captioner import empty_as_failures
-
     captioned = failed = 0
-    for path, caption in zip(paths, empty_as_failures(captions)):
+    for path, caption in zip(paths, captions):
         if isinstance(caption, Exception):
             # A server that cannot be used fails every later image too: stop at once.
             if getattr(caption, 'lasting', False):

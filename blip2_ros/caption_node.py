@@ -38,9 +38,9 @@ import threading
 import time
 import traceback
 
-from blip2_ros.captioner import (CaptionerConfig, DEFAULT_MODEL, empty_as_failures,
-                                 make_captioner, ModelLoadError, prompt_problem,
-                                 TRAINING_INFO_FILE, training_prompt)
+from blip2_ros.captioner import (CaptionerConfig, DEFAULT_MODEL, make_captioner,
+                                 ModelLoadError, prompt_problem, TRAINING_INFO_FILE,
+                                 training_prompt)
 from blip2_ros.image_conversion import (format_label_mismatches, ImageConversionError,
                                         message_to_rgb)
 from blip2_ros.parameters import declare, markdown_table, ParameterSpec
@@ -398,7 +398,6 @@ class CaptionNode(LifecycleNodeMixin, Node):
         self.rejected = {}
         self._rejected_at_last_report = 0
         self._dropped_at_last_report = 0
-        self._empty_at_last_report = 0
         self._label_notes_logged = 0
         self.oom_batches = 0
         self.failed_batches = 0
@@ -1131,9 +1130,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
         max_new_tokens = self.get_parameter('max_new_tokens').value
         captioner = self.captioner  # swapped only on this thread, between batches
         started = time.monotonic()
-        # An empty string is never published as a caption: it is counted and said instead.
-        results = empty_as_failures(
-            captioner.caption(frames, prompt=prompt, max_new_tokens=max_new_tokens))
+        results = captioner.caption(frames, prompt=prompt, max_new_tokens=max_new_tokens)
         finished = time.monotonic()
         inference_ms = (finished - started) * 1000.0
         captions, published_items, failures = [], [], []
@@ -1349,12 +1346,6 @@ class CaptionNode(LifecycleNodeMixin, Node):
         self._dropped_at_last_report = stats['dropped_frames']
         if new_drops:
             problems.append(f'{new_drops} frames got no caption since the last report')
-        empty = stats['dropped_by_reason'].get('empty_caption', 0)
-        if empty > self._empty_at_last_report:
-            problems.append(f'{empty - self._empty_at_last_report} empty captions since the '
-                            'last report (NaN or inf scores?): try dtype float32 or bfloat16, '
-                            'or another model or adapter')
-        self._empty_at_last_report = empty
         return problems
 
     def destroy_node(self):

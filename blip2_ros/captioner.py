@@ -87,19 +87,6 @@ def make_captioner(config):
     return Blip2Captioner(config)
 
 
-# A model whose scores turn NaN or inf picks special tokens only, which decode to nothing.
-EMPTY_CAPTION = ('the model gave an empty caption, as a model whose scores turn NaN or inf '
-                 '(float16 overflow, a broken fine-tune or adapter) does: try dtype float32 or '
-                 'bfloat16, or another model or adapter')
-
-
-def empty_as_failures(results):
-    """Return ``results`` with each empty caption replaced by a failure saying what to try."""
-    from blip2_ros.server_captioner import CaptionFailure
-    return [CaptionFailure('empty_caption', EMPTY_CAPTION) if result == '' else result
-            for result in results]
-
-
 class Blip2Captioner:
     """A loaded BLIP-2 checkpoint that captions batches of uint8 RGB frames."""
 

@@ -96,25 +96,3 @@ def lively_opt_checkpoint(tiny_opt_checkpoint, tmp_path_factory):
 def lively_t5_checkpoint(tiny_t5_checkpoint, tmp_path_factory):
     """Return a tiny Flan-T5 BLIP-2 whose captions depend on the image and the prompt."""
     return save_lively_copy(tiny_t5_checkpoint, tmp_path_factory.mktemp('lively') / 't5')
-
-
-@pytest.fixture(scope='session')
-def nan_opt_checkpoint(lively_opt_checkpoint, tmp_path_factory):
-    """
-    Return a copy of the lively OPT checkpoint whose image projection is NaN.
-
-    Every score of the language model is then NaN, as after a float16 overflow or a broken
-    fine-tune: generation picks special tokens only, and every caption decodes empty.
-    """
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-    import torch
-
-    folder = tmp_path_factory.mktemp('nan') / 'opt'
-    shutil.copytree(lively_opt_checkpoint, folder)
-    weights = load_file(folder / 'model.safetensors')
-    weights['language_projection.weight'] = torch.full_like(
-        weights['language_projection.weight'], float('nan'))
-    save_file(weights, folder / 'model.safetensors', metadata={'format': 'pt'})
-    return folder

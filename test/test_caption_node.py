@@ -538,30 +538,6 @@ def statuses(harness):
     return [status for message in list(harness.diagnostics) for status in message.status]
 
 
-def test_an_empty_caption_is_counted_and_said_never_published(
-        harness_factory, nan_opt_checkpoint):
-    # NaN scores (float16 overflow, a broken fine-tune) leave only special tokens: ''.
-    harness = harness_factory(nan_opt_checkpoint, ['/cam'], max_new_tokens=4,
-                              stale_input_timeout=60.0)
-    assert harness.node.captioner.caption([make_frame(90)]) == ['']
-    camera = harness.publisher(Image, '/cam')
-    camera.publish(image_message(make_frame(91), stamp_sec=1))
-    wait_for(lambda: harness.node.statistics()['cameras']['/cam']['dropped'] == 1,
-             what='the frame counted as dropped')
-    stats = harness.node.statistics()
-    assert stats['dropped_by_reason'] == {'empty_caption': 1}
-    assert stats['captions_published'] == 0
-    response = harness.call(Trigger, '/blip2_caption/caption_now', Trigger.Request())
-    assert not response.success and 'empty caption' in response.message
-    assert 'float32' in response.message
-    wait_for(lambda: any(status.level == status.WARN and 'empty captions' in status.message
-                         and 'try dtype float32' in status.message
-                         for status in statuses(harness)),
-             what='a warning on /diagnostics')
-    time.sleep(0.5)
-    assert harness.captions == [] and harness.infos == []
-
-
 def test_a_best_effort_camera_that_cannot_reach_a_reliable_node_is_named_with_the_fix(
         harness_factory, lively_opt_checkpoint, capfd):
     # DDS never connects the two: without the QoS event the node would only see silence.
