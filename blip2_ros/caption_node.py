@@ -400,6 +400,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
         self._dropped_at_last_report = 0
         self._label_notes_logged = 0
         self.oom_batches = 0
+        self.oom_batch_limit = 0  # after running out of memory: the lowered batch size
         self.failed_batches = 0
         self.dropped = {}  # frames that got no caption, by reason (server backend)
         self.captions_published = 0
@@ -1017,8 +1018,10 @@ class CaptionNode(LifecycleNodeMixin, Node):
                 elif isinstance(work, CaptionRequest):
                     self._answer(work)
                 elif work:
-                    for start in range(0, len(work), self.max_batch_size):
-                        self._run_batch(work[start:start + self.max_batch_size])
+                    # After running out of memory, batches stay at the size that was lowered to.
+                    size = min(self.max_batch_size, self.oom_batch_limit or self.max_batch_size)
+                    for start in range(0, len(work), size):
+                        self._run_batch(work[start:start + size])
             except Exception as error:  # noqa: B902 -- a dead thread would end captioning
                 if stop.is_set() or self._stopping or not self.context.ok():
                     return  # released, or Ctrl-C, while this batch was in flight
@@ -1104,9 +1107,13 @@ class CaptionNode(LifecycleNodeMixin, Node):
         except torch.OutOfMemoryError:
             with self._lock:
                 self.oom_batches += 1
+                if len(batch) > 1:
+                    self.oom_batch_limit = len(batch) // 2
             torch.cuda.empty_cache()
-            problem = (f'out of GPU memory on a batch of {len(batch)}; skipped it. Lower '
-                       'max_batch_size or use a smaller dtype/model')
+            problem = (f'out of GPU memory on a batch of {len(batch)}; skipped it'
+                       + (f', batches of at most {len(batch) // 2} from now on'
+                          if len(batch) > 1 else '')
+                       + '. Lower max_batch_size or use a smaller dtype/model')
         except Exception as error:  # noqa: B902 -- one bad batch must not stop captioning
             if self._stopping or not self.context.ok():
                 raise
@@ -1240,6 +1247,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
                 'rejected_frames': sum(self.rejected.values()),
                 'rejected_by_reason': dict(self.rejected),
                 'oom_batches': self.oom_batches,
+                'oom_batch_limit': self.oom_batch_limit,
                 'failed_batches': self.failed_batches,
                 'dropped_frames': sum(self.dropped.values()),
                 'dropped_by_reason': dict(self.dropped),
@@ -1339,7 +1347,10 @@ class CaptionNode(LifecycleNodeMixin, Node):
         if new_rejections:
             problems.append(f'{new_rejections} frames rejected since the last report')
         if stats['oom_batches']:
-            problems.append(f"{stats['oom_batches']} batches skipped: out of GPU memory")
+            lowered = (f", batches lowered to {stats['oom_batch_limit']}"
+                       if stats['oom_batch_limit'] else '')
+            problems.append(f"{stats['oom_batches']} batches skipped: out of GPU memory"
+                            f'{lowered}; lower max_batch_size or use a smaller dtype/model')
         if stats['failed_batches']:
             problems.append(f"{stats['failed_batches']} batches failed: see the node's log")
         new_drops = stats['dropped_frames'] - self._dropped_at_last_report

@@ -538,6 +538,47 @@ def statuses(harness):
     return [status for message in list(harness.diagnostics) for status in message.status]
 
 
+def test_out_of_memory_while_captioning_drops_the_batch_and_halves_the_next_ones(
+        harness_factory, lively_opt_checkpoint):
+    harness = harness_factory(lively_opt_checkpoint, ['/a', '/b'], max_new_tokens=8,
+                              max_batch_size=2, stale_input_timeout=60.0)
+    node = harness.node
+    caption = node.captioner.caption
+    sizes = []
+
+    def out_of_memory_on_the_first_pair(frames, **kwargs):
+        sizes.append(len(frames))
+        if len(frames) == 2 and sizes.count(2) == 1:
+            # What torch raises on a GPU; generation, not warm-up, runs out here.
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+        return caption(frames, **kwargs)
+
+    node.captioner.caption = out_of_memory_on_the_first_pair
+    publishers = {topic: harness.publisher(Image, topic) for topic in ('/a', '/b')}
+
+    def both_cameras(first_stamp, received):
+        assert harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=False)).success
+        for offset, topic in enumerate(('/a', '/b')):
+            publishers[topic].publish(image_message(make_frame(first_stamp + offset),
+                                                    stamp_sec=first_stamp + offset))
+        wait_for(lambda: all(camera['received'] == received for camera in
+                             node.statistics()['cameras'].values()), what='both frames')
+        harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=True))
+
+    both_cameras(1, received=1)
+    wait_for(lambda: node.statistics()['oom_batches'] == 1, what='the batch to run out')
+    assert node.statistics()['oom_batch_limit'] == 1 and harness.infos == []
+    wait_for(lambda: any(status.level == status.WARN and 'out of GPU memory' in status.message
+                         and 'lower max_batch_size' in status.message
+                         for status in statuses(harness)),
+             what='a warning on /diagnostics')
+    both_cameras(3, received=2)
+    infos = harness.wait_for_infos(2)
+    assert sorted(info['stamp']['sec'] for info in infos) == [3, 4]
+    assert [info['batch_size'] for info in infos] == [1, 1]
+    assert sizes == [2, 1, 1]
+
+
 def test_a_best_effort_camera_that_cannot_reach_a_reliable_node_is_named_with_the_fix(
         harness_factory, lively_opt_checkpoint, capfd):
     # DDS never connects the two: without the QoS event the node would only see silence.
