@@ -1406,8 +1406,10 @@ def main(args=None):
         executor.spin_until_future_complete(node.finished)
         if node.finished.done():
             exit_code = node.finished.result()
-            # The shutdown transition's answer is sent after its callback returns.
+            # The shutdown transition's answer is sent after its callback returns, and DDS
+            # writes it out from a thread of its own: give both a moment before the process ends.
             executor.shutdown(timeout_sec=5.0)
+            time.sleep(0.5)
     except (ModelLoadError, ParameterException) as error:
         # Bad settings and models are the user's to fix: one line, no traceback.
         rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
