@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 
+from blip2_ros.demo import claim_domain_id
 import numpy as np
 import pytest
 import rclpy
@@ -165,12 +166,15 @@ def test_without_autostart_the_process_waits_unconfigured_and_a_shutdown_ends_it
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState, GetState
 
-    # A name of its own: earlier tests' nodes, gone or going, must not answer for this one.
+    # A name and a DDS domain of its own: nothing an earlier test of this long run left in
+    # the graph (nodes gone or going, participants) can answer for this node or hide it.
     name = f'blip2_caption_{os.getpid()}'
+    domain_id = claim_domain_id()
     process = run_node('-p', f'model:={tiny_opt_checkpoint}', '-p', 'autostart:=false',
-                       '-r', f'__node:={name}')
+                       '-r', f'__node:={name}',
+                       environment=dict(os.environ, ROS_DOMAIN_ID=str(domain_id)))
     context = rclpy.Context()
-    rclpy.init(context=context)
+    rclpy.init(context=context, domain_id=domain_id)
     node = rclpy.create_node('process_lifecycle_peer', context=context)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
