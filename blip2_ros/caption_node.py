@@ -1416,6 +1416,11 @@ def main(args=None):
         exit_code = 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except RCLError:
+        # A stop signal can invalidate the context while the executor builds its wait set
+        # (Jazzy's rclpy raises this then, not ExternalShutdownException).
+        if rclpy.ok():
+            raise
     finally:
         if node is not None:
             node.destroy_node()
