@@ -1105,15 +1105,15 @@ class CaptionNode(LifecycleNodeMixin, Node):
         except NoCaptionError as error:
             return [], str(error)  # counted per frame and logged already
         except torch.OutOfMemoryError:
+            lowered = len(batch) // 2  # 0: a single frame cannot be split
             with self._lock:
                 self.oom_batches += 1
-                if len(batch) > 1:
-                    self.oom_batch_limit = len(batch) // 2
+                if lowered:
+                    self.oom_batch_limit = lowered
             torch.cuda.empty_cache()
-            problem = (f'out of GPU memory on a batch of {len(batch)}; skipped it'
-                       + (f', batches of at most {len(batch) // 2} from now on'
-                          if len(batch) > 1 else '')
-                       + '. Lower max_batch_size or use a smaller dtype/model')
+            then = f', batches of at most {lowered} from now on' if lowered else ''
+            problem = (f'out of GPU memory on a batch of {len(batch)}; skipped it{then}. '
+                       'Lower max_batch_size or use a smaller dtype/model')
         except Exception as error:  # noqa: B902 -- one bad batch must not stop captioning
             if self._stopping or not self.context.ok():
                 raise

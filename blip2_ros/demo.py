@@ -179,7 +179,7 @@ def _child_environment():
     return env
 
 
-def _parent_death_signal():
+def parent_death_signal():
     """Return a preexec_fn that makes a child get SIGTERM when we die, or None off Linux."""
     if not sys.platform.startswith('linux'):
         return None
@@ -221,7 +221,7 @@ class NodeProcess:
             self.process = subprocess.Popen(command, env=_child_environment(), stdout=output,
                                             stderr=subprocess.STDOUT if output else None,
                                             start_new_session=True,
-                                            preexec_fn=_parent_death_signal())
+                                            preexec_fn=parent_death_signal())
         finally:
             if output:
                 output.close()  # the child has its own copy

@@ -22,7 +22,6 @@ stops it at the end of the session. Without that environment the tests that use 
 fail under CI, which must run them.
 """
 
-import ctypes
 import os
 from pathlib import Path
 import signal
@@ -33,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 
+from blip2_ros.demo import parent_death_signal
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,13 +59,6 @@ def require_vllm_python():
     if os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
-
-
-def _terminate_with_parent():
-    """Ask Linux to send SIGTERM to this (child) process when its parent dies."""
-    if sys.platform.startswith('linux'):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def serve_command(model, *options):
@@ -125,7 +118,7 @@ class VllmServer:
             self.process = subprocess.Popen(command, env=environment, stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True,
-                                            preexec_fn=_terminate_with_parent)
+                                            preexec_fn=parent_death_signal())
         deadline = time.monotonic() + timeout
         while not self._healthy():
             if self.process.poll() is not None:
