@@ -135,13 +135,23 @@ def keep_compiled_code():
     return folder
 
 
+def nan_or_inf_rows(scores):
+    """
+    Flag the rows of ``scores`` (batch, vocabulary) that hold NaN or +inf.
+
+    One reduction, as cheap as the argmax that picks the token: max is NaN if any score is,
+    and -inf, how processors and the end-token ban rule tokens out, is no fault.
+    """
+    highest = scores.amax(-1)
+    return highest.isnan() | highest.isposinf()
+
+
 class NonFiniteScores:
     """
     A logits processor for generate() that notes which rows' scores turned NaN or +inf.
 
     Such scores (a float16 overflow, a broken fine-tune or adapter) leave greedy search picking
     tokens from garbage. The scores pass through unchanged; ``rows`` holds one flag per row.
-    The check is one comparison over the scores the step has computed anyway.
     """
 
     def __init__(self):
@@ -149,8 +159,8 @@ class NonFiniteScores:
         self.rows = None
 
     def __call__(self, input_ids, scores):
-        """Flag the rows with NaN or +inf scores; -inf is how processors rule tokens out."""
-        flagged = (scores.isnan() | scores.isposinf()).any(-1)
+        """Flag the rows with NaN or +inf scores; pass the scores on as they are."""
+        flagged = nan_or_inf_rows(scores)
         self.rows = flagged if self.rows is None else self.rows | flagged
         return scores
 
@@ -381,8 +391,7 @@ class DecodeLoop:
             context, positions = (mask,), positions[:, -1:]
         tokens = (logits[:, -1] + eos_bias).argmax(-1)
         unfinished = ~torch.isin(tokens, self._eos_ids)
-        non_finite = ~torch.isfinite(logits[:, -1]).all(-1)
-        return tokens, unfinished, non_finite, context, positions
+        return tokens, unfinished, nan_or_inf_rows(logits[:, -1]), context, positions
 
     def _decode_step(self, cache, context, tokens, unfinished, non_finite, positions, eos_bias):
         """
@@ -402,7 +411,7 @@ class DecodeLoop:
                 input_ids=tokens[:, None], attention_mask=context[0], position_ids=positions,
                 past_key_values=cache, use_cache=True).logits
         scores = logits[:, -1]
-        non_finite = non_finite | (unfinished & ~torch.isfinite(scores).all(-1))
+        non_finite = non_finite | (unfinished & nan_or_inf_rows(scores))
         tokens = torch.where(unfinished, (scores + eos_bias).argmax(-1), self._pad_id)
         unfinished = unfinished & ~torch.isin(tokens, self._eos_ids)
         return tokens, unfinished, non_finite, positions
