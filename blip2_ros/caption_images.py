@@ -18,11 +18,13 @@ Caption image files and folders with BLIP-2, without ROS.
 Prints one JSON object per image on stdout, ``{"image": path, "caption": text}``, in a fixed
 order (folders are searched recursively, paths sorted). Images are converted to RGB as the
 checkpoint's processor converts them (transparency on white). Every file that cannot be used
-(unreadable, undecodable, above ``--max-pixels``), every missing path, every unreadable folder
-and every batch whose captioning failed gets one line on stderr naming it and why, and the
-others are captioned. Exit status: 0 when every image was captioned, 3 when some were and some
-failed, 1 when none could be, 2 when the model cannot be loaded, 130 on Ctrl-C; a reader that
-stops early (``| head``) ends it quietly.
+(unreadable, undecodable, above ``--max-pixels``), every missing path, every unreadable folder,
+every batch whose captioning failed and every image whose scores turned NaN or inf in the model
+gets one line on stderr naming it and why, and the others are captioned. With
+``--adapter``, a line on stderr names the adapter, its base model and its training prompt.
+Exit status: 0 when every image was captioned, 3 when some were and some failed, 1 when none
+could be, 2 when the model cannot be loaded, 130 on Ctrl-C; a reader that stops early
+(``| head``) ends it quietly.
 
     python -m blip2_ros.caption_images --model Salesforce/blip2-opt-2.7b photos/ extra.jpg
     python -m blip2_ros.caption_images --backend openai --server-url http://127.0.0.1:8000/v1 \
@@ -300,8 +302,8 @@ def _caption_paths(argv):
 
 def _make_captioner(args):
     """Return the captioner the arguments ask for, or None after one line saying why not."""
-    from blip2_ros.captioner import (CaptionerConfig, make_captioner, ModelLoadError,
-                                     training_prompt)
+    from blip2_ros.captioner import (adapter_training_prompt, CaptionerConfig, make_captioner,
+                                     ModelLoadError, training_prompt)
     try:
         prompt = args.prompt
         if prompt is None:
@@ -325,6 +327,11 @@ def _make_captioner(args):
     except Exception as error:  # noqa: B902 - one line, whatever the libraries raise
         _warn(f'error: cannot load {args.model}: {type(error).__name__}: {one_line(error)}')
         return None
+    if args.adapter:
+        # Which weights wrote the captions below: the adapter, next to its base model.
+        trained = adapter_training_prompt(args.adapter)
+        _warn(f"captioning with adapter '{args.adapter}' on '{args.model}'"
+              + ('' if trained is None else f' (trained with prompt {trained!r})'))
     return captioner
 
 
@@ -335,8 +342,11 @@ def _caption_batch(captioner, paths, frames):
     ``stop`` is the failure of a server that cannot be used, which ends the run; any other
     failure costs this batch or one image and the run goes on.
     """
+    from blip2_ros.captioner import caption_results
+
     try:
-        captions = captioner.caption(frames)
+        # NaN or inf scores come back as failures naming what to try.
+        captions = caption_results(captioner, frames)
     except Exception as error:  # noqa: B902 - one line per failed batch, never a traceback
         if _out_of_memory(error):
             _warn(f'out of memory on a batch of {len(frames)} images, skipped them; '

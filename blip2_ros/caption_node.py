@@ -38,9 +38,9 @@ import threading
 import time
 import traceback
 
-from blip2_ros.captioner import (CaptionerConfig, DEFAULT_MODEL, make_captioner,
-                                 ModelLoadError, prompt_problem, TRAINING_INFO_FILE,
-                                 training_prompt)
+from blip2_ros.captioner import (adapter_training_prompt, caption_results, CaptionerConfig,
+                                 DEFAULT_MODEL, EMPTY_CAPTION, make_captioner, ModelLoadError,
+                                 prompt_problem, TRAINING_INFO_FILE, training_prompt)
 from blip2_ros.image_conversion import (format_label_mismatches, ImageConversionError,
                                         message_to_rgb)
 from blip2_ros.parameters import declare, markdown_table, ParameterSpec
@@ -242,9 +242,14 @@ class Camera:
         self.latest_message = None
         self.latest_receive_time = None
         self.pending = False
+        # Every frame received is, in the end, replaced by a newer one before its turn,
+        # rejected, captioned or dropped (no caption); the newest may still be pending.
         self.received = 0
         self.replaced = 0
-        self.dropped = 0  # frames that got no caption (server backend)
+        self.captioned = 0
+        self.empty_captions = 0  # of those captioned: published, but the model said nothing
+        self.rejected = {}  # by reason
+        self.dropped = {}  # frames that got no caption, by reason
         self.input_rate = RateMeter()
         self.rejection = None  # the ImageConversionError of its newest frame, if it had one
         self.incompatible_qos = None  # the QoS policy of the last publisher that cannot connect
@@ -274,9 +279,24 @@ def _stamp_dict(header):
     return {'sec': int(header.stamp.sec), 'nanosec': int(header.stamp.nanosec)}
 
 
-def _weights_name(adapter):
-    """Name the weights a node captions with, for a log line."""
-    return f"adapter '{adapter}'" if adapter else 'the base model (no adapter)'
+def _weights_name(adapter, trained_prompt=None):
+    """Name the weights a node captions with, and the adapter's training prompt, for a log line."""
+    if not adapter:
+        return 'the base model (no adapter)'
+    return f"adapter '{adapter}'" + _trained_with(trained_prompt)
+
+
+def _trained_with(prompt):
+    """Say which prompt an adapter was trained with ('' when its folder does not say)."""
+    return '' if prompt is None else f' (trained with prompt {prompt!r})'
+
+
+def _qos_fix(policy):
+    """Say how to connect a camera whose QoS ``policy`` is incompatible with the node's."""
+    if policy == 'RELIABILITY':
+        return ("set the node's reliability parameter to best_effort, which hears both kinds "
+                'of publisher')
+    return "make the camera's QoS offer what the node asks for"
 
 
 def same_base_model(recorded, loaded):
@@ -335,6 +355,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
         self.finished = Future()  # main() returns its result: 0 finalized, 1 autostart failed
         self.captioner = None
         self.loaded_adapter = ''
+        self.adapter_prompt = None  # the loaded adapter's training prompt, if its folder says
         self.phase = 'no model loaded'  # what diagnostics say besides the lifecycle state
         self.configure_error = None
         self.adapter_problem = None
@@ -398,12 +419,15 @@ class CaptionNode(LifecycleNodeMixin, Node):
         self.rejected = {}
         self._rejected_at_last_report = 0
         self._dropped_at_last_report = 0
+        self._non_finite_at_last_report = 0
         self._label_notes_logged = 0
         self.oom_batches = 0
         self.oom_batch_limit = 0  # after running out of memory: the lowered batch size
         self.failed_batches = 0
-        self.dropped = {}  # frames that got no caption, by reason (server backend)
+        self.dropped = {}  # frames that got no caption, by reason
         self.captions_published = 0
+        self.empty_captions = 0
+        self._empty_at_last_report = 0
         self.caption_rate = RateMeter()
         self.inference_ms = deque(maxlen=LATENCY_WINDOW)
         self.end_to_end_ms = deque(maxlen=LATENCY_WINDOW)
@@ -561,12 +585,9 @@ class CaptionNode(LifecycleNodeMixin, Node):
         policy = qos_policy_name_from_kind(event.last_policy_kind)
         with self._lock:
             self.cameras[topic].incompatible_qos = policy
-        fix = ("set the node's reliability parameter to best_effort, which hears both kinds of "
-               'publisher' if policy == 'RELIABILITY' else
-               "make the camera's QoS offer what the node asks for")
         self.get_logger().warning(
             f'a publisher on {topic} offers a QoS this node cannot receive ({policy} is '
-            f'incompatible): no frames from it will arrive; {fix}')
+            f'incompatible): no frames from it will arrive; {_qos_fix(policy)}')
 
     def _deactivate(self, state):
         with self._work_ready:
@@ -660,7 +681,8 @@ class CaptionNode(LifecycleNodeMixin, Node):
             openvino_weights=self.get_parameter('openvino_weights').value)
 
     def _log_loaded(self, captioner, adapter):
-        with_adapter = f" with adapter '{adapter}'" if adapter else ''
+        with_adapter = (f" with adapter '{adapter}'"
+                        + _trained_with(adapter_training_prompt(adapter)) if adapter else '')
         if captioner.backend != 'openai':
             self.get_logger().info(f"loaded '{self.model_name}'{with_adapter} on "
                                    f'{captioner.device} as {captioner.dtype} '
@@ -917,6 +939,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
             with self._lock:
                 old, self.captioner = self.captioner, swap.captioner
                 self.loaded_adapter = swap.adapter
+                self.adapter_prompt = adapter_training_prompt(swap.adapter)
                 self.adapter_problem = None
             new_prompt = self._prompt_after_swap(swap.trained_prompt)
             self.trained_prompt = swap.trained_prompt
@@ -927,8 +950,9 @@ class CaptionNode(LifecycleNodeMixin, Node):
             device = getattr(old, 'device', None)
             del old
             self._free_memory(device)
-            self.get_logger().info(f'captioning with {_weights_name(swap.adapter)}'
-                                   + self._memory_note(device))
+            self.get_logger().info(
+                f'captioning with {_weights_name(swap.adapter, self.adapter_prompt)}'
+                + self._memory_note(device))
         finally:
             swap.captioner = None  # the node holds it now, or nobody does
             swap.done.set()
@@ -948,14 +972,17 @@ class CaptionNode(LifecycleNodeMixin, Node):
             camera.input_rate.tick(now)
             self._work_ready.notify()
 
-    def _convert(self, topic, message):
+    def _convert(self, topic, message, for_camera=True):
         try:
             frame = message_to_rgb(message, max_pixels=self.max_pixels,
                                    min_size=self.decode_min_size)
         except ImageConversionError as error:
             with self._lock:
                 self.rejected[error.reason] = self.rejected.get(error.reason, 0) + 1
-                self.cameras[topic].rejection = error
+                camera = self.cameras[topic]
+                if for_camera:
+                    camera.rejected[error.reason] = camera.rejected.get(error.reason, 0) + 1
+                camera.rejection = error
             self.get_logger().warning(f'dropped a frame from {topic}: {error}',
                                       throttle_duration_sec=5.0)
             return None
@@ -978,6 +1005,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
                     return  # released (or the node destroyed) while it loaded
                 self.captioner = captioner
                 self.loaded_adapter = config.adapter
+                self.adapter_prompt = adapter_training_prompt(config.adapter)
                 # Large JPEGs decode at a reduced scale that still covers the model's input.
                 self.decode_min_size = (captioner.image_size
                                         if captioner.fast_preprocessing else None)
@@ -1085,10 +1113,12 @@ class CaptionNode(LifecycleNodeMixin, Node):
     def _answer(self, request):
         """Caption the frame a caption_now call asked for and hand the answer back to it."""
         try:
-            captions, problem = self._run_batch([request.item])
-            request.success = bool(captions)
+            # The frame was counted for its camera when the loop took it, or will be.
+            captions, problem = self._run_batch([request.item], for_camera=False)
+            request.success = bool(captions and captions[0])
             if captions:
-                request.message = captions[0]
+                # Published all the same; the caller hears why there is no text.
+                request.message = captions[0] or EMPTY_CAPTION
             elif problem:
                 request.message = problem
             else:
@@ -1098,19 +1128,25 @@ class CaptionNode(LifecycleNodeMixin, Node):
         finally:
             request.done.set()
 
-    def _run_batch(self, batch):
-        """Caption one batch, counting a failure; return (captions, why it failed or None)."""
+    def _run_batch(self, batch, for_camera=True):
+        """
+        Caption one batch, counting a failure; return (captions, why it failed or None).
+
+        ``for_camera``: count each frame's outcome for its camera too (not for a caption_now
+        call, which captions a camera's newest frame again).
+        """
+        out_of_memory = False
         try:
-            return self._caption_and_publish(batch), None
+            return self._caption_and_publish(batch, for_camera), None
         except NoCaptionError as error:
             return [], str(error)  # counted per frame and logged already
         except torch.OutOfMemoryError:
+            out_of_memory = True
             lowered = len(batch) // 2  # 0: a single frame cannot be split
             with self._lock:
                 self.oom_batches += 1
                 if lowered:
                     self.oom_batch_limit = lowered
-            torch.cuda.empty_cache()
             then = f', batches of at most {lowered} from now on' if lowered else ''
             problem = (f'out of GPU memory on a batch of {len(batch)}; skipped it{then}. '
                        'Lower max_batch_size or use a smaller dtype/model')
@@ -1120,14 +1156,19 @@ class CaptionNode(LifecycleNodeMixin, Node):
             with self._lock:
                 self.failed_batches += 1
             problem = f'captioning failed: {_first_line(error)}'
+        if out_of_memory:
+            # Only now, outside the except clause: its traceback held the failed batch's
+            # tensors. What is freed goes back to the GPU for the next, smaller batch.
+            gc.collect()
+            torch.cuda.empty_cache()
         self.get_logger().error(problem, throttle_duration_sec=5.0)
         return [], problem
 
-    def _caption_and_publish(self, batch):
+    def _caption_and_publish(self, batch, for_camera):
         """Convert, caption and publish one batch; return the captions (none if all rejected)."""
         frames, kept = [], []
         for topic, message, receive_time in batch:
-            frame = self._convert(topic, message)
+            frame = self._convert(topic, message, for_camera)
             if frame is not None:
                 frames.append(frame)
                 kept.append((topic, message, receive_time))
@@ -1137,7 +1178,15 @@ class CaptionNode(LifecycleNodeMixin, Node):
         max_new_tokens = self.get_parameter('max_new_tokens').value
         captioner = self.captioner  # swapped only on this thread, between batches
         started = time.monotonic()
-        results = captioner.caption(frames, prompt=prompt, max_new_tokens=max_new_tokens)
+        try:
+            # A frame whose scores turned NaN or inf comes back as a failure.
+            results = caption_results(captioner, frames, prompt=prompt,
+                                      max_new_tokens=max_new_tokens)
+        except Exception as error:  # noqa: B902 -- _run_batch says what failed
+            reason = ('out_of_memory' if isinstance(error, torch.OutOfMemoryError)
+                      else 'caption_failed')
+            self._count_dropped([(topic, reason) for topic, _, _ in kept], for_camera)
+            raise
         finished = time.monotonic()
         inference_ms = (finished - started) * 1000.0
         captions, published_items, failures = [], [], []
@@ -1146,7 +1195,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
                 failures.append((topic, result))
                 continue
             captions.append(result)
-            published_items.append(receive_time)
+            published_items.append((topic, receive_time))
             self.caption_publisher.publish(String(data=result))
             self.caption_info_publisher.publish(String(data=json.dumps({
                 'caption': result, 'source_topic': topic,
@@ -1154,24 +1203,39 @@ class CaptionNode(LifecycleNodeMixin, Node):
                 'prompt': prompt, 'model': self.model_name, 'backend': self.backend,
                 'server': captioner.server_url if self.backend == 'openai' else None,
                 'adapter': self.loaded_adapter,
+                'adapter_training_prompt': self.adapter_prompt,
                 'inference_ms': round(inference_ms, 3), 'batch_size': len(frames),
             })))
         published = time.monotonic()
         with self._lock:
             if captions:
                 self.inference_ms.append(inference_ms)
-            for receive_time in published_items:
+            for (topic, receive_time), caption in zip(published_items, captions):
                 self.end_to_end_ms.append((published - receive_time) * 1000.0)
+                if for_camera:
+                    self.cameras[topic].captioned += 1
+                    self.cameras[topic].empty_captions += caption == ''
+            self.empty_captions += captions.count('')
             self.captions_published += len(captions)
             self.caption_rate.tick(published, len(captions))
-            for topic, failure in failures:
-                self.dropped[failure.reason] = self.dropped.get(failure.reason, 0) + 1
-                self.cameras[topic].dropped += 1
+        self._count_dropped([(topic, failure.reason) for topic, failure in failures],
+                            for_camera)
         if failures:
-            self.get_logger().error(str(failures[0][1]), throttle_duration_sec=5.0)
+            topic, failure = failures[0]
+            self.get_logger().error(f'no caption for a frame from {topic}: {failure}',
+                                    throttle_duration_sec=5.0)
             if not captions:
-                raise NoCaptionError(str(failures[0][1]))
+                raise NoCaptionError(str(failure))
         return captions
+
+    def _count_dropped(self, drops, for_camera):
+        """Count frames that got no caption, given as (topic, reason), per reason and camera."""
+        with self._lock:
+            for topic, reason in drops:
+                self.dropped[reason] = self.dropped.get(reason, 0) + 1
+                if for_camera:
+                    camera = self.cameras[topic]
+                    camera.dropped[reason] = camera.dropped.get(reason, 0) + 1
 
     # Services ------------------------------------------------------------------------------
 
@@ -1234,10 +1298,17 @@ class CaptionNode(LifecycleNodeMixin, Node):
                     'seconds_since_last_frame': (None if camera.latest_receive_time is None
                                                  else now - camera.latest_receive_time),
                     'rejection': camera.rejection and camera.rejection.reason,
-                    'dropped': camera.dropped,
+                    'captioned': camera.captioned,
+                    'empty_captions': camera.empty_captions,
+                    'rejected': sum(camera.rejected.values()),
+                    'rejected_by_reason': dict(camera.rejected),
+                    'dropped': sum(camera.dropped.values()),
+                    'dropped_by_reason': dict(camera.dropped),
+                    'pending': camera.pending,
                     'incompatible_qos': camera.incompatible_qos,
                 } for topic, camera in self.cameras.items()},
                 'captions_published': self.captions_published,
+                'empty_captions': self.empty_captions,
                 'captions_per_second': self.caption_rate.rate(now),
                 'inference_ms_p50': percentile(list(self.inference_ms), 50),
                 'inference_ms_p95': percentile(list(self.inference_ms), 95),
@@ -1288,11 +1359,15 @@ class CaptionNode(LifecycleNodeMixin, Node):
         values = {
             'lifecycle_state': state,
             'backend': self.backend,
-            'model': self.model_name, 'adapter': self.loaded_adapter, 'device': device,
+            'model': self.model_name, 'adapter': self.loaded_adapter,
+            'adapter_training_prompt': ('' if self.adapter_prompt is None
+                                        else repr(self.adapter_prompt)),
+            'device': device,
             'dtype': (str(captioner.dtype).replace('torch.', '')
                       if captioner is not None else ''),
             'enabled': stats['enabled'],
             'captions_published': stats['captions_published'],
+            'empty_captions': stats['empty_captions'],
             'captions_per_second': f"{stats['captions_per_second']:.2f}",
             'inference_ms_p50': f"{stats['inference_ms_p50']:.1f}",
             'inference_ms_p95': f"{stats['inference_ms_p95']:.1f}",
@@ -1313,6 +1388,8 @@ class CaptionNode(LifecycleNodeMixin, Node):
             values[f'input_rate_hz {topic}'] = f"{camera['input_rate_hz']:.2f}"
             values[f'received {topic}'] = camera['received']
             values[f'replaced {topic}'] = camera['replaced']
+            values[f'captioned {topic}'] = camera['captioned']
+            values[f'rejected {topic}'] = camera['rejected']
             values[f'dropped {topic}'] = camera['dropped']
         status.values = [KeyValue(key=key, value=str(value)) for key, value in values.items()]
         array = DiagnosticArray(status=[status])
@@ -1337,8 +1414,9 @@ class CaptionNode(LifecycleNodeMixin, Node):
                 problems.append(f'no frames on {topic} for {stale_after:g} s: check the topic '
                                 'name and that reliability matches the publisher')
             if camera['incompatible_qos']:
-                problems.append(f'a publisher on {topic} has an incompatible QoS '
-                                f"({camera['incompatible_qos']}): see the node's log")
+                policy = camera['incompatible_qos']
+                problems.append(f'a publisher on {topic} has an incompatible QoS ({policy}): '
+                                + _qos_fix(policy))
             if camera['rejection']:
                 problems.append(f'the newest frame from {topic} was rejected '
                                 f"({camera['rejection']}): see the node's log")
@@ -1357,6 +1435,24 @@ class CaptionNode(LifecycleNodeMixin, Node):
         self._dropped_at_last_report = stats['dropped_frames']
         if new_drops:
             problems.append(f'{new_drops} frames got no caption since the last report')
+        problems += self._model_output_problems(stats)
+        return problems
+
+    def _model_output_problems(self, stats):
+        """Say what to try when the model gave NaN or inf scores or empty captions lately."""
+        problems = []
+        non_finite = stats['dropped_by_reason'].get('non_finite_scores', 0)
+        new = non_finite - self._non_finite_at_last_report
+        self._non_finite_at_last_report = non_finite
+        if new:
+            problems.append(f'{new} captions with NaN or inf scores since the last report, not '
+                            'published: try dtype float32 or bfloat16, or another model or '
+                            'adapter')
+        new = stats['empty_captions'] - self._empty_at_last_report
+        self._empty_at_last_report = stats['empty_captions']
+        if new:
+            problems.append(f'{new} empty captions since the last report: try the prompt the '
+                            'model was trained with, dtype float32, or another model or adapter')
         return problems
 
     def destroy_node(self):

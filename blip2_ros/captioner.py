@@ -26,16 +26,27 @@ the frames to a server instead (:mod:`blip2_ros.server_captioner`).
 
 from dataclasses import dataclass
 
-# DEFAULT_MODEL, TRAINING_INFO_FILE and training_prompt are here for the captioner's callers.
+# DEFAULT_MODEL, TRAINING_INFO_FILE and the training prompts are here for the captioner's
+# callers.
 from blip2_ros.checkpoint import (  # noqa: F401
-    DEFAULT_MODEL, load_checkpoint, ModelLoadError, one_line, prompt_problem, resolve_device,
-    TRAINING_INFO_FILE, training_prompt)
-from blip2_ros.decode import DecodeLoop
+    adapter_training_prompt, DEFAULT_MODEL, load_checkpoint, ModelLoadError, one_line,
+    prompt_problem, resolve_device, TRAINING_INFO_FILE, training_prompt)
+from blip2_ros.decode import DecodeLoop, NonFiniteScores
 from blip2_ros.preprocess import FramePreprocessor
+from blip2_ros.server_captioner import CaptionFailure
 import numpy as np
 import torch
 
 PROMPT_CACHE_SIZE = 64
+
+# Why a frame got no caption, for the node's counters and the folder captioner's lines.
+NON_FINITE_SCORES = ("the model's scores turned NaN or inf while it captioned (a float16 "
+                     'overflow, a broken fine-tune or adapter): try dtype float32 or bfloat16, '
+                     'or another model or adapter')
+# An empty caption is published all the same (a model that says nothing is not always broken),
+# and the node says so.
+EMPTY_CAPTION = ('the model gave an empty caption (it ended the caption at once): try the '
+                 'prompt it was trained with, dtype float32, or another model or adapter')
 
 
 @dataclass
@@ -85,6 +96,17 @@ def make_captioner(config):
         names = ', '.join(BACKENDS[:-1])
         raise ModelLoadError(f"unknown backend '{config.backend}': use {names} or {BACKENDS[-1]}")
     return Blip2Captioner(config)
+
+
+def caption_results(captioner, frames, prompt=None, max_new_tokens=None):
+    """
+    Caption ``frames`` with any backend; return per frame its caption or a CaptionFailure.
+
+    What the node and the folder captioner publish. With the local backends a frame whose
+    scores turned NaN or inf comes back as the failure 'non_finite_scores', saying what to try.
+    """
+    options = {'failures': True} if isinstance(captioner, Blip2Captioner) else {}
+    return captioner.caption(frames, prompt=prompt, max_new_tokens=max_new_tokens, **options)
 
 
 class Blip2Captioner:
@@ -210,13 +232,15 @@ class Blip2Captioner:
             self.caption([blank] * batch_size, prompt=prompt, min_new_tokens=max_new_tokens)
 
     @torch.inference_mode()
-    def caption(self, frames, prompt=None, max_new_tokens=None, **generate_kwargs):
+    def caption(self, frames, prompt=None, max_new_tokens=None, failures=False,
+                **generate_kwargs):
         """
         Caption a batch of HxWx3 uint8 RGB frames in one ``generate`` call.
 
         ``prompt`` is one string for all frames or one per frame (None: the configured prompt).
         Decoding is greedy unless ``generate_kwargs`` say otherwise, so the same frame gives
-        the same caption.
+        the same caption. A frame whose scores turned NaN or inf gets '' (its tokens are
+        garbage), or with ``failures`` a CaptionFailure saying what to try.
         """
         frames = list(frames)
         if not frames:
@@ -239,15 +263,30 @@ class Blip2Captioner:
         if self.decoder.enabled and set(generate_kwargs) <= {'min_new_tokens'}:
             output = self.decoder.decode(pixel_values, input_ids, attention_mask, max_new_tokens,
                                          generate_kwargs.get('min_new_tokens') or 0)
+            # The OpenVINO decoder does not check its scores.
+            non_finite = getattr(self.decoder, 'non_finite_rows', None)
         else:
-            output = self._generate(pixel_values, input_ids, attention_mask, max_new_tokens,
-                                    generate_kwargs)
+            output, non_finite = self._generate(pixel_values, input_ids, attention_mask,
+                                                max_new_tokens, generate_kwargs)
         texts = self.processor.tokenizer.batch_decode(output, skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        captions = [text.strip() for text in texts]
+        if non_finite is None or not bool(non_finite.any()):
+            return captions
+        # Beam search flags each beam, several returned sequences share their frame's flag.
+        flagged = non_finite.view(len(frames), -1).any(1).repeat_interleave(
+            len(captions) // len(frames)).tolist()
+        return [(CaptionFailure('non_finite_scores', NON_FINITE_SCORES) if failures else '')
+                if bad else caption for caption, bad in zip(captions, flagged)]
 
     def _generate(self, pixel_values, input_ids, attention_mask, max_new_tokens, options):
-        """Decode with generate(), on a reused static cache where one is kept; new tokens only."""
+        """
+        Decode with generate(), on a reused static cache where one is kept.
+
+        Returns the new tokens only, and which rows' scores turned NaN or inf.
+        """
         options = dict({'max_new_tokens': max_new_tokens, 'do_sample': False}, **options)
+        check = NonFiniteScores()
+        options['logits_processor'] = [*(options.get('logits_processor') or []), check]
         # A search over several beams reorders the cache out of place: it gets a fresh one.
         if self.decoder.static_cache and not {'past_key_values', 'cache_implementation',
                                               'num_beams'} & set(options):
@@ -260,7 +299,8 @@ class Blip2Captioner:
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
             **options)
         # Decoder-only generate returns the prompt too.
-        return output if self.is_encoder_decoder else output[:, input_ids.shape[1]:]
+        return (output if self.is_encoder_decoder else output[:, input_ids.shape[1]:],
+                check.rows)
 
 
 def _check_cache(cache):

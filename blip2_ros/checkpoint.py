@@ -251,6 +251,21 @@ def training_prompt(*folders, default=''):
     return default
 
 
+def adapter_training_prompt(adapter):
+    """
+    Return the prompt a LoRA adapter was trained with, or None if its folder does not say.
+
+    For naming the weights in use next to the base model; a file that cannot be read counts as
+    saying nothing (loading reports it where the prompt is used).
+    """
+    if not adapter:
+        return None
+    try:
+        return training_prompt(adapter, default=None)
+    except ModelLoadError:
+        return None
+
+
 def prompt_problem(prompt):
     """Return why ``prompt`` cannot be captioned with, or None if it can."""
     if '<image>' in prompt:

@@ -17,8 +17,9 @@ The decode loop: greedy BLIP-2 decoding on static KV caches, compiled with torch
 
 It gives the captions generate() gives, with everything on the device: no logits processors,
 no per-token host synchronisation, and with torch_compile one compiled prefill and one compiled
-decode step (CUDA graphs on GPUs), whose code is kept across reboots. Also here: the static
-caches generate() reuses when the loop cannot serve a call.
+decode step (CUDA graphs on GPUs), whose code is kept across reboots. Both note which
+captions' scores turned NaN or inf. Also here: the static caches generate() reuses when the
+loop cannot serve a call, and the same note for generate() (:class:`NonFiniteScores`).
 """
 
 import logging
@@ -134,6 +135,36 @@ def keep_compiled_code():
     return folder
 
 
+def nan_or_inf_rows(scores):
+    """
+    Flag the rows of ``scores`` (batch, vocabulary) that hold NaN or +inf.
+
+    One reduction, as cheap as the argmax that picks the token: max is NaN if any score is,
+    and -inf, how processors and the end-token ban rule tokens out, is no fault.
+    """
+    highest = scores.amax(-1)
+    return highest.isnan() | highest.isposinf()
+
+
+class NonFiniteScores:
+    """
+    A logits processor for generate() that notes which rows' scores turned NaN or +inf.
+
+    Such scores (a float16 overflow, a broken fine-tune or adapter) leave greedy search picking
+    tokens from garbage. The scores pass through unchanged; ``rows`` holds one flag per row.
+    """
+
+    def __init__(self):
+        """Start with no row flagged."""
+        self.rows = None
+
+    def __call__(self, input_ids, scores):
+        """Flag the rows with NaN or +inf scores; pass the scores on as they are."""
+        flagged = nan_or_inf_rows(scores)
+        self.rows = flagged if self.rows is None else self.rows | flagged
+        return scores
+
+
 def _copies(*tensors):
     """Clone a CUDA graph's outputs (None stays): they live in its memory until its next replay."""
     return tuple(None if tensor is None else tensor.clone() for tensor in tensors)
@@ -157,6 +188,7 @@ class DecodeLoop:
         # One static cache per batch shape, reused: the compiled step and its CUDA graph are
         # tied to the cache's buffers, so a fresh cache for every call would re-record it.
         self.static_caches = {}
+        self.non_finite_rows = None  # of the last decode
         settings = model.language_model.generation_config
         unsupported = [name for name, neutral in LOGITS_PROCESSING_SETTINGS.items()
                        if getattr(settings, name, neutral) not in (neutral, None)]
@@ -267,17 +299,19 @@ class DecodeLoop:
         later token comes from ``_decode_step``, whose shapes never change. With torch_compile
         each is one compiled graph (a CUDA graph on GPUs), replayed per call and per token.
         Tokens stay on the device, and the host asks whether all captions have ended only
-        every EOS_CHECK_INTERVAL tokens.
+        every EOS_CHECK_INTERVAL tokens. Afterwards ``non_finite_rows`` says, per caption,
+        whether its scores turned NaN or inf on the way (see :class:`NonFiniteScores`).
         """
         batch_size, prompt_length = input_ids.shape
         cache, cache_length = self.static_cache_for(batch_size, prompt_length, max_new_tokens)
         eos_ban, eos_bias = self._eos_ban, self._no_eos_bias
         cuda_graphs = bool(self._compiled_functions) and self.device.type == 'cuda'
-        tokens, unfinished, context, positions = self._run(
+        tokens, unfinished, non_finite, context, positions = self._run(
             '_prefill', cache, pixel_values, input_ids, attention_mask, cache_length,
             eos_ban if min_new_tokens > 0 else eos_bias)
         if cuda_graphs:
-            tokens, unfinished, positions = _copies(tokens, unfinished, positions)
+            tokens, unfinished, non_finite, positions = _copies(
+                tokens, unfinished, non_finite, positions)
             context = _copies(*context)
         output = torch.full((batch_size, max_new_tokens), self._pad_id, device=self.device)
         output[:, 0] = tokens
@@ -287,13 +321,15 @@ class DecodeLoop:
             if (length >= min_new_tokens and (length - 1) % check_interval == 0
                     and not bool(unfinished.any())):
                 break
-            tokens, unfinished, positions = self._run(
-                '_decode_step', cache, context, tokens, unfinished, positions,
+            tokens, unfinished, non_finite, positions = self._run(
+                '_decode_step', cache, context, tokens, unfinished, non_finite, positions,
                 eos_ban if length < min_new_tokens else eos_bias)
             output[:, length] = tokens
             if cuda_graphs:
-                tokens, unfinished, positions = _copies(tokens, unfinished, positions)
+                tokens, unfinished, non_finite, positions = _copies(
+                    tokens, unfinished, non_finite, positions)
             length += 1
+        self.non_finite_rows = non_finite
         return output[:, :length]
 
     def _run(self, name, *args):
@@ -320,9 +356,9 @@ class DecodeLoop:
         """
         Image queries, prompt and the first new token; fills the cache for the decode steps.
 
-        Returns the first tokens, which captions have not ended yet, what every decode step
-        reads besides the cache (the attention mask; for T5 the encoder's output and mask) and
-        the last positions (None for T5).
+        Returns the first tokens, which captions have not ended yet, which captions' scores
+        are not finite, what every decode step reads besides the cache (the attention mask; for
+        T5 the encoder's output and mask) and the last positions (None for T5).
         """
         language_model = self.model.language_model
         batch_size, prompt_length = input_ids.shape
@@ -355,10 +391,14 @@ class DecodeLoop:
             context, positions = (mask,), positions[:, -1:]
         tokens = (logits[:, -1] + eos_bias).argmax(-1)
         unfinished = ~torch.isin(tokens, self._eos_ids)
-        return tokens, unfinished, context, positions
+        return tokens, unfinished, nan_or_inf_rows(logits[:, -1]), context, positions
 
-    def _decode_step(self, cache, context, tokens, unfinished, positions, eos_bias):
-        """Feed each caption's last token, pick the next one; finished captions get padding."""
+    def _decode_step(self, cache, context, tokens, unfinished, non_finite, positions, eos_bias):
+        """
+        Feed each caption's last token, pick the next one; finished captions get padding.
+
+        ``non_finite`` gains the unfinished captions whose scores are not finite at this step.
+        """
         language_model = self.model.language_model
         if self.is_encoder_decoder:
             encoder_states, encoder_mask = context
@@ -370,6 +410,8 @@ class DecodeLoop:
             logits = language_model(
                 input_ids=tokens[:, None], attention_mask=context[0], position_ids=positions,
                 past_key_values=cache, use_cache=True).logits
-        tokens = torch.where(unfinished, (logits[:, -1] + eos_bias).argmax(-1), self._pad_id)
+        scores = logits[:, -1]
+        non_finite = non_finite | (unfinished & nan_or_inf_rows(scores))
+        tokens = torch.where(unfinished, (scores + eos_bias).argmax(-1), self._pad_id)
         unfinished = unfinished & ~torch.isin(tokens, self._eos_ids)
-        return tokens, unfinished, positions
+        return tokens, unfinished, non_finite, positions
