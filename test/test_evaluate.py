@@ -15,6 +15,7 @@
 """training.evaluate: COCO caption scores, published numbers, fallbacks, model comparison."""
 
 import json
+import logging
 import os
 from pathlib import Path
 import shutil
@@ -614,3 +615,21 @@ def test_compare_base_of_an_adapter_is_its_model_and_a_described_base_is_refused
         evaluate.main(['--model', str(described), '--compare-base', '--compare', 'x',
                        '--data', str(data), '--out', str(tmp_path / 'out')])
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.skipif(not evaluate.java_available(), reason='the PTB tokenizer needs Java')
+def test_quiet_by_default_and_verbose_shows_progress(
+        tmp_path, lively_opt_checkpoint, capfd, caplog, one_torch_thread):
+    """No per-batch lines, Java speed lines or loading bars unless --verbose asks for them."""
+    data = make_dataset(tmp_path / 'data', ['one red box', 'two blue boxes', 'a robot arm'])
+    common = ['--model', str(lively_opt_checkpoint), '--data', str(data), '--max_new_tokens',
+              '6', '--metrics', 'exact_match', '--tokenizer', 'ptb']
+
+    assert evaluate.main([*common, '--out', str(tmp_path / 'quiet')]) == 0
+    err = capfd.readouterr().err
+    assert 'PTBTokenizer' not in err and 'Loading weights' not in err
+    assert 'captioned 3/3' not in caplog.text and 'PTBTokenizer' not in caplog.text
+    caplog.clear()
+    assert evaluate.main([*common, '--out', str(tmp_path / 'verbose'), '--verbose']) == 0
+    assert 'captioned 3/3 images' in caplog.text and 'PTBTokenizer' in caplog.text
+    assert evaluate.LOGGER.level == logging.NOTSET

@@ -52,6 +52,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 from blip2_ros.checkpoint import one_line
 from training.coco import DatasetError, dumps, image_path, write_text_atomic
@@ -112,9 +113,35 @@ def tokenize(captions, tokenizer):
     # PTBTokenizer pairs its output lines with the captions in order and only replaces '\n':
     # any other line break the Java lexer knows would shift every later caption to the wrong
     # image.
-    return PTBTokenizer().tokenize(
-        {key: [{'caption': PTB_LINE_BREAKS.sub(' ', text)} for text in texts]
-         for key, texts in captions.items()})
+    with java_stderr_logged():
+        return PTBTokenizer().tokenize(
+            {key: [{'caption': PTB_LINE_BREAKS.sub(' ', text)} for text in texts]
+             for key, texts in captions.items()})
+
+
+@contextlib.contextmanager
+def java_stderr_logged():
+    """
+    Send what child processes write to stderr to this module's log while the block runs.
+
+    The PTB tokenizer's Java process prints a speed line on every call; it goes to the debug
+    log (--verbose), and to a warning if the block fails, so a Java error is never lost.
+    """
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode('utf-8', errors='replace').strip()
+            if text:
+                LOGGER.log(logging.WARNING if failed else logging.DEBUG, '%s', text)
 
 
 def spice_models_installed():
@@ -358,21 +385,29 @@ def caption_split(model, adapter, folder, records, prompt, device='auto', dtype=
     """Caption every image of ``records`` with Blip2Captioner; return ``{image_id: caption}``."""
     from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, ModelLoadError
     from training.data import load_rgb
+    from transformers.utils import logging as transformers_logging
 
+    bars = transformers_logging.is_progress_bar_enabled()
+    if not LOGGER.isEnabledFor(logging.DEBUG):
+        # A bar per model load: for small models a line of noise (--verbose shows it).
+        transformers_logging.disable_progress_bar()
     try:
         captioner = Blip2Captioner(CaptionerConfig(
             model=model, adapter=adapter, device=device, dtype=dtype, prompt=prompt,
             max_new_tokens=max_new_tokens))
     except ModelLoadError as error:
         raise EvaluationError(str(error)) from error
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     predictions = {}
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         frames = [load_rgb(image_path(folder, record.file_name)) for record in batch]
         for record, caption in zip(batch, captioner.caption(frames)):
             predictions[record.image_id] = caption
-        LOGGER.info('captioned %d/%d images', min(start + batch_size, len(records)),
-                    len(records))
+        LOGGER.debug('captioned %d/%d images', min(start + batch_size, len(records)),
+                     len(records))
     return predictions
 
 
@@ -491,7 +526,8 @@ def evaluate_models(args):
     results = {}
     report = {'split': args.split, 'data': args.data, 'prompt': prompt, 'models': {}}
     for title, model, adapter, run_prompt in runs:
-        LOGGER.info('%s: captioning with prompt %r', title, run_prompt)
+        LOGGER.info('%s: captioning %d images with prompt %r', title, len(records),
+                    run_prompt)
         predictions = caption_split(model, adapter, args.data, records, run_prompt,
                                     args.device, args.dtype, args.batch_size,
                                     args.max_new_tokens)
@@ -561,14 +597,28 @@ def build_parser():
                              f"METEOR); from {','.join(ALL_METRICS)} (default: all)")
     parser.add_argument('--spice', action='store_true',
                         help='run SPICE even if its models must be downloaded first')
+    parser.add_argument('--verbose', action='store_true',
+                        help='also log captioning progress, progress bars of model loading and '
+                        "the Java tokenizer's output")
     return parser
 
 
 def main(argv=None):
     """Command line; prints the table, writes JSON; exits with a one-line message on errors."""
-    logging.basicConfig(format='%(levelname)s %(name)s: %(message)s', level=logging.INFO)
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(format='%(levelname)s %(name)s: %(message)s', level=logging.INFO)
+    level = LOGGER.level
+    if args.verbose:
+        LOGGER.setLevel(logging.DEBUG)
+    try:
+        return _run(args)
+    finally:
+        LOGGER.setLevel(level)
+
+
+def _run(args):
+    """Do the work of :func:`main` with parsed arguments."""
     try:
         if args.results or args.annotations:
             if not (args.results and args.annotations):
