@@ -615,15 +615,24 @@ def expected_minutes(recipe):
     return f'about {max(1, round(seconds / 60))} min'
 
 
+def _training_module(option, name):
+    """Import ``training.<name>`` for ``option``; DemoError says what to install if it fails."""
+    import importlib
+
+    # Only these modes need the training package (and its extra dependencies).
+    try:
+        module = importlib.import_module(f'training.{name}')
+    except ImportError as error:
+        raise DemoError(f'{option} needs the training package and its dependencies '
+                        f'({error}); install requirements-ml.txt') from None
+    # The stages report through logging; show them, they take minutes.
+    logging.basicConfig(format='%(asctime)s %(name)s: %(message)s', level=logging.INFO)
+    return module
+
+
 def fine_tune(args, out=sys.stdout):
     """Run training.finetune_demo (--fine-tune) and print its table; return the exit status."""
-    try:
-        from training import finetune_demo
-        from training.demo_model import DemoModelError
-    except ImportError as error:
-        raise DemoError(f'--fine-tune needs the training package and its dependencies '
-                        f'({error}); install requirements-ml.txt') from None
-    logging.basicConfig(format='%(asctime)s %(name)s: %(message)s', level=logging.INFO)
+    finetune_demo = _training_module('--fine-tune', 'finetune_demo')
     try:
         recipe = finetune_demo.FinetuneRecipe()
         if args.train_steps:
@@ -632,7 +641,7 @@ def fine_tune(args, out=sys.stdout):
               f'{finetune_demo.expected_minutes(recipe)} on 2 CPU cores', file=sys.stderr)
         results = finetune_demo.run(args.work_dir or default_work_dir('work', 'line2'),
                                     recipe, demo_model_path())
-    except (finetune_demo.FinetuneDemoError, DemoModelError) as error:
+    except (finetune_demo.FinetuneDemoError, finetune_demo.DemoModelError) as error:
         raise DemoError(str(error)) from None
     print(finetune_demo.side_by_side(results), file=out)
     return 0
@@ -642,21 +651,14 @@ def _choose_model(args):
     if args.from_scratch:
         if args.model:
             raise DemoError('--from-scratch trains its own model: leave out --model')
-        # Only this mode needs the training package (and its extra dependencies).
-        try:
-            from training.demo_model import DemoModelError, reproduce
-        except ImportError as error:
-            raise DemoError(f'--from-scratch needs the training package and its dependencies '
-                            f'({error}); install requirements-ml.txt') from None
-        # The stages report through logging; show them, they take minutes.
-        logging.basicConfig(format='%(asctime)s %(name)s: %(message)s', level=logging.INFO)
+        demo_model = _training_module('--from-scratch', 'demo_model')
         try:
             recipe = scratch_recipe(args.train_steps, args.train_frames)
             print(f'--from-scratch: {recipe.frames} frames, {recipe.max_steps} training steps; '
                   f'{expected_minutes(recipe)} on the machine that built the bundled model',
                   file=sys.stderr)
-            return reproduce(args.work_dir or default_work_dir(), recipe=recipe)
-        except DemoModelError as error:
+            return demo_model.reproduce(args.work_dir or default_work_dir(), recipe=recipe)
+        except demo_model.DemoModelError as error:
             raise DemoError(str(error)) from None
     if args.model:
         if os.path.isdir(args.model):

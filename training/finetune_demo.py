@@ -30,7 +30,8 @@ the steps a user runs on their own footage, each one a logged command:
 4. score the base and the fine-tuned model on both held-out recordings
    (``training.evaluate --compare-base``) and print them side by side.
 
-Everything goes into ``--work-dir``; a second run replaces what the first one wrote there.
+Everything goes into ``--work-dir``; a second run replaces what the first one wrote there,
+and a folder holding anything else is refused.
 """
 
 import argparse
@@ -42,7 +43,7 @@ import shutil
 import sys
 import time
 
-from training.demo_model import _run_child, _run_cli, DemoModelError
+from training.demo_model import _run_child, _run_cli, DemoModelError, prepare_work_dir
 
 LOGGER = logging.getLogger('training.finetune_demo')
 
@@ -50,7 +51,7 @@ IMAGE_TOPIC = '/camera/image_raw'
 CAPTION_TOPIC = '/factory/true_caption'
 DEFAULT_WORK_DIR = os.path.join('work', 'line2')
 WORK_MARKER = '.finetune_demo_work'
-WORK_PARTS = ('bags', 'data', 'model', 'eval', 'results.json')
+WORK_PARTS = ('bags', 'data', 'model', 'eval')
 RESULTS_FILE = 'results.json'
 # The held-out recordings: (line, what the table calls it).
 HELD_OUT = (('line2', 'line2 (new: white and black items, "on the belt")'),
@@ -126,24 +127,6 @@ def demo_model_path():
     return bundled()
 
 
-def prepare_work_dir(work_dir):
-    """Create ``work_dir``, or clear what an earlier run left there; refuse other folders."""
-    if os.path.isdir(work_dir) and os.listdir(work_dir):
-        if not os.path.isfile(os.path.join(work_dir, WORK_MARKER)):
-            raise FinetuneDemoError(f"work folder '{work_dir}' holds other files: choose an "
-                                    'empty or new --work-dir')
-        for part in WORK_PARTS:
-            path = os.path.join(work_dir, part)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    os.makedirs(work_dir, exist_ok=True)
-    with open(os.path.join(work_dir, WORK_MARKER), 'w', encoding='utf-8') as stream:
-        stream.write('written by python -m training.finetune_demo; its contents are replaced '
-                     'on the next run\n')
-
-
 def _scores(eval_dir):
     """Return ``(base, fine-tuned)`` scores from a training.evaluate --compare-base run."""
     with open(os.path.join(eval_dir, 'metrics.json'), encoding='utf-8') as stream:
@@ -160,7 +143,7 @@ def run(work_dir, recipe=None, base_model=''):
     if not os.path.isfile(os.path.join(base_model, 'config.json')):
         raise FinetuneDemoError(f'the demo model is missing from {base_model}: give --model')
     work_dir = os.path.abspath(work_dir)
-    prepare_work_dir(work_dir)
+    prepare_work_dir(work_dir, WORK_PARTS, WORK_MARKER, 'training.finetune_demo')
     path = {name: os.path.join(work_dir, *name.split('/')) for name in (
         'bags/line2_train', 'bags/line1_train', 'bags/line2_held_out', 'bags/line1_held_out',
         'data/train', 'data/line2_held_out', 'data/line1_held_out', 'model', 'eval/line2',
