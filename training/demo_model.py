@@ -160,7 +160,7 @@ def _run_child(name, argv):
 
 def prepare_work_dir(work_dir, parts=WORK_PARTS, marker=WORK_MARKER,
                      writer='training.demo_model'):
-    """Create ``work_dir``, or clear what an earlier run of ``writer`` left there; refuse others."""
+    """Create ``work_dir``, or clear what ``writer`` left there before; refuse other folders."""
     if os.path.isdir(work_dir) and os.listdir(work_dir):
         if not os.path.isfile(os.path.join(work_dir, marker)):
             raise DemoModelError(f"work folder '{work_dir}' holds other files: choose an "

@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, fields, replace
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 
