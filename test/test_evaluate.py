@@ -15,6 +15,7 @@
 """training.evaluate: COCO caption scores, published numbers, fallbacks, model comparison."""
 
 import json
+import logging
 import os
 from pathlib import Path
 import shutil
@@ -565,3 +566,70 @@ def test_a_model_worse_than_its_baseline_is_named_in_one_warning(
     assert evaluate.main(['--model', str(lively_opt_checkpoint), '--compare', str(tuned),
                           '--out', str(tmp_path / 'better'), *common]) == 0
     assert 'below its baseline' not in caplog.text
+
+
+def test_compare_base_scores_the_recorded_base_and_warns_where_tuning_lost(
+        tmp_path, lively_opt_checkpoint, tiny_opt_checkpoint, caplog, one_torch_thread):
+    """--compare-base finds the base training recorded and names each metric it lost."""
+    from training.data import load_rgb
+
+    frames_only = make_dataset(tmp_path / 'frames', ['x', 'y', 'z'])
+    frames = [load_rgb(frames_only / 'images' / f'frame_{index:03d}.png') for index in (1, 2, 3)]
+    references = captions_by_prompt(lively_opt_checkpoint, frames, [''])['']
+    data = make_dataset(tmp_path / 'data', references)
+    # A "fine-tuned" folder as training.train leaves it: the base named in its training info.
+    tuned = tmp_path / 'tuned'
+    shutil.copytree(tiny_opt_checkpoint, tuned)
+    (tuned / TRAINING_INFO_FILE).write_text(json.dumps(
+        {'prompt': '', 'method': 'full', 'base_model': str(lively_opt_checkpoint)}))
+    out = tmp_path / 'out'
+
+    assert evaluate.main(['--model', str(tuned), '--compare-base', '--data', str(data),
+                          '--out', str(out), '--max_new_tokens', '6', *QUICK_METRICS]) == 0
+    report = json.loads((out / 'metrics.json').read_text())['models']
+    assert report['base']['model'] == str(lively_opt_checkpoint)
+    assert report['base']['scores']['exact_match'] == 1.0
+    assert result_captions(out, 'base') == references
+    (warning,) = [record for record in caplog.records
+                  if 'below its base' in record.getMessage()]
+    assert '\n' not in warning.getMessage()
+    assert f"exact_match {report['model']['scores']['exact_match']:.3f} < 1.000" in (
+        warning.getMessage())
+
+
+def test_compare_base_of_an_adapter_is_its_model_and_a_described_base_is_refused(tmp_path):
+    """An adapter's base is --model; a base that names no loadable model is a one-line error."""
+    assert evaluate.recorded_base('some/base', str(tmp_path / 'adapter')) == 'some/base'
+    described = tmp_path / 'described'
+    described.mkdir()
+    (described / TRAINING_INFO_FILE).write_text(json.dumps(
+        {'base_model': 'tiny BLIP-2 built from scratch by training.demo_model'}))
+    data = make_dataset(tmp_path / 'data', ['one red box'])
+    for model, expected in ((described, 'name the base with --compare'),
+                            (tmp_path / 'data', f'no {TRAINING_INFO_FILE}')):
+        with pytest.raises(SystemExit) as error:
+            evaluate.main(['--model', str(model), '--compare-base', '--data', str(data),
+                           '--out', str(tmp_path / 'out')])
+        assert expected in str(error.value) and '\n' not in str(error.value)
+    with pytest.raises(SystemExit, match='leave out --compare'):
+        evaluate.main(['--model', str(described), '--compare-base', '--compare', 'x',
+                       '--data', str(data), '--out', str(tmp_path / 'out')])
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.skipif(not evaluate.java_available(), reason='the PTB tokenizer needs Java')
+def test_quiet_by_default_and_verbose_shows_progress(
+        tmp_path, lively_opt_checkpoint, capfd, caplog, one_torch_thread):
+    """No per-batch lines, Java speed lines or loading bars unless --verbose asks for them."""
+    data = make_dataset(tmp_path / 'data', ['one red box', 'two blue boxes', 'a robot arm'])
+    common = ['--model', str(lively_opt_checkpoint), '--data', str(data), '--max_new_tokens',
+              '6', '--metrics', 'exact_match', '--tokenizer', 'ptb']
+
+    assert evaluate.main([*common, '--out', str(tmp_path / 'quiet')]) == 0
+    err = capfd.readouterr().err
+    assert 'PTBTokenizer' not in err and 'Loading weights' not in err
+    assert 'captioned 3/3' not in caplog.text and 'PTBTokenizer' not in caplog.text
+    caplog.clear()
+    assert evaluate.main([*common, '--out', str(tmp_path / 'verbose'), '--verbose']) == 0
+    assert 'captioned 3/3 images' in caplog.text and 'PTBTokenizer' in caplog.text
+    assert evaluate.LOGGER.level == logging.NOTSET

@@ -909,3 +909,26 @@ def test_half_precision_on_a_cpu_is_refused_or_named_in_one_line(
     caplog.clear()
     parse()
     assert '--bf16 on a CPU' not in caplog.text
+
+
+def test_setting_up_lora_prints_no_library_deprecation_warning(
+        tmp_path, dataset, tiny_opt_checkpoint, recwarn):
+    """A deprecated transformers property that peft reads is not the user's to fix."""
+    model_args, _, training_args = train.parse_arguments([
+        '--model', str(tiny_opt_checkpoint), '--data', str(dataset), '--output_dir',
+        str(tmp_path / 'unused'), '--method', 'lora', '--use_cpu', 'true'])
+    model, _ = train.load_model(model_args, training_args)
+    recwarn.clear()
+    model = train.apply_method(model, model_args)
+    assert any('lora_' in name for name, _ in model.named_parameters())
+    assert not [warning for warning in recwarn if 'is_gradient_checkpointing' in
+                str(warning.message)], [str(warning.message) for warning in recwarn]
+
+
+def test_importing_the_training_tools_prints_nothing():
+    """The Trainer's import of torchao, whose CUDA-only extensions warn on a CPU, is silent."""
+    result = subprocess.run([sys.executable, '-c', 'import training.train'],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == '' and result.stdout == ''

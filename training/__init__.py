@@ -13,3 +13,12 @@
 # limitations under the License.
 
 """Workstation tools: rosbags to COCO caption datasets, fine-tuning and evaluation of BLIP-2."""
+
+import logging
+
+# Importing transformers' Trainer or loading a model imports torchao where it is installed: on a
+# CPU-only torch it logs a warning for each CUDA extension it cannot load and one for missing
+# Triton, and torch logs a deprecation notice for each enum torchao registers. None of that is
+# anything a user of these tools can act on (blip2_ros.checkpoint silences the same lines).
+for _name in ('torchao', 'torch.utils._pytree'):
+    logging.getLogger(_name).setLevel(logging.ERROR)

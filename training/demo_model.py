@@ -158,18 +158,19 @@ def _run_child(name, argv):
                              'is above')
 
 
-def prepare_work_dir(work_dir):
-    """Create ``work_dir``, or clear what an earlier reproduction left there; refuse others."""
+def prepare_work_dir(work_dir, parts=WORK_PARTS, marker=WORK_MARKER,
+                     writer='training.demo_model'):
+    """Create ``work_dir``, or clear what ``writer`` left there before; refuse other folders."""
     if os.path.isdir(work_dir) and os.listdir(work_dir):
-        if not os.path.isfile(os.path.join(work_dir, WORK_MARKER)):
+        if not os.path.isfile(os.path.join(work_dir, marker)):
             raise DemoModelError(f"work folder '{work_dir}' holds other files: choose an "
                                  'empty or new --work-dir')
-        for part in WORK_PARTS:
+        for part in parts:
             shutil.rmtree(os.path.join(work_dir, part), ignore_errors=True)
     os.makedirs(work_dir, exist_ok=True)
-    with open(os.path.join(work_dir, WORK_MARKER), 'w', encoding='utf-8') as stream:
-        stream.write('written by python -m training.demo_model; its sub-folders are replaced '
-                     'on the next run\n')
+    with open(os.path.join(work_dir, marker), 'w', encoding='utf-8') as stream:
+        stream.write(f'written by python -m {writer}; its sub-folders are replaced on the next '
+                     'run\n')
 
 
 def _scores(eval_dir):

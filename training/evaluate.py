@@ -17,6 +17,7 @@ Score BLIP-2 captions with the COCO caption metrics (pycocoevalcap).
 
     python -m training.evaluate --model M [--adapter A] --data DIR [--split val] --out OUT
     python -m training.evaluate --model M --compare BASE --data DIR --out OUT
+    python -m training.evaluate --model M [--adapter A] --compare-base --data DIR --out OUT
     python -m training.evaluate --results RESULTS.json --annotations ANNOTATIONS.json
 
 Captions come from :class:`blip2_ros.captioner.Blip2Captioner` with greedy decoding, so the
@@ -26,6 +27,11 @@ CIDEr, SPICE when its models are installed, and exact match (a prediction equal 
 references after tokenization); ``--metrics`` picks some of them. METEOR and the PTB tokenizer
 need Java: without it METEOR is reported unavailable and a simple lower-case/punctuation
 tokenizer is used instead; a metric that fails never hides the others.
+
+With ``--compare`` (or ``--compare-base``: the model that training started from, i.e.
+``--model`` without ``--adapter``, or the base recorded beside a fine-tuned model folder) the
+baseline is scored on the same images, and one warning line names every metric on which the
+model scores below it, with both values.
 
 An empty caption (no word after tokenization: the model ended it at once) is not a caption:
 it is counted (``empty_captions`` in metrics.json and the table) and scored as a miss by every
@@ -46,6 +52,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 from blip2_ros.checkpoint import one_line
 from training.coco import DatasetError, dumps, image_path, write_text_atomic
@@ -106,9 +113,35 @@ def tokenize(captions, tokenizer):
     # PTBTokenizer pairs its output lines with the captions in order and only replaces '\n':
     # any other line break the Java lexer knows would shift every later caption to the wrong
     # image.
-    return PTBTokenizer().tokenize(
-        {key: [{'caption': PTB_LINE_BREAKS.sub(' ', text)} for text in texts]
-         for key, texts in captions.items()})
+    with java_stderr_logged():
+        return PTBTokenizer().tokenize(
+            {key: [{'caption': PTB_LINE_BREAKS.sub(' ', text)} for text in texts]
+             for key, texts in captions.items()})
+
+
+@contextlib.contextmanager
+def java_stderr_logged():
+    """
+    Send what child processes write to stderr to this module's log while the block runs.
+
+    The PTB tokenizer's Java process prints a speed line on every call; it goes to the debug
+    log (--verbose), and to a warning if the block fails, so a Java error is never lost.
+    """
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode('utf-8', errors='replace').strip()
+            if text:
+                LOGGER.log(logging.WARNING if failed else logging.DEBUG, '%s', text)
 
 
 def spice_models_installed():
@@ -352,21 +385,29 @@ def caption_split(model, adapter, folder, records, prompt, device='auto', dtype=
     """Caption every image of ``records`` with Blip2Captioner; return ``{image_id: caption}``."""
     from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, ModelLoadError
     from training.data import load_rgb
+    from transformers.utils import logging as transformers_logging
 
+    bars = transformers_logging.is_progress_bar_enabled()
+    if not LOGGER.isEnabledFor(logging.DEBUG):
+        # A bar per model load: for small models a line of noise (--verbose shows it).
+        transformers_logging.disable_progress_bar()
     try:
         captioner = Blip2Captioner(CaptionerConfig(
             model=model, adapter=adapter, device=device, dtype=dtype, prompt=prompt,
             max_new_tokens=max_new_tokens))
     except ModelLoadError as error:
         raise EvaluationError(str(error)) from error
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     predictions = {}
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         frames = [load_rgb(image_path(folder, record.file_name)) for record in batch]
         for record, caption in zip(batch, captioner.caption(frames)):
             predictions[record.image_id] = caption
-        LOGGER.info('captioned %d/%d images', min(start + batch_size, len(records)),
-                    len(records))
+        LOGGER.debug('captioned %d/%d images', min(start + batch_size, len(records)),
+                     len(records))
     return predictions
 
 
@@ -410,6 +451,36 @@ def worse_than_baseline(baseline, model):
     return ', '.join(lower)
 
 
+# A hub id as from_pretrained takes it: 'name' or 'owner/name', no spaces.
+HUB_ID = re.compile(r'[\w.-]+(/[\w.-]+)?')
+
+
+def recorded_base(model, adapter=''):
+    """
+    Return the model that ``model`` (with ``adapter``) was fine-tuned from, for --compare-base.
+
+    An adapter's base is ``model`` itself. A fine-tuned model folder names its base in the
+    training info that training.train saved beside it; that base must load here (a folder
+    that exists, or a hub id), else EvaluationError says to name it with --compare.
+    """
+    from blip2_ros.checkpoint import model_location, TRAINING_INFO_FILE
+
+    if adapter:
+        return model
+    info_path = os.path.join(os.path.expanduser(model), TRAINING_INFO_FILE)
+    if not os.path.isfile(info_path):
+        raise EvaluationError(f'--compare-base: {model} does not say which model it was '
+                              f'fine-tuned from (no {TRAINING_INFO_FILE}): name the base '
+                              'with --compare')
+    base = _read_json(info_path, 'training info')
+    base = base.get('base_model', '') if isinstance(base, dict) else ''
+    location, kind = model_location(base) if isinstance(base, str) and base else ('', '')
+    if kind == 'folder' or (kind == 'hub' and HUB_ID.fullmatch(base)):
+        return base
+    raise EvaluationError(f'--compare-base: the base recorded in {info_path} ({base!r}) is '
+                          'not a model folder here or a hub id: name the base with --compare')
+
+
 def _scores_json(scores):
     return {'scores': scores.scores, 'unavailable': scores.unavailable,
             'tokenizer': scores.tokenizer, 'images': scores.images,
@@ -437,6 +508,12 @@ def evaluate_models(args):
     if prompt is None:
         prompt = training_prompt(args.adapter, args.model)
     runs = [('model', args.model, args.adapter, prompt)]
+    baseline = 'baseline'
+    if args.compare_base:
+        args.compare, args.compare_adapter, baseline = recorded_base(args.model,
+                                                                     args.adapter), '', 'base'
+    elif not args.compare and knows_base(args.model, args.adapter):
+        LOGGER.info('add --compare-base to score the model it was fine-tuned from beside it')
     if args.compare:
         baseline_prompt = args.prompt
         if baseline_prompt is None:
@@ -444,12 +521,13 @@ def evaluate_models(args):
             # never trained here (a hub checkpoint) gets the same prompt as the model.
             baseline_prompt = training_prompt(args.compare_adapter, args.compare,
                                               default=prompt)
-        runs.insert(0, ('baseline', args.compare, args.compare_adapter, baseline_prompt))
+        runs.insert(0, (baseline, args.compare, args.compare_adapter, baseline_prompt))
     columns = []
     results = {}
     report = {'split': args.split, 'data': args.data, 'prompt': prompt, 'models': {}}
     for title, model, adapter, run_prompt in runs:
-        LOGGER.info('%s: captioning with prompt %r', title, run_prompt)
+        LOGGER.info('%s: captioning %d images with prompt %r', title, len(records),
+                    run_prompt)
         predictions = caption_split(model, adapter, args.data, records, run_prompt,
                                     args.device, args.dtype, args.batch_size,
                                     args.max_new_tokens)
@@ -464,14 +542,22 @@ def evaluate_models(args):
     if len(columns) == 2:
         worse = worse_than_baseline(columns[0][1], columns[1][1])
         if worse:
-            LOGGER.warning('the model scores below its baseline on %s: fine-tuning made it '
-                           'worse there (check the prompt, the steps and the data)', worse)
+            LOGGER.warning('the model scores below its %s on %s: fine-tuning made it worse '
+                           'there (check the prompt, the steps and the data)', baseline, worse)
     # Only when every model has run: a failing one must not leave the other's results beside
     # an older metrics.json.
     for file_name, entries in results.items():
         write_json(os.path.join(args.out, file_name), entries)
     write_json(os.path.join(args.out, 'metrics.json'), report)
     return columns
+
+
+def knows_base(model, adapter=''):
+    """Return True if --compare-base would find the model that ``model`` was tuned from."""
+    try:
+        return bool(recorded_base(model, adapter))
+    except EvaluationError:
+        return False
 
 
 def build_parser():
@@ -484,6 +570,10 @@ def build_parser():
                         help='baseline checkpoint scored on the same split, shown beside it')
     parser.add_argument('--compare_adapter', '--compare-adapter', default='',
                         help='LoRA adapter folder for --compare')
+    parser.add_argument('--compare_base', '--compare-base', action='store_true',
+                        help='compare with the model training started from: --model without '
+                        '--adapter, or the base recorded in the model folder; warns where '
+                        'fine-tuning made a metric worse')
     parser.add_argument('--data', help='dataset folder (images/, annotations.json, splits)')
     parser.add_argument('--split', default='val', help="split to score ('all': every image)")
     parser.add_argument('--out', help='folder for results_*.json and metrics.json')
@@ -507,14 +597,28 @@ def build_parser():
                              f"METEOR); from {','.join(ALL_METRICS)} (default: all)")
     parser.add_argument('--spice', action='store_true',
                         help='run SPICE even if its models must be downloaded first')
+    parser.add_argument('--verbose', action='store_true',
+                        help='also log captioning progress, progress bars of model loading and '
+                        "the Java tokenizer's output")
     return parser
 
 
 def main(argv=None):
     """Command line; prints the table, writes JSON; exits with a one-line message on errors."""
-    logging.basicConfig(format='%(levelname)s %(name)s: %(message)s', level=logging.INFO)
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(format='%(levelname)s %(name)s: %(message)s', level=logging.INFO)
+    level = LOGGER.level
+    if args.verbose:
+        LOGGER.setLevel(logging.DEBUG)
+    try:
+        return _run(args)
+    finally:
+        LOGGER.setLevel(level)
+
+
+def _run(args):
+    """Do the work of :func:`main` with parsed arguments."""
     try:
         if args.results or args.annotations:
             if not (args.results and args.annotations):
@@ -530,6 +634,9 @@ def main(argv=None):
         else:
             missing = [flag for flag, value in (('--model', args.model), ('--data', args.data),
                                                 ('--out', args.out)) if not value]
+            if args.compare_base and (args.compare or args.compare_adapter):
+                raise EvaluationError('--compare-base chooses the baseline itself: leave out '
+                                      '--compare and --compare-adapter')
             if missing:
                 raise EvaluationError(f"{', '.join(missing)} required (or --results with "
                                       '--annotations)')

@@ -24,18 +24,24 @@ caption and truth are logged just before it, as the camera publishes them first.
 are serialised with the rosbags type store for ROS 2 Jazzy (these three types are the same from
 Humble to Kilted), so the bag feeds ``training.bag_to_coco`` like a real recording.
 
+``--site line2`` records a second production line whose words the demo model never learned:
+white and black items, captioned '<count> <colour> <kind> on the belt' (see :data:`SITES`).
+
 Example::
 
     python -m training.record_synthetic_bag --out factory_bag --frames 2000 --size 64x64
 """
 
 import argparse
+from dataclasses import dataclass, field, replace
 import json
 import os
 import shutil
 import sys
 
-from blip2_ros.synthetic_factory import parse_size, scene_at, SceneSpec
+from blip2_ros.synthetic_factory import (CAPTION_SUFFIX, COLOURS, COUNT_WORDS, make_layout,
+                                         parse_size, plural, render_layout, Scene, scene_at,
+                                         SceneSpec)
 import cv2
 import numpy as np
 from rosbags.interfaces import (Qos, QosDurability, QosHistory, QosLiveliness, QosReliability,
@@ -56,6 +62,75 @@ class RecordError(RuntimeError):
     """A recording that cannot be made; the message is one line and says what to do."""
 
 
+@dataclass(frozen=True)
+class Site:
+    """
+    A production line of the synthetic factory: its item colours and its caption's ending.
+
+    ``colours`` maps each colour word to the RGB its items are painted in. Scenes are drawn by
+    ``synthetic_factory``; a site with colours of its own repaints them, keeping each item's
+    brightness jitter, so the shapes, positions and counts come from the same draws.
+    """
+
+    name: str
+    description: str
+    colours: dict = field(default_factory=lambda: dict(COLOURS))
+    suffix: str = CAPTION_SUFFIX
+
+
+SITES = {site.name: site for site in (
+    Site('line1', 'the conveyor the demo model was trained on: red, green, blue and yellow '
+         'items, "... on the conveyor"'),
+    # Words of the demo model's vocabulary that no caption of line1 uses, so its base model
+    # has never been trained to say them.
+    Site('line2', 'a second line: white and black items, "... on the belt"',
+         colours={'white': (232, 232, 226), 'black': (30, 30, 33)}, suffix='on the belt'),
+)}
+DEFAULT_SITE = 'line1'
+
+
+def site_colours(site, colours=None):
+    """Return the colour words scenes of ``site`` draw from; raise ValueError on unknown ones."""
+    colours = tuple(colours or site.colours)
+    unknown = [colour for colour in colours if colour not in site.colours]
+    if unknown or len(set(colours)) != len(colours) or len(colours) > len(COLOURS):
+        raise ValueError(f'colours {list(colours)} must be distinct values from '
+                         f'{", ".join(site.colours)} at site {site.name}')
+    return colours
+
+
+def site_scene_at(site, seed, index, size=(64, 64), spec=None, colours=None):
+    """
+    Return frame ``index`` of the stream ``seed`` at ``site`` (a :class:`Site` or its name).
+
+    ``spec`` gives the counts and kinds (and at line1 the colours); ``colours`` picks among a
+    site's own colours (default: all). Line1 is exactly ``synthetic_factory.scene_at``.
+    """
+    site = SITES[site] if isinstance(site, str) else site
+    spec = spec or SceneSpec()
+    if site.name == DEFAULT_SITE:
+        return scene_at(seed, index, size, spec)
+    colours = site_colours(site, colours)
+    if int(seed) < 0 or int(index) < 0:
+        raise ValueError(f'seed ({seed}) and index ({index}) must not be negative')
+    # The site's colours stand in for as many of the factory's, drawn with the same chances.
+    stand_ins = tuple(COLOURS)[:len(colours)]
+    rng = np.random.default_rng([int(seed), int(index)])
+    layout = make_layout(rng, replace(spec, colours=stand_ins))
+    colour = colours[stand_ins.index(layout.colour)]
+    painted = []
+    for item in layout.items:
+        # The stand-in's jitter as a brightness change: tinted whites and blacks read as colours.
+        jitter = sum(item.rgb) / 3 - sum(COLOURS[layout.colour]) / 3
+        painted.append(replace(item, rgb=tuple(int(np.clip(value + jitter, 0, 255))
+                                               for value in site.colours[colour])))
+    layout = replace(layout, colour=colour, items=tuple(painted))
+    image, boxes = render_layout(layout, size, noise_rng=rng)
+    caption = (f'{COUNT_WORDS[layout.count]} {colour} {plural(layout.kind, layout.count)} '
+               f'{site.suffix}')
+    return Scene(image=image, caption=caption, layout=layout, boxes=boxes)
+
+
 def _qos(reliability, depth):
     """Return the QoS profile the factory camera offers, as ros2 bag stores it."""
     return Qos(history=QosHistory.KEEP_LAST, depth=depth, reliability=reliability,
@@ -68,14 +143,25 @@ def record_synthetic_bag(out, frames, rate_hz=10.0, size=(64, 64), seed=0, stora
                          compressed=False, jpeg_quality=90, spec=None,
                          topic='/camera/image_raw', caption_topic='/factory/true_caption',
                          truth_topic='/factory/truth', frame_id='factory_camera',
-                         start_sec=DEFAULT_START_SEC, reliability='reliable'):
+                         start_sec=DEFAULT_START_SEC, reliability='reliable',
+                         site=DEFAULT_SITE, colours=None):
     """
     Write ``frames`` synthetic frames into a new bag folder ``out``; return a summary dict.
 
     ``size`` is (height, width). Empty ``caption_topic`` or ``truth_topic`` leaves that topic
-    out. Raises RecordError; a bag that fails half-way is removed.
+    out. ``site`` names one of :data:`SITES`; ``spec`` gives counts and kinds, and the colours
+    at line1 (elsewhere ``colours``, default: the site's). Raises RecordError; a bag that fails
+    half-way is removed.
     """
     spec = spec or SceneSpec()
+    if site not in SITES:
+        raise RecordError(f"site '{site}' is not one of: {', '.join(SITES)}")
+    site = SITES[site]
+    if site.name != DEFAULT_SITE:
+        try:
+            spec = replace(spec, colours=tuple(COLOURS)[:len(site_colours(site, colours))])
+        except ValueError as error:
+            raise RecordError(str(error)) from error
     if frames < 1:
         raise RecordError(f'--frames must be at least 1, not {frames}')
     if not 0 < rate_hz <= 1000:
@@ -123,7 +209,7 @@ def record_synthetic_bag(out, frames, rate_hz=10.0, size=(64, 64), seed=0, stora
                 counts[name] += 1
 
             for index in range(frames):
-                scene = scene_at(seed, index, size, spec)
+                scene = site_scene_at(site, seed, index, size, spec, colours)
                 captions.add(scene.caption)
                 stamp_ns = start_ns + int(round(index * 1e9 / rate_hz))
                 stamp = time_type(sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9)
@@ -152,7 +238,8 @@ def record_synthetic_bag(out, frames, rate_hz=10.0, size=(64, 64), seed=0, stora
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    return {'bag': str(out), 'storage': storage, 'frames': frames, 'rate_hz': rate_hz,
+    return {'bag': str(out), 'site': site.name, 'storage': storage, 'frames': frames,
+            'rate_hz': rate_hz,
             'size': f'{width}x{height}', 'seed': seed, 'messages': counts,
             'distinct_captions': len(captions), 'possible_captions': spec.num_captions,
             'chance_level': spec.chance_level}
@@ -187,9 +274,14 @@ def parse_args(argv=None):
     parser.add_argument('--start-sec', type=float, default=DEFAULT_START_SEC,
                         help='bag time of the first frame in seconds since the epoch '
                         '(default 2026-01-01T00:00:00Z)')
+    parser.add_argument('--site', choices=tuple(SITES), default=DEFAULT_SITE,
+                        help='production line: ' + '; '.join(
+                            f'{site.name}: {site.description}' for site in SITES.values())
+                        + f' (default {DEFAULT_SITE})')
     parser.add_argument('--counts', default='1,2,3', help='item counts scenes draw from')
-    parser.add_argument('--colours', default='red,green,blue,yellow',
-                        help='item colours scenes draw from')
+    parser.add_argument('--colours', default='',
+                        help="item colours scenes draw from (default: all of the site's, "
+                        'red,green,blue,yellow at line1)')
     parser.add_argument('--kinds', default='box,gear,bottle,bolt',
                         help='item kinds scenes draw from')
     return parser.parse_args(argv)
@@ -203,20 +295,28 @@ def main(argv=None):
             raise RecordError(f'--seed must not be negative, not {args.seed}')
         try:
             size = parse_size(args.size)
-            spec = SceneSpec(counts=_list(args.counts, int), colours=_list(args.colours),
-                             kinds=_list(args.kinds))
+            colours = _list(args.colours)
+            site = SITES[args.site]
+            if site.name == DEFAULT_SITE:
+                spec = SceneSpec(counts=_list(args.counts, int),
+                                 colours=colours or tuple(site.colours),
+                                 kinds=_list(args.kinds))
+            else:
+                spec = SceneSpec(counts=_list(args.counts, int), kinds=_list(args.kinds))
         except ValueError as error:
             raise RecordError(str(error)) from error
         summary = record_synthetic_bag(
             args.out, args.frames, args.rate_hz, size, args.seed, args.storage,
             args.compressed, args.jpeg_quality, spec, args.topic, args.caption_topic,
-            args.truth_topic, args.frame_id, args.start_sec)
+            args.truth_topic, args.frame_id, args.start_sec, site=args.site,
+            colours=colours or None)
     except RecordError as error:
         print(f'record_synthetic_bag: {error}', file=sys.stderr)
         return 1
     topics = ', '.join(f'{name} {count}' for name, count in summary['messages'].items())
     print(f"wrote {summary['frames']} frames of {summary['size']} at {summary['rate_hz']:g} Hz "
-          f"(seed {summary['seed']}) to {summary['bag']} [{summary['storage']}]: {topics}; "
+          f"(site {summary['site']}, seed {summary['seed']}) to {summary['bag']} "
+          f"[{summary['storage']}]: {topics}; "
           f"{summary['distinct_captions']} of {summary['possible_captions']} possible captions "
           f"appear, chance level {summary['chance_level']:.1%}")
     return 0

@@ -38,6 +38,7 @@ import re
 import shutil
 import signal
 import sys
+import warnings
 
 from blip2_ros.checkpoint import one_line, TRAINING_INFO_FILE
 import torch
@@ -667,7 +668,11 @@ def apply_method(model, model_args):
         r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout, target_modules=target, bias='none',
         modules_to_save=['qformer', 'language_projection'] if model_args.lora_qformer else None)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads the deprecated is_gradient_checkpointing (transformers 5): not ours to fix.
+        warnings.filterwarnings('ignore', message='`is_gradient_checkpointing` is deprecated',
+                                category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def match_mixed_precision(model_args, training_args):
@@ -915,8 +920,9 @@ def run(argv=None):
         if eval_records:
             eval_dataset = CaptionPairs(data_args.data, eval_records, data_args.cache_images)
     if eval_dataset is None and training_args.eval_strategy != IntervalStrategy.NO:
-        LOGGER.warning("no captioned images in eval split '%s': evaluation is off",
-                       data_args.eval_split)
+        if data_args.eval_split:  # --eval_split '' asked for no evaluation: nothing to say
+            LOGGER.warning("no captioned images in eval split '%s': evaluation is off",
+                           data_args.eval_split)
         training_args.eval_strategy = IntervalStrategy.NO
     trained_eval_images = 0
     if eval_dataset is not None and training_args.eval_strategy != IntervalStrategy.NO:
