@@ -92,14 +92,16 @@ def last_diagnostic(harness):
 class RequestSpy:
     """Count and time the chat requests a server captioner sends (the real ones still go out)."""
 
-    def __init__(self, captioner):
-        """Wrap the captioner's client method."""
+    def __init__(self, captioner, hold_until=None):
+        """Wrap the captioner's client method; hold requests until `hold_until()` is true."""
         self.calls = []
         self._lock = threading.Lock()
         completions = captioner.client.chat.completions
         original = completions.create
 
         def create(*args, **kwargs):
+            if hold_until is not None:
+                wait_for(hold_until, timeout=SERVER_TIMEOUT, what='the frames to arrive')
             started = time.monotonic()
             try:
                 return original(*args, **kwargs)
@@ -171,7 +173,10 @@ def test_the_node_captions_through_the_server_with_stamps_and_several_requests_i
         server_harness, local_captioner, vllm_server):
     topics = [f'/cam_{index}/image_raw' for index in range(4)]
     harness = server_harness(topics, max_batch_size=4)
-    spy = RequestSpy(harness.node.captioner)
+    # The first round waits until every camera's frame is in, however slowly they come on a
+    # busy machine: a round then holds at least two of the four, sent together.
+    spy = RequestSpy(harness.node.captioner, hold_until=lambda: sum(
+        camera.received for camera in harness.node.cameras.values()) >= len(topics))
     publishers = [harness.publisher(Image, topic) for topic in topics]
     frames = [make_frame(20 + index) for index in range(4)]
     for index, (publisher, frame) in enumerate(zip(publishers, frames)):
