@@ -322,10 +322,21 @@ def test_two_process_torchrun_completes(tmp_path, dataset, tiny_opt_checkpoint):
 
 
 def test_tensorboard_gets_losses_metrics_images_and_captions(
-        tmp_path, dataset, tiny_opt_checkpoint):
+        tmp_path, dataset, tiny_opt_checkpoint, monkeypatch):
     """The default report target logs train/eval loss, lr, caption metrics, images and text."""
+    from blip2_ros.captioner import Blip2Captioner
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    # The captions come from the node's own captioner, so they are what the robot would say.
+    captioned = []
+    caption = Blip2Captioner.caption
+
+    def recorded_caption(captioner, frames, *args, **kwargs):
+        captions = caption(captioner, frames, *args, **kwargs)
+        captioned.append((captioner.config.prompt, len(frames), captions))
+        return captions
+
+    monkeypatch.setattr(Blip2Captioner, 'caption', recorded_caption)
     output = tmp_path / 'out'
     assert train.main(['--model', str(tiny_opt_checkpoint), '--data', str(dataset),
                        '--output_dir', str(output), '--method', 'lora', '--max_steps', '2',
@@ -342,6 +353,9 @@ def test_tensorboard_gets_losses_metrics_images_and_captions(
     assert 'val_captions/text_summary' in tags['tensors']
     text = events.Tensors('val_captions/text_summary')[-1].tensor_proto.string_val[0].decode()
     assert 'predicted' in text and 'on the conveyor' in text
+    assert [(prompt, count) for prompt, count, _ in captioned] == [('', 4)]
+    rows = text.splitlines()[2:]
+    assert [row.split(' | ')[1] for row in rows] == captioned[0][2][:2]
 
 
 def test_invalid_dataset_is_refused_before_the_model_loads(tmp_path, dataset):

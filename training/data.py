@@ -250,30 +250,3 @@ def _pad(sequences, value):
         ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         mask[row, :len(sequence)] = 1
     return ids, mask
-
-
-@torch.no_grad()
-def generate_captions(model, processor, frames, prompt='', max_new_tokens=30):
-    """
-    Caption frames greedily with an in-memory model, laid out as the inference core does.
-
-    Used for caption metrics during training; evaluation of saved models goes through
-    :class:`blip2_ros.captioner.Blip2Captioner`.
-    """
-    config = model.config
-    device = next(model.parameters()).device
-    pixel_values = processor.image_processor(list(frames), return_tensors='pt')['pixel_values']
-    dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
-    ids = [config.image_token_id] * config.num_query_tokens + prompt_token_ids(
-        processor.tokenizer, prompt)
-    input_ids = torch.tensor([ids] * len(frames), dtype=torch.long, device=device)
-    output = model.generate(
-        pixel_values=pixel_values.to(device, dtype), input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-        do_sample=False, num_beams=1)
-    if not config.use_decoder_only_language_model:
-        texts = processor.tokenizer.batch_decode(output, skip_special_tokens=True)
-    else:
-        texts = processor.tokenizer.batch_decode(output[:, input_ids.shape[1]:],
-                                                 skip_special_tokens=True)
-    return [text.strip() for text in texts]

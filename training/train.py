@@ -40,11 +40,12 @@ import signal
 import sys
 import warnings
 
+from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
 from blip2_ros.checkpoint import one_line, TRAINING_INFO_FILE
 import torch
 from training.coco import DatasetError, usual_mode, write_text_atomic
-from training.data import (CaptionCollator, CaptionPairs, generate_captions, load_split,
-                           split_path, unsplit_warning)
+from training.data import (CaptionCollator, CaptionPairs, load_split, split_path,
+                           unsplit_warning)
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import IntervalStrategy, set_seed
@@ -741,16 +742,21 @@ class CaptionTrainer(Trainer):
         frames = [dataset.image(index) for index in range(count)]
         model = unwrap_blip2(self.model)
         was_training = model.training
-        model.eval()
+        tokenizer = self.processing_class.tokenizer
+        padding_side = tokenizer.padding_side  # the captioner sets its own; checkpoints keep ours
+        # The node's own captioner (its preprocessing, prompt layout and decode loop) on the
+        # model in training: these captions are what the robot would say at this step.
+        captioner = Blip2Captioner.from_model(model, self.processing_class, CaptionerConfig(
+            model=str(model.name_or_path or ''), prompt=settings['prompt'],
+            max_new_tokens=settings['max_new_tokens']))
         predictions = []
         try:
             with self.accelerator.autocast():
                 for start in range(0, count, 16):
-                    predictions += generate_captions(
-                        model, self.processing_class, frames[start:start + 16],
-                        settings['prompt'], settings['max_new_tokens'])
+                    predictions += captioner.caption(frames[start:start + 16])
         finally:
             model.train(was_training)
+            tokenizer.padding_side = padding_side
         references = {index: list(dataset.records[index].captions) for index in range(count)}
         result = score_captions(references, dict(enumerate(predictions)),
                                 metrics=('Bleu', 'ROUGE_L', 'CIDEr', 'exact_match'),
