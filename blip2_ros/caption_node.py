@@ -1461,7 +1461,13 @@ class CaptionNode(LifecycleNodeMixin, Node):
         if hasattr(self, '_worker'):  # not if __init__ stopped early (rclpy.shutdown calls this)
             # Still loading or compiling: that cannot be cut short, so nothing waits for it.
             self._release_model()
-        return Node.destroy_node(self)
+        Node.destroy_node(self)
+        # rclpy's lifecycle node leaves its state machine (and with it the node handle and the
+        # transition_event publisher) alive until garbage collection, so the node would stay in
+        # the ROS graph, under its name, after destroy_node().
+        # Not while the autostart thread may still step it: then it goes with the node object.
+        if hasattr(self, '_state_machine') and not getattr(self, '_autostarting', False):
+            self._state_machine.destroy_when_not_in_use()
 
 
 def keep_large_buffers_in_the_heap():

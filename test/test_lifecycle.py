@@ -28,6 +28,7 @@ import psutil
 import pytest
 from rcl_interfaces.msg import Parameter as ParameterMessage, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
+import rclpy
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
@@ -299,3 +300,23 @@ def test_repeated_adapter_swaps_do_not_leak_memory(harness_factory, lively_opt_c
     assert not any(thread.name == caption_node.ADAPTER_LOADER_THREAD
                    for thread in threading.enumerate())
     assert json.dumps(node.statistics())  # the counters survived the swaps
+
+
+def test_a_destroyed_node_leaves_the_ros_graph(lively_opt_checkpoint):
+    # rclpy's lifecycle node keeps its state machine, and with it the node, in the graph after
+    # destroy_node(); a relaunched node or another test would then find two of the same name.
+    harness = Harness(lively_opt_checkpoint, ['/cam'], namespace='/leaving')
+    observer_context = rclpy.Context()
+    rclpy.init(context=observer_context)
+    try:
+        observer = rclpy.create_node('graph_observer', context=observer_context)
+
+        def in_graph():
+            return ('blip2_caption', '/leaving') in observer.get_node_names_and_namespaces()
+        wait_for(in_graph, what='the node to appear in the graph')
+    finally:
+        harness.close()
+    try:
+        wait_for(lambda: not in_graph(), timeout=5, what='the node to leave the graph')
+    finally:
+        rclpy.try_shutdown(context=observer_context)

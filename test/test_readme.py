@@ -191,9 +191,15 @@ class LiveNode:
         # A node of the same name that another test left in the graph must not count.
         local = {self.node.resolve_service_name(endpoint.srv_name) if hasattr(endpoint, 'srv_name')
                  else self.node.resolve_topic_name(endpoint.topic_name) for endpoint in endpoints}
-        own = {name: tuple(types) for name, types in getattr(self.node, query)(NODE_NAME, '/')
-               if name in local}
-        assert set(own) >= local, f'{query}: not all endpoints are in the graph'
+
+        def own():
+            return {name: tuple(types)
+                    for name, types in getattr(self.node, query)(NODE_NAME, '/')
+                    if name in local}
+
+        # The graph cache learns of a node's own endpoints through discovery, a moment later.
+        wait_for(lambda: set(own()) >= local, f'{query}: all endpoints in the graph')
+        own = own()
         common = {name.replace('/readme_baseline/', f'/{NODE_NAME}/')
                   for name, _ in getattr(self.node, query)('readme_baseline', '/')}
         return {name: types for name, types in own.items() if name not in common}
