@@ -20,6 +20,8 @@ String topics, runs the converter through ``main()`` like a user would, and chec
 and caption in the output against what was written.
 """
 
+import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -38,6 +40,7 @@ from rosbags.typesys import get_typestore
 from rosbags.typesys import Stores
 from training import bag_to_coco
 from training.coco import read_annotations
+from training.dataset_writer import dataset_lock
 from training.validate import validate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -417,7 +420,7 @@ def test_runs_appending_to_the_same_folder_take_turns(tmp_path, capsys):
     # While the test holds the lock, both runs have to wait: they overlap for certain, and
     # without the lock both would read the same annotations.json and the last commit would win.
     runs = []
-    with bag_to_coco.dataset_lock(out):
+    with dataset_lock(out):
         for bag in bags[1:]:
             log = tmp_path / f'{bag.name}.log'
             with open(log, 'w') as stderr:
@@ -1007,3 +1010,35 @@ def test_real_malformed_payloads_are_skipped_and_counted(realdata, tmp_path, cap
     assert 'frames read: 4' in stdout and 'frames kept: 0' in stdout
     assert '  bad_size: 2' in stdout and '  undecodable: 2' in stdout
     assert read_annotations(out)['images'] == []
+
+
+# Every flag as the README and docs/bag_to_coco.md spell it; a rename breaks users' scripts.
+FLAGS = {'-h', '--help', '--image-topic', '--out', '--caption-topic', '--caption-max-age',
+         '--captions-file', '--auto-caption', '--auto-caption-prompt',
+         '--auto-caption-batch-size', '--max-new-tokens', '--device', '--keep-uncaptioned',
+         '--every-n', '--min-interval', '--max-frames', '--dedup', '--dedup-threshold',
+         '--max-pixels', '--image-format', '--jpeg-quality', '--progress-every', '--quiet'}
+
+
+def test_the_command_line_takes_every_default_from_conversion_options():
+    """Each default is written once, in ConversionOptions; the parser and --help read it."""
+    parser = bag_to_coco.build_parser()
+    values = vars(parser.parse_args(['x.bag', '--image-topic', '/cam', '--out', 'dataset']))
+    assert values.pop('bags') == ['x.bag'] and values.pop('quiet') is False
+    assert values.pop('progress_every') == bag_to_coco.PROGRESS_INTERVAL_S
+    expected = bag_to_coco.ConversionOptions(image_topics=['/cam'], out='dataset')
+    assert set(values) == {option.name for option in dataclasses.fields(expected)}
+    for name, value in values.items():
+        assert value == getattr(expected, name), name
+    assert bag_to_coco.ConversionOptions(**values) == expected
+
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    assert flags == FLAGS
+    for action in parser._actions:
+        if action.option_strings and not action.required and action.default != argparse.SUPPRESS:
+            assert '(default: ' in action.help, action.option_strings
+    help_text = ' '.join(parser.format_help().split())
+    assert '--caption-max-age SECONDS a topic caption older than this does not apply ' \
+           '(default: 5)' in help_text
+    assert '--max-new-tokens N longest --auto-caption caption, in tokens (default: 30)' in (
+        help_text)

@@ -31,7 +31,7 @@ from PIL import Image
 import pytest
 from safetensors.torch import load_file
 import torch
-from training import train
+from training import checkpoints, train
 from training.data import CaptionCollator, IGNORE_INDEX, load_rgb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,10 +225,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(
     assert run_train(tiny_opt_checkpoint, dataset, resumed, 'full', *common,
                      '--stop_after_steps', '3') == 0
     assert not (resumed / 'model.safetensors').exists()
-    assert train.checkpoint_problem(resumed / 'checkpoint-3') == ''
+    assert checkpoints.checkpoint_problem(resumed / 'checkpoint-3') == ''
     # A checkpoint cut off before its marker, and one whose weights were truncated later.
     shutil.copytree(resumed / 'checkpoint-3', resumed / 'checkpoint-4')
-    (resumed / 'checkpoint-4' / train.CHECKPOINT_MARKER).unlink()
+    (resumed / 'checkpoint-4' / checkpoints.CHECKPOINT_MARKER).unlink()
     shutil.copytree(resumed / 'checkpoint-3', resumed / 'checkpoint-5')
     weights = resumed / 'checkpoint-5' / 'model.safetensors'
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -241,7 +241,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(
                if 'skipping incomplete checkpoint' in record.getMessage()]
     assert any('checkpoint-5' in message and 'model.safetensors' in message
                for message in skipped)
-    assert any('checkpoint-4' in message and train.CHECKPOINT_MARKER in message
+    assert any('checkpoint-4' in message and checkpoints.CHECKPOINT_MARKER in message
                for message in skipped)
     expected, actual = _trained_tensors(straight), _trained_tensors(resumed)
     assert expected.keys() == actual.keys()
@@ -284,8 +284,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, dataset, tiny_op
     match = re.search(r'stopped by SIGTERM at step (\d+)', stdout)
     assert match, stdout[-2000:]
     step = int(match.group(1))
-    assert train.checkpoint_problem(output / f'checkpoint-{step}') == ''
-    assert [folder for _, folder in train.list_checkpoints(output)] == [
+    assert checkpoints.checkpoint_problem(output / f'checkpoint-{step}') == ''
+    assert [folder for _, folder in checkpoints.list_checkpoints(output)] == [
         str(output / f'checkpoint-{step}')]
 
     assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', '--max_steps', '100000',
@@ -309,7 +309,7 @@ def test_two_process_torchrun_completes(tmp_path, dataset, tiny_opt_checkpoint):
     assert completed.returncode == 0, completed.stderr[-3000:]
     for step in (2, 4):
         checkpoint = output / f'checkpoint-{step}'
-        assert train.checkpoint_problem(checkpoint) == ''
+        assert checkpoints.checkpoint_problem(checkpoint) == ''
         # One RNG state per process: both ranks took part.
         assert (checkpoint / 'rng_state_0.pth').exists()
         assert (checkpoint / 'rng_state_1.pth').exists()
@@ -542,15 +542,15 @@ def test_checkpoints_and_model_folders_hold_the_training_prompt_and_are_readable
         checkpoint = output / f'checkpoint-{step}'
         # How the node, caption_images and training.evaluate find the prompt of a folder.
         assert training_prompt(str(checkpoint)) == 'a photo of'
-        marker = json.loads((checkpoint / train.CHECKPOINT_MARKER).read_text())
+        marker = json.loads((checkpoint / checkpoints.CHECKPOINT_MARKER).read_text())
         assert train.TRAINING_INFO_FILE in marker['files']
-        assert train.checkpoint_problem(checkpoint) == ''
+        assert checkpoints.checkpoint_problem(checkpoint) == ''
     folders = [output] + ([output / 'merged'] if '--merge_lora' in extra else [])
-    checkpoints = [output / 'checkpoint-1', output / 'checkpoint-2']
+    checkpoint_folders = [output / 'checkpoint-1', output / 'checkpoint-2']
     for folder in folders:
         assert train.TRAINING_INFO_FILE in present[str(folder)], folder
         assert training_prompt(str(folder)) == 'a photo of'
-    for folder in folders + checkpoints:
+    for folder in folders + checkpoint_folders:
         # A node running as another user can read the weights, as it can the rest.
         weights = list(folder.glob('*.safetensors'))
         assert weights, folder
@@ -595,7 +595,7 @@ def test_evaluating_on_trained_images_warns(
 # process carries threads of every earlier test (DDS, OpenMP, servers' clients).
 SIGNAL_SCRIPT = """
 import os, signal, sys
-from training import train
+from training import checkpoints, train
 sent = int(sys.argv[1])
 
 def send_signals(self, args, state, control, **kwargs):
@@ -603,7 +603,7 @@ def send_signals(self, args, state, control, **kwargs):
         for _ in range(sent):
             os.kill(os.getpid(), signal.SIGTERM)
 
-train.GracefulStopCallback.on_step_begin = send_signals
+checkpoints.GracefulStopCallback.on_step_begin = send_signals
 previous = signal.getsignal(signal.SIGTERM)
 try:
     status = train.main(sys.argv[2:])
@@ -641,7 +641,7 @@ def test_a_second_signal_stops_at_once_without_saving(tmp_path, dataset, tiny_op
     stdout, stderr = run_train_with_signals(2, tiny_opt_checkpoint, dataset, output,
                                             '--max_steps', '5', '--save_steps', '1')
     assert 'status KeyboardInterrupt handler restored True' in stdout, stderr[-2000:]
-    assert [step for step, _ in train.list_checkpoints(output)] == [1]
+    assert [step for step, _ in checkpoints.list_checkpoints(output)] == [1]
     assert not (output / 'model.safetensors').exists()
 
 
@@ -700,7 +700,7 @@ def test_a_run_cut_after_its_last_checkpoint_is_finished_by_resume_without_train
         patch.setattr(train, 'write_training_info', interrupted_in_the_final_save)
         with pytest.raises(KeyboardInterrupt):
             run_train(tiny_opt_checkpoint, dataset, output, 'lora', *common)
-    assert train.saved_weights(output) == [] and (output / 'checkpoint-2').is_dir()
+    assert checkpoints.saved_weights(output) == [] and (output / 'checkpoint-2').is_dir()
     trained = load_file(output / 'checkpoint-2' / 'adapter_model.safetensors')
     capsys.readouterr()
     assert run_train(tiny_opt_checkpoint, dataset, output, 'lora', *common, '--resume') == 0
@@ -792,9 +792,9 @@ def test_rotation_keeps_the_newest_and_the_best_checkpoint_and_drops_incomplete_
                      '--learning_rate', '0', '--save_total_limit', '2', '--resume') == 0
     state = json.loads((output / 'trainer_state.json').read_text())
     assert state['best_model_checkpoint'] == str(output / 'checkpoint-1')
-    assert [step for step, _ in train.list_checkpoints(output)] == [5, 1]
+    assert [step for step, _ in checkpoints.list_checkpoints(output)] == [5, 1]
     for step in (5, 1):
-        assert train.checkpoint_problem(output / f'checkpoint-{step}') == ''
+        assert checkpoints.checkpoint_problem(output / f'checkpoint-{step}') == ''
 
 
 def test_a_run_cut_before_the_marker_keeps_its_last_complete_checkpoint(
@@ -803,7 +803,7 @@ def test_a_run_cut_before_the_marker_keeps_its_last_complete_checkpoint(
     output = tmp_path / 'out'
     common = ['--max_steps', '3', '--save_steps', '1', '--save_total_limit', '1',
               '--learning_rate', '1e-3']
-    write_marker = train.write_checkpoint_marker
+    write_marker = checkpoints.write_checkpoint_marker
 
     def killed_before_the_second_marker(folder, step):
         if step == 2:
@@ -811,16 +811,16 @@ def test_a_run_cut_before_the_marker_keeps_its_last_complete_checkpoint(
         write_marker(folder, step)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train, 'write_checkpoint_marker', killed_before_the_second_marker)
+        patch.setattr(checkpoints, 'write_checkpoint_marker', killed_before_the_second_marker)
         with pytest.raises(KeyboardInterrupt):
             run_train(tiny_opt_checkpoint, dataset, output, 'qformer', *common)
-    assert train.checkpoint_problem(output / 'checkpoint-1') == ''
-    assert train.checkpoint_problem(output / 'checkpoint-2') != ''
-    assert train.find_resume_checkpoint(output) == str(output / 'checkpoint-1')
+    assert checkpoints.checkpoint_problem(output / 'checkpoint-1') == ''
+    assert checkpoints.checkpoint_problem(output / 'checkpoint-2') != ''
+    assert checkpoints.find_resume_checkpoint(output) == str(output / 'checkpoint-1')
 
     assert run_train(tiny_opt_checkpoint, dataset, output, 'qformer', *common, '--resume') == 0
-    assert [step for step, _ in train.list_checkpoints(output)] == [3]
-    assert train.checkpoint_problem(output / 'checkpoint-3') == ''
+    assert [step for step, _ in checkpoints.list_checkpoints(output)] == [3]
+    assert checkpoints.checkpoint_problem(output / 'checkpoint-3') == ''
 
 
 # Put on PYTHONPATH of one training process only: its write of SLOW_CHECKPOINT/optimizer.pt
@@ -882,9 +882,9 @@ def test_kill_9_while_a_checkpoint_is_written_then_resume_equals_an_uninterrupte
             if process.poll() is None:
                 process.kill()
     assert process.returncode == -signal.SIGKILL
-    assert train.checkpoint_problem(output / 'checkpoint-2') == ''
+    assert checkpoints.checkpoint_problem(output / 'checkpoint-2') == ''
     assert (output / 'checkpoint-4' / 'optimizer.pt').read_bytes() == b'cut off'
-    assert train.CHECKPOINT_MARKER in train.checkpoint_problem(output / 'checkpoint-4')
+    assert checkpoints.CHECKPOINT_MARKER in checkpoints.checkpoint_problem(output / 'checkpoint-4')
     assert not (output / 'model.safetensors').exists()
 
     assert train.main(['--model', str(tiny_opt_checkpoint), '--data', str(dataset),
@@ -901,7 +901,7 @@ def test_kill_9_while_a_checkpoint_is_written_then_resume_equals_an_uninterrupte
     losses = step_losses(straight)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert step_losses(output) == pytest.approx(losses, rel=1e-5)
-    assert train.checkpoint_problem(output / 'checkpoint-4') == ''
+    assert checkpoints.checkpoint_problem(output / 'checkpoint-4') == ''
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='what a machine without a GPU is told')

@@ -24,29 +24,30 @@ BLIP-2 recipe; vision encoder and language model frozen); ``lora`` adds LoRA ada
 language model's attention (optionally also trains the Q-Former); ``full`` trains everything.
 The output folder loads in :class:`blip2_ros.captioner.Blip2Captioner`: ``model=OUT`` for
 qformer/full, ``model=BASE, adapter=OUT`` for lora. Runs under ``torchrun`` / ``accelerate
-launch`` through the Trainer's own distributed support.
+launch`` through the Trainer's own distributed support. Which checkpoint a run resumes and
+which ones it deletes: :mod:`training.checkpoints`.
 """
 
 from dataclasses import dataclass, field
 import importlib.util
 import json
 import logging
-import math
 import os
 from pathlib import Path
 import re
-import shutil
-import signal
 import sys
 import warnings
 
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
 from blip2_ros.checkpoint import one_line, TRAINING_INFO_FILE
 import torch
+from training.checkpoints import (CheckpointError, CheckpointMarkerCallback,
+                                  choose_resume_checkpoint, GracefulStopCallback,
+                                  is_distributed, load_finished_checkpoint)
 from training.coco import DatasetError, usual_mode, write_text_atomic
 from training.data import (CaptionCollator, CaptionPairs, load_split, split_path,
                            unsplit_warning)
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import IntervalStrategy, set_seed
 import yaml
@@ -58,8 +59,6 @@ METHODS = ('lora', 'qformer', 'full')
 QFORMER_PREFIXES = ('qformer.', 'query_tokens', 'language_projection.')
 # LoRA goes on the attention projections of the language model, named per architecture.
 LORA_TARGETS = {'opt': ('q_proj', 'v_proj'), 't5': ('q', 'v')}
-CHECKPOINT_MARKER = 'checkpoint_complete.json'
-CHECKPOINT_PATTERN = re.compile(r'^checkpoint-(\d+)$')
 SUMMARY_METRICS = ('eval_loss', 'eval_exact_match', 'eval_Bleu_4', 'eval_CIDEr')
 WEIGHT_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16,
                  'float16': torch.float16}
@@ -302,151 +301,6 @@ def parse_arguments(argv=None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: completion markers and resume
-
-
-def write_checkpoint_marker(folder, step):
-    """Record that ``folder`` was written completely: its files and their sizes."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            if name == CHECKPOINT_MARKER:
-                continue
-            path = os.path.join(root, name)
-            files[os.path.relpath(path, folder)] = os.path.getsize(path)
-    write_text_atomic(os.path.join(folder, CHECKPOINT_MARKER),
-                      json.dumps({'step': step, 'files': files}, indent=1, sort_keys=True))
-
-
-def checkpoint_problem(folder):
-    """Return why ``folder`` is not a complete checkpoint, or '' if it is."""
-    marker = os.path.join(folder, CHECKPOINT_MARKER)
-    try:
-        with open(marker, encoding='utf-8') as stream:
-            files = json.load(stream)['files']
-    except FileNotFoundError:
-        return f'no {CHECKPOINT_MARKER} (cut off while saving?)'
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f'unreadable {CHECKPOINT_MARKER}: {error}'
-    for name, size in sorted(files.items()):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f'{name} is missing'
-        if os.path.getsize(path) != size:
-            return f'{name} has {os.path.getsize(path)} bytes, {size} were written'
-    return ''
-
-
-def list_checkpoints(output_dir):
-    """Return ``(step, folder)`` for every checkpoint-N folder in ``output_dir``, newest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = CHECKPOINT_PATTERN.match(name)
-        path = os.path.join(output_dir, name)
-        if match and os.path.isdir(path):
-            found.append((int(match.group(1)), path))
-    return sorted(found, reverse=True)
-
-
-def find_resume_checkpoint(output_dir):
-    """Return the newest complete checkpoint in ``output_dir`` (None if none), warning on skips."""
-    for _, folder in list_checkpoints(output_dir):
-        problem = checkpoint_problem(folder)
-        if not problem:
-            return folder
-        LOGGER.warning('skipping incomplete checkpoint %s: %s', folder, problem)
-    return None
-
-
-def rotate_checkpoints(output_dir, keep, protected=()):
-    """
-    Delete checkpoints until ``keep`` are left; return the deleted folders.
-
-    Runs after a checkpoint's marker is written (the Trainer's own rotation runs before it, so a
-    run killed in between could be left with no complete checkpoint). Incomplete folders go
-    first, as no resume reads them, then the oldest complete ones. Never deleted: the folders
-    in ``protected`` (the one just saved, the best one) and the newest complete one, which
-    --resume picks. Those can leave more than ``keep``, as the Trainer's rotation does.
-    """
-    if not keep or keep < 1:
-        return []
-    checkpoints = [folder for _, folder in list_checkpoints(output_dir)]
-    complete = [folder for folder in checkpoints if not checkpoint_problem(folder)]
-    kept = {os.path.realpath(folder) for folder in list(protected) + complete[:1] if folder}
-    candidates = ([folder for folder in reversed(checkpoints) if folder not in complete]
-                  + list(reversed(complete)))
-    deleted = []
-    for folder in candidates:
-        if len(checkpoints) - len(deleted) <= keep:
-            break
-        if os.path.realpath(folder) in kept:
-            continue
-        LOGGER.info('deleting %s checkpoint %s (--save_total_limit %d)',
-                    'complete' if folder in complete else 'incomplete', folder, keep)
-        shutil.rmtree(folder, ignore_errors=True)
-        deleted.append(folder)
-    return deleted
-
-
-def check_resume_checkpoint(folder):
-    """Raise TrainingError unless ``folder``, from --resume_from_checkpoint, is complete."""
-    if not os.path.isdir(folder):
-        raise TrainingError(f'--resume_from_checkpoint {folder} is not a folder: give a '
-                            'checkpoint-N folder, or use --resume')
-    problem = checkpoint_problem(folder)
-    if problem:
-        # Resuming it anyway would restart the optimizer or the LR schedule without a word.
-        raise TrainingError(f'--resume_from_checkpoint {folder} is not a complete checkpoint '
-                            f'({problem}): give another checkpoint-N folder, or use --resume '
-                            'for the newest complete one in --output_dir')
-
-
-def finished_run_problem(checkpoint, training_args):
-    """Return why resuming ``checkpoint`` would train past the end of its run, or None."""
-    try:
-        with open(os.path.join(checkpoint, 'trainer_state.json'), encoding='utf-8') as stream:
-            state = json.load(stream)
-    except (OSError, ValueError):
-        return None  # checkpoint_problem() speaks for unreadable checkpoints
-    step = state.get('global_step') or 0
-    if training_args.max_steps > 0:
-        last = training_args.max_steps
-    elif state.get('num_train_epochs') == math.ceil(training_args.num_train_epochs):
-        last = state.get('max_steps') or 0
-    else:
-        return None
-    if last and step >= last:
-        # The Trainer would train one step past the schedule and overwrite the saved model.
-        return (f'{checkpoint} is the end of its run (step {step} of {last}): raise '
-                '--max_steps or --num_train_epochs to train further, or choose a new '
-                '--output_dir')
-    return None
-
-
-def saved_weights(output_dir):
-    """Return the model or adapter weight files a finished run saved in ``output_dir``."""
-    return sorted(Path(output_dir).glob('*.safetensors')) + sorted(
-        Path(output_dir).glob('*.safetensors.index.json'))
-
-
-def load_finished_checkpoint(trainer, checkpoint):
-    """
-    Give ``trainer`` the weights and state of the checkpoint that ends its run; no training.
-
-    ``Trainer.train`` would train one step past the schedule from such a checkpoint. Returns
-    the train metrics the checkpoint can tell (the mean loss of a run is only known to the
-    process that ran it).
-    """
-    from transformers.trainer_callback import TrainerState
-
-    trainer._load_from_checkpoint(checkpoint)
-    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, 'trainer_state.json'))
-    return {'epoch': trainer.state.epoch}
-
-
 def check_datasets_package():
     """Refuse to start where a plain folder named 'datasets' would pass for the HF package."""
     spec = importlib.util.find_spec('datasets')
@@ -456,113 +310,6 @@ def check_datasets_package():
         folder = list(spec.submodule_search_locations)[0]
         raise TrainingError(f"the folder {folder} passes for the Hugging Face 'datasets' "
                             'package here: run from another directory or rename that folder')
-
-
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-class CheckpointMarkerCallback(TrainerCallback):
-    """
-    Complete each checkpoint: add the training info, then the marker, once all ranks saved.
-
-    Then keep ``keep_checkpoints`` of them (:func:`rotate_checkpoints`); the Trainer must be
-    given ``save_total_limit=None``, or it deletes older ones before the new one is complete.
-    """
-
-    def __init__(self, info, keep_checkpoints=None):
-        """``info``: the :func:`training_info` dict written into every checkpoint."""
-        self.info = info
-        self.keep_checkpoints = keep_checkpoints
-
-    def on_save(self, args, state, control, **kwargs):
-        """Mark ``checkpoint-<step>`` complete (the Trainer calls this after saving it)."""
-        if _distributed():
-            # Every rank writes its own RNG state; the marker must come after all of them.
-            torch.distributed.barrier()
-        folder = os.path.join(args.output_dir, f'checkpoint-{state.global_step}')
-        if state.is_world_process_zero and os.path.isdir(folder):
-            # training.evaluate or the node pointed at a checkpoint must caption with the
-            # training prompt, and read its weights as another user. Written before the
-            # marker, so the marker vouches for it too.
-            write_training_info(folder, self.info)
-            share_weight_files(folder)
-            write_checkpoint_marker(folder, state.global_step)
-            rotate_checkpoints(args.output_dir, self.keep_checkpoints,
-                               protected=(folder, state.best_model_checkpoint))
-
-
-class GracefulStopCallback(TrainerCallback):
-    """
-    Turn SIGINT/SIGTERM (or --stop_after_steps) into 'save a checkpoint, then stop'.
-
-    The signal handler only sets a flag; the stop happens at the end of the current optimizer
-    step, where the Trainer can save consistently. A second signal stops at once. In the last
-    step there is nothing left to stop: the run ends as usual and saves its model.
-    """
-
-    def __init__(self, stop_after_steps=0):
-        """Stop after ``stop_after_steps`` steps of this run (0: only on a signal)."""
-        self.stop_after_steps = stop_after_steps
-        self.steps_done = 0
-        self.signal_number = 0
-        self.reason = ''
-        self._previous_handlers = {}
-
-    def _handle(self, signal_number, frame):
-        if self.signal_number:
-            self._restore_handlers()
-            raise KeyboardInterrupt
-        self.signal_number = signal_number
-        LOGGER.warning('%s received: saving a checkpoint after this step, then stopping '
-                       '(send it again to stop at once, without saving)',
-                       signal.Signals(signal_number).name)
-
-    def _restore_handlers(self):
-        for signal_number, handler in self._previous_handlers.items():
-            signal.signal(signal_number, handler)
-        self._previous_handlers = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        """Install the handlers (only possible from the main thread)."""
-        try:
-            for signal_number in (signal.SIGINT, signal.SIGTERM):
-                self._previous_handlers[signal_number] = signal.signal(signal_number,
-                                                                       self._handle)
-        except ValueError:
-            LOGGER.warning('not in the main thread: SIGINT/SIGTERM will not save a checkpoint')
-
-    def on_step_end(self, args, state, control, **kwargs):
-        """Ask the Trainer to save and stop when a signal came or the step budget is spent."""
-        self.steps_done += 1
-        wanted = torch.tensor(
-            [self.signal_number,
-             int(bool(self.stop_after_steps) and self.steps_done >= self.stop_after_steps)],
-            device=args.device if args.device.type == 'cuda' else 'cpu')
-        if _distributed():
-            # All ranks must stop at the same step, or the next collective hangs.
-            torch.distributed.all_reduce(wanted, op=torch.distributed.ReduceOp.MAX)
-        signal_number, budget_spent = (int(value) for value in wanted.tolist())
-        if not (signal_number or budget_spent) or self.reason:
-            return control
-        if state.global_step >= state.max_steps:
-            # The run ends at this step anyway (its checkpoint and evaluation included); a stop
-            # here would only skip saving the model, and the Trainer resumes a checkpoint of the
-            # last step by training one step past the schedule.
-            if signal_number:
-                LOGGER.warning('%s came in the last step: finishing the run and saving the '
-                               'model', signal.Signals(signal_number).name)
-            return control
-        self.signal_number = self.signal_number or signal_number
-        self.reason = (signal.Signals(signal_number).name if signal_number
-                       else f'--stop_after_steps {self.stop_after_steps}')
-        control.should_save = True
-        control.should_training_stop = True
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
-        """Give SIGINT/SIGTERM back to their previous handlers."""
-        self._restore_handlers()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,7 +473,7 @@ class CaptionTrainer(Trainer):
         caption_metrics = [None]
         if self.is_world_process_zero():
             caption_metrics[0] = self._caption_metrics(metric_key_prefix)
-        if _distributed():
+        if is_distributed():
             # Every rank returns the same metrics, so best-model tracking agrees everywhere.
             torch.distributed.broadcast_object_list(caption_metrics, src=0)
         metrics.update(caption_metrics[0])
@@ -859,56 +606,38 @@ def merge_lora(trainer, model_args, info, processor, output_dir):
     return merged_dir
 
 
-def main(argv=None):
-    """Fine-tune BLIP-2; return the exit status (raises SystemExit with a message on errors)."""
-    logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s',
-                        level=logging.INFO)
-    threads = torch.get_num_threads()
-    try:
-        return run(argv)
-    except (TrainingError, DatasetError) as error:
-        raise SystemExit(f'error: {error}') from None
-    finally:
-        # --cpu_threads is for this run only (tests and notebooks call main repeatedly).
-        torch.set_num_threads(threads)
+def add_checkpoint_files(folder, info):
+    """Write the training info into a checkpoint folder and let other users read its weights."""
+    # training.evaluate or the node pointed at a checkpoint must caption with the training
+    # prompt, and read its weights as another user. Written before the checkpoint's marker,
+    # so the marker vouches for them too.
+    write_training_info(folder, info)
+    share_weight_files(folder)
 
 
-def run(argv=None):
-    """Do the work of :func:`main`; raises TrainingError / DatasetError."""
-    # 1. Parse arguments.
-    model_args, data_args, training_args = parse_arguments(argv)
-    check_datasets_package()
+@dataclass
+class TrainingData:
+    """The pairs to train on, those to evaluate on (None: no evaluation), and their overlap."""
 
-    # 2. Seed everything (model init, LoRA init, data order, dropout).
-    set_seed(training_args.seed)
-    if training_args.cpu_threads:
-        torch.set_num_threads(training_args.cpu_threads)
-    output_dir = training_args.output_dir
+    train_pairs: CaptionPairs
+    eval_pairs: CaptionPairs | None
+    trained_eval_images: int = 0  # evaluation images that are trained on too
 
-    # 3. Find the checkpoint to resume from.
-    resume_from = training_args.resume_from_checkpoint
-    if resume_from:
-        check_resume_checkpoint(resume_from)
-    elif training_args.resume:
-        resume_from = find_resume_checkpoint(output_dir)
-        if resume_from is None:
-            LOGGER.warning('--resume: no complete checkpoint in %s, starting from scratch',
-                           output_dir)
-        else:
-            LOGGER.info('resuming from %s', resume_from)
-    elif list_checkpoints(output_dir):
-        raise TrainingError(f'{output_dir} already holds checkpoints: add --resume to continue '
-                            'that run, or choose an empty --output_dir')
-    # A checkpoint at the end of its run: finish the run from it if the run was cut before
-    # it saved its model (Ctrl-C during the last evaluation, say); else there is nothing to do.
-    problem = resume_from and finished_run_problem(resume_from, training_args)
-    if problem and (not training_args.resume or saved_weights(output_dir)):
-        raise TrainingError(problem)
-    finishing = bool(problem)
-    if finishing:
-        LOGGER.info('%s ends its run; saving the model from it, without training', resume_from)
 
-    # 4. Data: validate before anything expensive, then read the splits.
+def load_eval_pairs(data_args):
+    """Return the captioned pairs of the eval split, or None when it has none."""
+    if not data_args.eval_split or not os.path.isfile(split_path(data_args.data,
+                                                                 data_args.eval_split)):
+        return None
+    eval_records = [record for record in load_split(data_args.data, data_args.eval_split)
+                    if record.captions]
+    if not eval_records:
+        return None
+    return CaptionPairs(data_args.data, eval_records, data_args.cache_images)
+
+
+def load_data(data_args, training_args):
+    """Validate the dataset and read its splits; evaluation is turned off without eval pairs."""
     validate_data(data_args.data)
     unsplit = unsplit_warning(data_args.data, (data_args.train_split, data_args.eval_split))
     if unsplit:
@@ -917,90 +646,157 @@ def run(argv=None):
     if not any(record.captions for record in train_records):
         raise TrainingError(f"split '{data_args.train_split}' of {data_args.data} has no "
                             'captioned image to train on')
-    train_dataset = CaptionPairs(data_args.data, train_records, data_args.cache_images)
-    eval_dataset = None
-    if data_args.eval_split and os.path.isfile(split_path(data_args.data,
-                                                          data_args.eval_split)):
-        eval_records = [record for record in load_split(data_args.data, data_args.eval_split)
-                        if record.captions]
-        if eval_records:
-            eval_dataset = CaptionPairs(data_args.data, eval_records, data_args.cache_images)
-    if eval_dataset is None and training_args.eval_strategy != IntervalStrategy.NO:
+    data = TrainingData(CaptionPairs(data_args.data, train_records, data_args.cache_images),
+                        load_eval_pairs(data_args))
+    if data.eval_pairs is None and training_args.eval_strategy != IntervalStrategy.NO:
         if data_args.eval_split:  # --eval_split '' asked for no evaluation: nothing to say
             LOGGER.warning("no captioned images in eval split '%s': evaluation is off",
                            data_args.eval_split)
         training_args.eval_strategy = IntervalStrategy.NO
-    trained_eval_images = 0
-    if eval_dataset is not None and training_args.eval_strategy != IntervalStrategy.NO:
+    if data.eval_pairs is not None and training_args.eval_strategy != IntervalStrategy.NO:
         # Warned, not refused: a last run on every image once the settings are chosen is
         # common, and its eval numbers still show the fit; they must not pass for held-out ones.
-        trained_eval_images = count_shared_images(train_records, eval_dataset.records)
-        if trained_eval_images:
+        data.trained_eval_images = count_shared_images(train_records, data.eval_pairs.records)
+        if data.trained_eval_images:
             LOGGER.warning("%d of %d eval images of split '%s' are also in training split '%s': "
                            'eval loss and caption metrics are not held-out scores (give a '
                            "held-out --eval_split, or --eval_split '' for none)",
-                           trained_eval_images, len(eval_dataset.records),
+                           data.trained_eval_images, len(data.eval_pairs.records),
                            data_args.eval_split, data_args.train_split)
-    LOGGER.info('%d training pairs from %d images, %d eval pairs', len(train_dataset),
-                len(train_records), len(eval_dataset) if eval_dataset else 0)
+    LOGGER.info('%d training pairs from %d images, %d eval pairs', len(data.train_pairs),
+                len(train_records), len(data.eval_pairs) if data.eval_pairs else 0)
+    return data
 
-    # 5. Model: load, choose what trains, build the collator.
+
+def prepare_model(model_args, training_args):
+    """Load the model and its processor, and leave trainable what the method trains."""
     model, processor = load_model(model_args, training_args)
     model = apply_method(model, model_args)
     match_mixed_precision(model_args, training_args)
     trainable, total = count_parameters(model)
     LOGGER.info('method %s: trainable params: %d || all params: %d || trainable%%: %.4f',
                 model_args.method, trainable, total, 100.0 * trainable / total)
+    return model, processor
+
+
+def build_trainer(model, processor, data, info, data_args, training_args):
+    """Return the CaptionTrainer, with its collator and callbacks, and its stop callback."""
     blip2 = unwrap_blip2(model)
     collator = CaptionCollator(
         processor, blip2.config.image_token_id, blip2.config.num_query_tokens,
         blip2.config.text_config.is_encoder_decoder, data_args.prompt,
         data_args.max_caption_tokens)
     caption_eval = None
-    if eval_dataset is not None and data_args.caption_eval_images:
-        caption_eval = {'dataset': eval_dataset, 'prompt': data_args.prompt,
+    if data.eval_pairs is not None and data_args.caption_eval_images:
+        caption_eval = {'dataset': data.eval_pairs, 'prompt': data_args.prompt,
                         'images': data_args.caption_eval_images,
                         'logged_images': data_args.logged_images,
                         'max_new_tokens': data_args.caption_max_new_tokens}
-    info = training_info(model_args, data_args, blip2)
     stopper = GracefulStopCallback(training_args.stop_after_steps)
     # Checkpoints are rotated once the new one is complete, by the marker callback.
-    marker = CheckpointMarkerCallback(info, keep_checkpoints=training_args.save_total_limit)
+    marker = CheckpointMarkerCallback(lambda folder: add_checkpoint_files(folder, info),
+                                      keep_checkpoints=training_args.save_total_limit)
     training_args.save_total_limit = None
     trainer = CaptionTrainer(
-        model=model, args=training_args, train_dataset=train_dataset,
-        eval_dataset=eval_dataset, data_collator=collator, processing_class=processor,
+        model=model, args=training_args, train_dataset=data.train_pairs,
+        eval_dataset=data.eval_pairs, data_collator=collator, processing_class=processor,
         callbacks=[marker, stopper], caption_eval=caption_eval)
+    return trainer, stopper
 
-    # 6. Train, then evaluate the final weights.
+
+def report_stop(trainer, stopper):
+    """Say where a stopped run left its checkpoint; return the exit status."""
+    if trainer.is_world_process_zero():
+        checkpoint = os.path.join(trainer.args.output_dir,
+                                  f'checkpoint-{trainer.state.global_step}')
+        print(f'stopped by {stopper.reason} at step {trainer.state.global_step}; '
+              f'checkpoint {checkpoint}; continue with the same command plus --resume')
+    return 128 + stopper.signal_number if stopper.signal_number else 0
+
+
+def final_eval_metrics(trainer, data):
+    """Return the eval metrics of the final weights ({} without evaluation)."""
+    if data.eval_pairs is None or trainer.args.eval_strategy == IntervalStrategy.NO:
+        return {}
+    return logged_eval_metrics(trainer.state) or trainer.evaluate()
+
+
+def save_trained_model(trainer, processor, info, model_args):
+    """Save the model (or adapter), its processor and training info; return the merged folder."""
+    output_dir = trainer.args.output_dir
+    # The weights go last: a run killed before them leaves no model to load, never one
+    # without its prompt.
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output_dir)
+        write_training_info(output_dir, info)
+    trainer.save_model(output_dir)
+    if not trainer.is_world_process_zero():
+        return ''
+    share_weight_files(output_dir)
+    if not model_args.merge_lora:
+        return ''
+    return merge_lora(trainer, model_args, info, processor, output_dir)
+
+
+def result_line(steps, metrics, eval_metrics, finished_from, eval_trained_on):
+    """Return the run's summary: its loss (or the checkpoint it finished from) and scores."""
+    start = (f"train loss {metrics['train_loss']:.4f} after " if 'train_loss' in metrics
+             else f'finished from {finished_from} after ')
+    scores = ''.join(f', {name} {eval_metrics[name]:.4f}' for name in SUMMARY_METRICS
+                     if name in eval_metrics)
+    caveat = (' (eval images were trained on: not held-out scores)'
+              if eval_metrics and eval_trained_on else '')
+    return f'{start}{steps} steps{scores}{caveat}'
+
+
+def main(argv=None):
+    """Fine-tune BLIP-2; return the exit status (raises SystemExit with a message on errors)."""
+    logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s',
+                        level=logging.INFO)
+    threads = torch.get_num_threads()
+    try:
+        return run(argv)
+    except (TrainingError, CheckpointError, DatasetError) as error:
+        raise SystemExit(f'error: {error}') from None
+    finally:
+        # --cpu_threads is for this run only (tests and notebooks call main repeatedly).
+        torch.set_num_threads(threads)
+
+
+def run(argv=None):
+    """Do the work of :func:`main`; raises TrainingError / CheckpointError / DatasetError."""
+    # 1. Parse arguments; seed everything (model init, LoRA init, data order, dropout).
+    model_args, data_args, training_args = parse_arguments(argv)
+    check_datasets_package()
+    set_seed(training_args.seed)
+    if training_args.cpu_threads:
+        torch.set_num_threads(training_args.cpu_threads)
+
+    # 2. Find the checkpoint to resume from (the rules: training.checkpoints).
+    resume_from, finishing = choose_resume_checkpoint(training_args)
+
+    # 3. Data: validate before anything expensive, then read the splits.
+    data = load_data(data_args, training_args)
+
+    # 4. Model, and the Trainer around it.
+    model, processor = prepare_model(model_args, training_args)
+    info = training_info(model_args, data_args, unwrap_blip2(model))
+    trainer, stopper = build_trainer(model, processor, data, info, data_args, training_args)
+
+    # 5. Train, or finish a run cut after its last checkpoint; then evaluate the final weights.
     if finishing:
         metrics = load_finished_checkpoint(trainer, resume_from)
     else:
         train_result = trainer.train(resume_from_checkpoint=resume_from)
         if stopper.reason:
-            checkpoint = os.path.join(output_dir, f'checkpoint-{trainer.state.global_step}')
-            if trainer.is_world_process_zero():
-                print(f'stopped by {stopper.reason} at step {trainer.state.global_step}; '
-                      f'checkpoint {checkpoint}; continue with the same command plus --resume')
-            return 128 + stopper.signal_number if stopper.signal_number else 0
+            return report_stop(trainer, stopper)
         metrics = dict(train_result.metrics)
-    eval_metrics = {}
-    if eval_dataset is not None and training_args.eval_strategy != IntervalStrategy.NO:
-        eval_metrics = logged_eval_metrics(trainer.state) or trainer.evaluate()
+    eval_metrics = final_eval_metrics(trainer, data)
 
-    # 7. Save the model (or adapter) with its processor and training prompt. The weights go
-    # last: a run killed before them leaves no model to load, never one without its prompt.
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(output_dir)
-        write_training_info(output_dir, info)
-    trainer.save_model(output_dir)
-    if trainer.is_world_process_zero():
-        share_weight_files(output_dir)
-    merged_dir = ''
-    if trainer.is_world_process_zero() and model_args.merge_lora:
-        merged_dir = merge_lora(trainer, model_args, info, processor, output_dir)
+    # 6. Save the model (or adapter) with its processor and training prompt.
+    merged_dir = save_trained_model(trainer, processor, info, model_args)
 
-    # 8. Save metrics.
+    # 7. Save metrics, and say what was saved.
     trainer.save_metrics('train', metrics)
     if eval_metrics:
         trainer.save_metrics('eval', eval_metrics)
@@ -1008,14 +804,9 @@ def run(argv=None):
     if trainer.is_world_process_zero():
         what = 'LoRA adapter' if model_args.method == 'lora' else 'model'
         merged = f' (merged model: {merged_dir})' if merged_dir else ''
-        print(f'saved {what} to {output_dir}{merged}')
-        print((f"train loss {metrics['train_loss']:.4f} after " if 'train_loss' in metrics
-               else f'finished from {resume_from} after ')
-              + f'{trainer.state.global_step} steps'
-              + ''.join(f', {name} {eval_metrics[name]:.4f}' for name in SUMMARY_METRICS
-                        if name in eval_metrics)
-              + (' (eval images were trained on: not held-out scores)'
-                 if eval_metrics and trained_eval_images else ''))
+        print(f'saved {what} to {training_args.output_dir}{merged}')
+        print(result_line(trainer.state.global_step, metrics, eval_metrics, resume_from,
+                          data.trained_eval_images))
     return 0
 
 
