@@ -40,9 +40,9 @@ setup(
         'console_scripts': [
             'caption_node = blip2_ros.caption_node:main',
             'caption_images = blip2_ros.caption_images:main',
-            'factory_camera = blip2_ros.factory_camera:main',
+            'factory_camera = blip2_ros.demo.factory_camera:main',
             'doctor = blip2_ros.doctor:main',
-            'demo = blip2_ros.demo:main',
+            'demo = blip2_ros.demo.run:main',
             'bag_to_coco = training.bag_to_coco:main',
             'split = training.split:main',
             'validate = training.validate:main',

@@ -71,7 +71,7 @@ def child(args):
         synchronize()
     warmed = time.perf_counter()
     if args.architecture == 'tiny':
-        from blip2_ros.synthetic_factory import scene_at
+        from blip2_ros.demo.synthetic_factory import scene_at
         frame = scene_at(7, 0, size=(480, 640)).image
     else:
         frame = np.random.default_rng(7).integers(0, 256, (480, 640, 3), dtype=np.uint8)

@@ -436,8 +436,9 @@ def main(argv=None):
                         help='seconds of each turn when two nodes alternate (default 10)')
     parser.add_argument('--warmup', type=float, default=None,
                         help='seconds of frames per node before measuring (default 6)')
-    parser.add_argument('--domain-id', type=int, default=common.DEFAULT_DOMAIN_ID + 1,
-                        help='ROS_DOMAIN_ID for every process of the benchmark')
+    parser.add_argument('--domain-id', type=int, default=None,
+                        help='ROS_DOMAIN_ID for every process of the benchmark '
+                        '(default: one no other demo, test or benchmark run here holds)')
     parser.add_argument('--max-new-tokens', type=int, default=20)
     parser.add_argument('--torch-threads', type=int, default=0,
                         help='OMP_NUM_THREADS for the nodes (default: torch chooses, one per '
@@ -448,7 +449,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.serve_node:
         return serve_node(*args.serve_node)
-    common.set_ros_environment(args.domain_id)
+    from blip2_ros.demo.isolation import isolate_ros
+    isolate_ros(args.domain_id)
     common.quiet_libraries()
     from training.tiny_blip2 import build_tiny_blip2
 

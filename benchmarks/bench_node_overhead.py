@@ -397,8 +397,9 @@ def main(argv=None):
     """Run the benchmark (or, with --serve-echo, be the echo node)."""
     parser = common.argument_parser(__doc__.strip().splitlines()[0],
                                     '8 frames per config instead of 60 (smoke run)')
-    parser.add_argument('--domain-id', type=int, default=common.DEFAULT_DOMAIN_ID,
-                        help='ROS_DOMAIN_ID for every process of the benchmark')
+    parser.add_argument('--domain-id', type=int, default=None,
+                        help='ROS_DOMAIN_ID for every process of the benchmark '
+                        '(default: one no other demo, test or benchmark run here holds)')
     parser.add_argument('--frames', type=int, default=None, help='timed frames per config')
     parser.add_argument('--backend', choices=['local', 'openvino'], default='local',
                         help="the caption node's backend (openvino: the converted graphs; the "
@@ -408,7 +409,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.serve_echo:
         return serve_echo()
-    common.set_ros_environment(args.domain_id)
+    from blip2_ros.demo.isolation import isolate_ros
+    isolate_ros(args.domain_id)
     common.set_omp_wait_policy(args.omp_wait_policy)
     common.quiet_libraries()
     from blip2_ros.caption_node import keep_large_buffers_in_the_heap

@@ -121,8 +121,8 @@ def _forced(captioner):
 def demo_agreement(count):
     """Caption demo frames with the local backend and OpenVINO fp32 / int8; compare them."""
     from blip2_ros.captioner import CaptionerConfig, make_captioner
-    from blip2_ros.demo import demo_model_path, recorded_frame_size
-    from blip2_ros.synthetic_factory import scene_at
+    from blip2_ros.demo.run import demo_model_path, recorded_frame_size
+    from blip2_ros.demo.synthetic_factory import scene_at
 
     width, height = recorded_frame_size(demo_model_path())
     scenes = [scene_at(7, index, (height, width)) for index in range(count)]

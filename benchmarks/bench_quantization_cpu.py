@@ -92,8 +92,8 @@ def main(argv=None):
     import torch
 
     from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
-    from blip2_ros.demo import demo_model_path, recorded_frame_size
-    from blip2_ros.synthetic_factory import scene_at
+    from blip2_ros.demo.run import demo_model_path, recorded_frame_size
+    from blip2_ros.demo.synthetic_factory import scene_at
     from training.evaluate import score_captions
 
     torch.set_num_threads(1)

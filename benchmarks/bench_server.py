@@ -245,8 +245,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.repeats = 3.0, 4
-    from blip2_ros.demo import claim_domain_id
-    common.set_ros_environment(claim_domain_id())
+    from blip2_ros.demo.isolation import claim_domain_id, isolate_ros
+    isolate_ros(claim_domain_id())
     common.quiet_libraries()
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     import numpy as np

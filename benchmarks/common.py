@@ -13,7 +13,7 @@
 # limitations under the License.
 
 """
-Helpers shared by the benchmark scripts: statistics, tables, JSON, machine facts, ROS setup.
+Helpers shared by the benchmark scripts: statistics, tables, JSON, machine facts.
 
 The scripts run as ``python benchmarks/bench_X.py`` from a source checkout, so importing this
 module also puts the repository root on ``sys.path`` (the ``blip2_ros`` and ``training``
@@ -33,11 +33,6 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-
-FASTDDS_PROFILE = os.path.join(REPO_ROOT, 'config', 'fastdds_large_frames.xml')
-
-# An unusual domain id, so a benchmark never meets the nodes of a robot or a test run.
-DEFAULT_DOMAIN_ID = 87
 
 
 def argument_parser(description, quick_help):
@@ -171,28 +166,6 @@ def finish(results, json_path):
         print('\nJSON:')
         print(text)
     return 0
-
-
-def set_ros_environment(domain_id, large_frames_profile=True):
-    """
-    Isolate this process (and its children) on loopback in ``domain_id``; call before rclpy.
-
-    With ``large_frames_profile`` the Fast DDS profile that gives shared memory a 64 MB segment
-    is used: with Fast DDS's 512 KB default, raw frames of 640x480 and more travel as UDP
-    fragments and a best-effort subscriber loses most of them.
-    """
-    os.environ['ROS_DOMAIN_ID'] = str(domain_id)
-    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    os.environ['RMW_IMPLEMENTATION'] = 'rmw_fastrtps_cpp'
-    os.environ['HF_HUB_OFFLINE'] = '1'
-    os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
-    if large_frames_profile:
-        os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = FASTDDS_PROFILE
-    else:
-        os.environ.pop('FASTDDS_DEFAULT_PROFILES_FILE', None)
-    pythonpath = os.environ.get('PYTHONPATH', '')
-    if REPO_ROOT not in pythonpath.split(os.pathsep):
-        os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [REPO_ROOT, pythonpath]))
 
 
 def quiet_libraries():

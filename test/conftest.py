@@ -14,9 +14,7 @@
 
 """Shared fixtures: an isolated DDS domain, tiny BLIP-2 checkpoints, a vLLM server."""
 
-import os
-
-from blip2_ros.demo import claim_domain_id
+from blip2_ros.demo.isolation import claim_domain_id, isolate_ros
 import pytest
 # A session fixture: one vLLM server for every test file that asks for it.
 from vllm_server import vllm_server  # noqa: F401
@@ -25,11 +23,7 @@ from vllm_server import vllm_server  # noqa: F401
 # Set before any test imports rclpy, so every node created in this process (and every child
 # process, which inherits the environment) stays on loopback in a domain of its own, which no
 # parallel test run or demo on this machine shares.
-os.environ['ROS_DOMAIN_ID'] = str(claim_domain_id())
-os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-os.environ['RMW_IMPLEMENTATION'] = 'rmw_fastrtps_cpp'
-os.environ['HF_HUB_OFFLINE'] = '1'
-os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+isolate_ros(claim_domain_id(), large_frames_profile=False)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from blip2_ros.demo import claim_domain_id
+from blip2_ros.demo.isolation import claim_domain_id
 import numpy as np
 import pytest
 import rclpy

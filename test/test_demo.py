@@ -26,9 +26,9 @@ import threading
 import time
 
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
-from blip2_ros.demo import (DOMAIN_IDS, lock_domain_id, MAX_PENDING_TRUTHS, Scoreboard,
-                            STOP_GRACE_SEC)
-from blip2_ros.synthetic_factory import DEFAULT_SPEC, scene_at
+from blip2_ros.demo.isolation import DOMAIN_IDS, lock_domain_id
+from blip2_ros.demo.run import MAX_PENDING_TRUTHS, Scoreboard, STOP_GRACE_SEC
+from blip2_ros.demo.synthetic_factory import DEFAULT_SPEC, scene_at
 import pytest
 from std_msgs.msg import String
 from training.demo_model import (DemoModelError, DemoRecipe, main as demo_model_main,
@@ -268,8 +268,8 @@ def test_run_demo_sh_resolves_relative_paths_against_the_callers_folder(tmp_path
 
 DOMAIN_CHILD = """
 import os, sys
-from blip2_ros.demo import isolate_ros_environment
-isolate_ros_environment()
+from blip2_ros.demo.isolation import isolate_ros
+isolate_ros()
 print(os.environ['ROS_DOMAIN_ID'], flush=True)
 sys.stdin.read()  # hold the domain until the test lets go
 """
@@ -482,7 +482,7 @@ def test_reproduction_reaches_the_quality_of_the_committed_model(tmp_path):
 def test_from_scratch_takes_a_step_budget_and_says_how_long_it_will_take(
         tmp_path, monkeypatch, capsys):
     """--train-steps reaches the training recipe; the expected time is printed before it runs."""
-    from blip2_ros import demo
+    from blip2_ros.demo import run as demo
     from training import demo_model
 
     asked = []

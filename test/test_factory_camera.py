@@ -20,8 +20,8 @@ import subprocess
 import sys
 import time
 
-from blip2_ros.factory_camera import FactoryCamera, FactoryCameraError, PARAMETERS
-from blip2_ros.synthetic_factory import scene_at
+from blip2_ros.demo.factory_camera import FactoryCamera, FactoryCameraError, PARAMETERS
+from blip2_ros.demo.synthetic_factory import scene_at
 import cv2
 import numpy as np
 import pytest
@@ -83,8 +83,8 @@ def stamp_key(stamp):
 
 
 def camera_process(*parameters):
-    """Start ``python -m blip2_ros.factory_camera`` with ``-p`` parameters."""
-    command = [sys.executable, '-m', 'blip2_ros.factory_camera', '--ros-args']
+    """Start ``python -m blip2_ros.demo.factory_camera`` with ``-p`` parameters."""
+    command = [sys.executable, '-m', 'blip2_ros.demo.factory_camera', '--ros-args']
     for parameter in parameters:
         command += ['-p', parameter]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

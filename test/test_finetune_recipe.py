@@ -17,7 +17,7 @@
 import json
 import os
 
-from blip2_ros import demo
+from blip2_ros.demo import run as demo
 import pytest
 from training import finetune_demo, record_synthetic_bag
 
@@ -31,7 +31,7 @@ SHORT_RECIPE = finetune_demo.FinetuneRecipe(
 
 def test_line2_is_new_to_the_demo_model_and_line1_is_unchanged():
     """Line2 scenes use colour words no line1 caption has; line1 is synthetic_factory's own."""
-    from blip2_ros.synthetic_factory import DEFAULT_SPEC, scene_at
+    from blip2_ros.demo.synthetic_factory import DEFAULT_SPEC, scene_at
 
     line1 = record_synthetic_bag.site_scene_at('line1', 3, 7, (120, 160))
     assert line1.caption == scene_at(3, 7, (120, 160)).caption

@@ -552,7 +552,7 @@ def _resized(rgb, size):
 
 
 def _scene(seed, size):
-    from blip2_ros.synthetic_factory import scene_at
+    from blip2_ros.demo.synthetic_factory import scene_at
     return scene_at(7, seed, size=size)
 
 

@@ -27,7 +27,7 @@ import time
 
 from blip2_ros.caption_node import CaptionNode
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
-from blip2_ros.synthetic_factory import scene_at, SceneSpec
+from blip2_ros.demo.synthetic_factory import scene_at, SceneSpec
 import numpy as np
 import pytest
 import rclpy

@@ -20,8 +20,8 @@ import os
 from blip2_ros import caption_images
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
 from blip2_ros.checkpoint import ModelLoadError
-from blip2_ros.demo import demo_model_path, recorded_frame_size
-from blip2_ros.synthetic_factory import scene_at
+from blip2_ros.demo.run import demo_model_path, recorded_frame_size
+from blip2_ros.demo.synthetic_factory import scene_at
 import cv2
 import pytest
 

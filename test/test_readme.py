@@ -39,9 +39,9 @@ import threading
 import time
 
 from blip2_ros import caption_node as caption_node_module
-from blip2_ros import demo as demo_module
-from blip2_ros import factory_camera as factory_camera_module
 from blip2_ros.caption_node import CaptionNode, NODE_NAME, parameters_markdown
+from blip2_ros.demo import factory_camera as factory_camera_module
+from blip2_ros.demo import run as demo_module
 from diagnostic_msgs.msg import DiagnosticArray
 import numpy as np
 import pytest
@@ -61,7 +61,7 @@ FRAME_STAMP = (1764230400, 500)
 FRAME_ID = 'readme_camera'
 # Node modules take ROS arguments; the others take argparse options.
 ROS_NODE_MODULES = {'blip2_ros.caption_node': caption_node_module,
-                    'blip2_ros.factory_camera': factory_camera_module}
+                    'blip2_ros.demo.factory_camera': factory_camera_module}
 # Every command-line module the README teaches must have at least one command checked here.
 DOCUMENTED_MODULES = {'blip2_ros.demo', 'blip2_ros.caption_node', 'blip2_ros.caption_images',
                       'blip2_ros.doctor', 'training.bag_to_coco', 'training.split',

@@ -17,9 +17,9 @@
 from collections import Counter
 import json
 
-from blip2_ros.synthetic_factory import (caption_for, COLOURS, DEFAULT_SPEC, iter_scenes, KINDS,
-                                         make_layout, parse_size, render_layout, render_scene,
-                                         scene_at, SceneSpec, SceneSpecError)
+from blip2_ros.demo.synthetic_factory import (caption_for, COLOURS, DEFAULT_SPEC, iter_scenes,
+                                              KINDS, make_layout, parse_size, render_layout,
+                                              render_scene, scene_at, SceneSpec, SceneSpecError)
 import cv2
 import numpy as np
 import pytest

@@ -25,7 +25,7 @@ import sys
 import time
 
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, training_prompt
-from blip2_ros.synthetic_factory import iter_scenes, SceneSpec
+from blip2_ros.demo.synthetic_factory import iter_scenes, SceneSpec
 import numpy as np
 from PIL import Image
 import pytest
@@ -425,7 +425,7 @@ def test_tiny_model_learns_captions_from_scratch(tmp_path, capsys):
     values, so guessing scores 1/48 (2.1%); the most common training caption is the best
     blind guess and is measured on the held-out frames too.
     """
-    from blip2_ros.synthetic_factory import DEFAULT_SPEC
+    from blip2_ros.demo.synthetic_factory import DEFAULT_SPEC
     from training import evaluate
     from training.tiny_blip2 import build_tiny_blip2
 

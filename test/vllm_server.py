@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 
-from blip2_ros.demo import parent_death_signal
+from blip2_ros.demo.isolation import parent_death_signal
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 
-from blip2_ros.synthetic_factory import DEFAULT_SPEC
+from blip2_ros.demo.synthetic_factory import DEFAULT_SPEC
 from training.coco import usual_mode
 
 LOGGER = logging.getLogger('training.demo_model')
@@ -204,7 +204,7 @@ def _readme(recipe, results, command):
         '',
         f"A BLIP-2 of {results['parameters'] / 1e6:.2f} M parameters (vision encoder, Q-Former "
         "and OPT decoder), trained from random weights on a CPU by this project's own tools, "
-        'on footage of the synthetic factory (`blip2_ros.synthetic_factory`). It captions '
+        'on footage of the synthetic factory (`blip2_ros.demo.synthetic_factory`). It captions '
         f'{recipe.width}x{recipe.height} frames of that factory as "<count> <colour> <kind> on '
         f'the conveyor": {spec.num_captions} possible captions, so chance level is '
         f'1/{spec.num_captions} = {spec.chance_level:.1%}. It knows nothing else.',

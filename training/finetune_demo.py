@@ -121,7 +121,7 @@ def expected_minutes(recipe):
 
 def demo_model_path():
     """Return the bundled demo model's folder (installed share/ or the source checkout)."""
-    from blip2_ros.demo import demo_model_path as bundled
+    from blip2_ros.demo.run import demo_model_path as bundled
 
     return bundled()
 

@@ -39,9 +39,9 @@ import os
 import shutil
 import sys
 
-from blip2_ros.synthetic_factory import (CAPTION_SUFFIX, COLOURS, COUNT_WORDS, make_layout,
-                                         parse_size, plural, render_layout, Scene, scene_at,
-                                         SceneSpec)
+from blip2_ros.demo.synthetic_factory import (CAPTION_SUFFIX, COLOURS, COUNT_WORDS,
+                                              make_layout, parse_size, plural, render_layout,
+                                              Scene, scene_at, SceneSpec)
 import cv2
 import numpy as np
 from rosbags.interfaces import (Qos, QosDurability, QosHistory, QosLiveliness, QosReliability,

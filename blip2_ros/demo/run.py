@@ -30,13 +30,9 @@ the frame's stamp).
 
 import argparse
 from collections import OrderedDict
-import ctypes
-import ctypes.util
-import fcntl
 import json
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -44,8 +40,9 @@ import tempfile
 import threading
 import time
 
-# The folder that holds the blip2_ros package: the source tree, or site-packages when installed.
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from blip2_ros.demo.isolation import (child_environment, isolate_ros, PACKAGE_PARENT,
+                                      parent_death_signal, share_path)
+
 DEMO_MODEL_NAME = 'factory-tiny'
 RECIPE_FILE = 'demo_recipe.json'
 CAMERA_TOPIC = '/camera/image_raw'
@@ -61,12 +58,6 @@ STOP_GRACE_SEC = 20.0
 # --vllm: the name the local server serves the model under, and how long it may take to start.
 DEMO_SERVED_NAME = 'blip2-demo'
 SERVER_START_TIMEOUT = 300.0
-FASTDDS_PROFILE = ('config', 'fastdds_large_frames.xml')
-# Domain ids the demo and the test runs take for themselves, each held by one process at a time
-# (below 101, where Linux's ephemeral ports begin to overlap DDS's).
-DOMAIN_IDS = range(11, 101)
-DOMAIN_LOCK_FOLDER = os.path.join(tempfile.gettempdir(), 'blip2_ros_domains')
-_HELD_DOMAIN_LOCKS = []
 
 
 class DemoError(RuntimeError):
@@ -84,18 +75,6 @@ class Interrupted(KeyboardInterrupt):
 
 def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
-
-
-def share_path(*parts):
-    """Find a file of the package: installed share/ folder first, else the source tree."""
-    try:
-        from ament_index_python.packages import get_package_share_directory
-        candidate = os.path.join(get_package_share_directory('blip2_ros'), *parts)
-        if os.path.exists(candidate):
-            return candidate
-    except (ImportError, LookupError, OSError, ValueError):
-        pass
-    return os.path.join(PACKAGE_PARENT, *parts)
 
 
 def demo_model_path():
@@ -125,82 +104,6 @@ def recorded_frame_size(model):
                         'pass --size WIDTHxHEIGHT') from None
 
 
-def lock_domain_id(domain_id):
-    """Return an open file that holds ``domain_id``'s lock, or None if a process holds it."""
-    os.makedirs(DOMAIN_LOCK_FOLDER, exist_ok=True)
-    lock = open(os.path.join(DOMAIN_LOCK_FOLDER, f'{domain_id}.lock'), 'a')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        return None
-    return lock
-
-
-def claim_domain_id():
-    """
-    Return a ROS domain id that no other demo or test run of this machine holds, and hold it.
-
-    Each id has a lock file in the temporary folder; the first one this process can lock is
-    held, by the open file, until the process exits. Without a usable temporary folder, an id
-    drawn at random from the same range.
-    """
-    try:
-        for domain_id in DOMAIN_IDS:
-            lock = lock_domain_id(domain_id)
-            if lock:
-                _HELD_DOMAIN_LOCKS.append(lock)
-                return domain_id
-    except OSError:
-        pass
-    return random.Random(os.getpid()).choice(DOMAIN_IDS)
-
-
-def isolate_ros_environment():
-    """Keep DDS on loopback and in a domain of its own unless the user chose one."""
-    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
-    if not os.environ.get('ROS_DOMAIN_ID'):
-        os.environ['ROS_DOMAIN_ID'] = str(claim_domain_id())
-    os.environ.setdefault('HF_HUB_OFFLINE', '1')
-    # Frames above Fast DDS's 512 KB shared-memory segment (640x480 rgb8 and up) would go out
-    # as UDP fragments, and the caption node's best-effort subscription would lose nearly all.
-    os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', share_path(*FASTDDS_PROFILE))
-
-
-def _child_environment():
-    env = dict(os.environ)
-    # Children import blip2_ros from where this module came from, whatever their cwd.
-    env['PYTHONPATH'] = os.pathsep.join(
-        [PACKAGE_PARENT] + [path for path in env.get('PYTHONPATH', '').split(os.pathsep)
-                            if path])
-    env.setdefault('PYTHONUNBUFFERED', '1')
-    # Camera and captioner share the CPU; OpenMP threads that spin while they wait would
-    # starve the camera and slow every caption several times over.
-    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-    return env
-
-
-def parent_death_signal():
-    """Return a preexec_fn that makes a child get SIGTERM when we die, or None off Linux."""
-    if not sys.platform.startswith('linux'):
-        return None
-    try:
-        # Resolved here, not after fork: the child runs only this one foreign call.
-        prctl = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6', use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-    parent = os.getpid()
-
-    def preexec():
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-        # We may have died between fork and prctl; then no signal will ever come.
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
-    return preexec
-
-
 class NodeProcess:
     """
     A node running as a child process, in a session of its own so Ctrl-C reaches us first.
@@ -220,7 +123,7 @@ class NodeProcess:
         command = [sys.executable, '-m', *argv] if module else [sys.executable, *argv]
         output = open(log_path, 'ab') if log_path else None
         try:
-            self.process = subprocess.Popen(command, env=_child_environment(), stdout=output,
+            self.process = subprocess.Popen(command, env=child_environment(), stdout=output,
                                             stderr=subprocess.STDOUT if output else None,
                                             start_new_session=True,
                                             preexec_fn=parent_death_signal())
@@ -330,7 +233,7 @@ def start_nodes(model, width, height, rate_hz, seed, prompt, server_url=''):
     ``model`` as DEMO_SERVED_NAME.
     """
     camera_args = [
-        'blip2_ros.factory_camera', '--ros-args',
+        'blip2_ros.demo.factory_camera', '--ros-args',
         '-p', f'topic:={CAMERA_TOPIC}', '-p', f'rate_hz:={float(rate_hz)}',
         '-p', f'width:={width}', '-p', f'height:={height}', '-p', f'seed:={seed}',
         '-p', f'truth_topic:={TRUTH_TOPIC}', '-p', 'reliability:=reliable',
@@ -677,7 +580,7 @@ def _choose_model(args):
 def main(argv=None):
     """Run the demo; return the exit status."""
     args = parse_args(argv)
-    isolate_ros_environment()
+    isolate_ros()
     # Killing the demo or closing its terminal must stop the nodes just as Ctrl-C does.
     previous_handlers = {signum: signal.signal(signum, _raise_interrupted)
                          for signum in (signal.SIGTERM, signal.SIGHUP)}

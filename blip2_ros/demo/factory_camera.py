@@ -35,8 +35,8 @@ import json
 import sys
 import threading
 
+from blip2_ros.demo.synthetic_factory import COLOURS, COUNT_WORDS, KINDS, scene_at, SceneSpec
 from blip2_ros.parameters import declare, ParameterSpec
-from blip2_ros.synthetic_factory import COLOURS, COUNT_WORDS, KINDS, scene_at, SceneSpec
 import cv2
 import rclpy
 from rclpy.exceptions import InvalidTopicNameException, ParameterException
