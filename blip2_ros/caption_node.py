@@ -39,7 +39,7 @@ import time
 import traceback
 
 from blip2_ros.captioner import (adapter_training_prompt, caption_results, CaptionerConfig,
-                                 DEFAULT_MODEL, EMPTY_CAPTION, make_captioner, ModelLoadError,
+                                 DEFAULT_MODEL, make_captioner, ModelLoadError,
                                  prompt_problem, TRAINING_INFO_FILE, training_prompt)
 from blip2_ros.image_conversion import (format_label_mismatches, ImageConversionError,
                                         message_to_rgb)
@@ -247,7 +247,6 @@ class Camera:
         self.received = 0
         self.replaced = 0
         self.captioned = 0
-        self.empty_captions = 0  # of those captioned: published, but the model said nothing
         self.rejected = {}  # by reason
         self.dropped = {}  # frames that got no caption, by reason
         self.input_rate = RateMeter()
@@ -426,7 +425,6 @@ class CaptionNode(LifecycleNodeMixin, Node):
         self.failed_batches = 0
         self.dropped = {}  # frames that got no caption, by reason
         self.captions_published = 0
-        self.empty_captions = 0
         self._empty_at_last_report = 0
         self.caption_rate = RateMeter()
         self.inference_ms = deque(maxlen=LATENCY_WINDOW)
@@ -1115,10 +1113,9 @@ class CaptionNode(LifecycleNodeMixin, Node):
         try:
             # The frame was counted for its camera when the loop took it, or will be.
             captions, problem = self._run_batch([request.item], for_camera=False)
-            request.success = bool(captions and captions[0])
+            request.success = bool(captions)
             if captions:
-                # Published all the same; the caller hears why there is no text.
-                request.message = captions[0] or EMPTY_CAPTION
+                request.message = captions[0]
             elif problem:
                 request.message = problem
             else:
@@ -1210,12 +1207,10 @@ class CaptionNode(LifecycleNodeMixin, Node):
         with self._lock:
             if captions:
                 self.inference_ms.append(inference_ms)
-            for (topic, receive_time), caption in zip(published_items, captions):
+            for topic, receive_time in published_items:
                 self.end_to_end_ms.append((published - receive_time) * 1000.0)
                 if for_camera:
                     self.cameras[topic].captioned += 1
-                    self.cameras[topic].empty_captions += caption == ''
-            self.empty_captions += captions.count('')
             self.captions_published += len(captions)
             self.caption_rate.tick(published, len(captions))
         self._count_dropped([(topic, failure.reason) for topic, failure in failures],
@@ -1299,7 +1294,6 @@ class CaptionNode(LifecycleNodeMixin, Node):
                                                  else now - camera.latest_receive_time),
                     'rejection': camera.rejection and camera.rejection.reason,
                     'captioned': camera.captioned,
-                    'empty_captions': camera.empty_captions,
                     'rejected': sum(camera.rejected.values()),
                     'rejected_by_reason': dict(camera.rejected),
                     'dropped': sum(camera.dropped.values()),
@@ -1308,7 +1302,6 @@ class CaptionNode(LifecycleNodeMixin, Node):
                     'incompatible_qos': camera.incompatible_qos,
                 } for topic, camera in self.cameras.items()},
                 'captions_published': self.captions_published,
-                'empty_captions': self.empty_captions,
                 'captions_per_second': self.caption_rate.rate(now),
                 'inference_ms_p50': percentile(list(self.inference_ms), 50),
                 'inference_ms_p95': percentile(list(self.inference_ms), 95),
@@ -1367,7 +1360,6 @@ class CaptionNode(LifecycleNodeMixin, Node):
                       if captioner is not None else ''),
             'enabled': stats['enabled'],
             'captions_published': stats['captions_published'],
-            'empty_captions': stats['empty_captions'],
             'captions_per_second': f"{stats['captions_per_second']:.2f}",
             'inference_ms_p50': f"{stats['inference_ms_p50']:.1f}",
             'inference_ms_p95': f"{stats['inference_ms_p95']:.1f}",
@@ -1448,11 +1440,13 @@ class CaptionNode(LifecycleNodeMixin, Node):
             problems.append(f'{new} captions with NaN or inf scores since the last report, not '
                             'published: try dtype float32 or bfloat16, or another model or '
                             'adapter')
-        new = stats['empty_captions'] - self._empty_at_last_report
-        self._empty_at_last_report = stats['empty_captions']
+        empty = stats['dropped_by_reason'].get('empty_caption', 0)
+        new = empty - self._empty_at_last_report
+        self._empty_at_last_report = empty
         if new:
-            problems.append(f'{new} empty captions since the last report: try the prompt the '
-                            'model was trained with, dtype float32, or another model or adapter')
+            problems.append(f'{new} empty captions since the last report, not published: try '
+                            'the prompt the model was trained with, dtype float32, or another '
+                            'model or adapter')
         return problems
 
     def destroy_node(self):

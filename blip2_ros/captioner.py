@@ -43,8 +43,7 @@ PROMPT_CACHE_SIZE = 64
 NON_FINITE_SCORES = ("the model's scores turned NaN or inf while it captioned (a float16 "
                      'overflow, a broken fine-tune or adapter): try dtype float32 or bfloat16, '
                      'or another model or adapter')
-# An empty caption is published all the same (a model that says nothing is not always broken),
-# and the node says so.
+# An empty caption is never published: it is a frame without a caption, counted and said.
 EMPTY_CAPTION = ('the model gave an empty caption (it ended the caption at once): try the '
                  'prompt it was trained with, dtype float32, or another model or adapter')
 
@@ -102,11 +101,14 @@ def caption_results(captioner, frames, prompt=None, max_new_tokens=None):
     """
     Caption ``frames`` with any backend; return per frame its caption or a CaptionFailure.
 
-    What the node and the folder captioner publish. With the local backends a frame whose
-    scores turned NaN or inf comes back as the failure 'non_finite_scores', saying what to try.
+    What the node and the folder captioner publish. An empty caption comes back as the failure
+    'empty_caption'; with the local backends a frame whose scores turned NaN or inf comes back
+    as 'non_finite_scores'. Each says what to try.
     """
     options = {'failures': True} if isinstance(captioner, Blip2Captioner) else {}
-    return captioner.caption(frames, prompt=prompt, max_new_tokens=max_new_tokens, **options)
+    results = captioner.caption(frames, prompt=prompt, max_new_tokens=max_new_tokens, **options)
+    return [CaptionFailure('empty_caption', EMPTY_CAPTION) if result == '' else result
+            for result in results]
 
 
 class Blip2Captioner:
@@ -233,14 +235,15 @@ class Blip2Captioner:
 
     @torch.inference_mode()
     def caption(self, frames, prompt=None, max_new_tokens=None, failures=False,
-                **generate_kwargs):
+                min_new_tokens=0):
         """
-        Caption a batch of HxWx3 uint8 RGB frames in one ``generate`` call.
+        Caption a batch of HxWx3 uint8 RGB frames in one decode.
 
         ``prompt`` is one string for all frames or one per frame (None: the configured prompt).
-        Decoding is greedy unless ``generate_kwargs`` say otherwise, so the same frame gives
-        the same caption. A frame whose scores turned NaN or inf gets '' (its tokens are
-        garbage), or with ``failures`` a CaptionFailure saying what to try.
+        Decoding is greedy, so the same frame gives the same caption; ``min_new_tokens`` rules
+        out ending before that many tokens (the warm-up uses it). A frame whose scores turned
+        NaN or inf gets '' (its tokens are garbage), or with ``failures`` a CaptionFailure
+        saying what to try.
         """
         frames = list(frames)
         if not frames:
@@ -260,41 +263,39 @@ class Blip2Captioner:
         if problem:
             raise ValueError(problem)
         pixel_values = self.preprocess(frames)
-        if self.decoder.enabled and set(generate_kwargs) <= {'min_new_tokens'}:
+        if self.decoder.enabled:
             output = self.decoder.decode(pixel_values, input_ids, attention_mask, max_new_tokens,
-                                         generate_kwargs.get('min_new_tokens') or 0)
+                                         min_new_tokens)
             # The OpenVINO decoder does not check its scores.
             non_finite = getattr(self.decoder, 'non_finite_rows', None)
         else:
             output, non_finite = self._generate(pixel_values, input_ids, attention_mask,
-                                                max_new_tokens, generate_kwargs)
+                                                max_new_tokens, min_new_tokens)
         texts = self.processor.tokenizer.batch_decode(output, skip_special_tokens=True)
         captions = [text.strip() for text in texts]
         if non_finite is None or not bool(non_finite.any()):
             return captions
-        # Beam search flags each beam, several returned sequences share their frame's flag.
-        flagged = non_finite.view(len(frames), -1).any(1).repeat_interleave(
-            len(captions) // len(frames)).tolist()
         return [(CaptionFailure('non_finite_scores', NON_FINITE_SCORES) if failures else '')
-                if bad else caption for caption, bad in zip(captions, flagged)]
+                if bad else caption for caption, bad in zip(captions, non_finite.tolist())]
 
-    def _generate(self, pixel_values, input_ids, attention_mask, max_new_tokens, options):
+    def _generate(self, pixel_values, input_ids, attention_mask, max_new_tokens, min_new_tokens):
         """
-        Decode with generate(), on a reused static cache where one is kept.
+        Decode greedily with generate() (for the logits processing the checkpoint asks for).
 
-        Returns the new tokens only, and which rows' scores turned NaN or inf.
+        Runs on a reused static cache where one is kept. Returns the new tokens only, and which
+        rows' scores turned NaN or inf.
         """
-        options = dict({'max_new_tokens': max_new_tokens, 'do_sample': False}, **options)
         check = NonFiniteScores()
-        options['logits_processor'] = [*(options.get('logits_processor') or []), check]
-        # A search over several beams reorders the cache out of place: it gets a fresh one.
-        if self.decoder.static_cache and not {'past_key_values', 'cache_implementation',
-                                              'num_beams'} & set(options):
-            options['past_key_values'], _ = self.decoder.static_cache_for(
-                input_ids.shape[0], input_ids.shape[1], options['max_new_tokens'])
+        # Greedy whatever the checkpoint's generation config says, like the decode loop.
         # generate() would compile its own step on a static cache; the decode loop is the
         # compiled path here.
-        options.setdefault('disable_compile', True)
+        options = {'max_new_tokens': max_new_tokens, 'do_sample': False, 'num_beams': 1,
+                   'logits_processor': [check], 'disable_compile': True}
+        if min_new_tokens:
+            options['min_new_tokens'] = min_new_tokens
+        if self.decoder.static_cache:
+            options['past_key_values'], _ = self.decoder.static_cache_for(
+                input_ids.shape[0], input_ids.shape[1], max_new_tokens)
         output = self.model.generate(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
             **options)

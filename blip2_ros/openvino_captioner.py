@@ -364,10 +364,6 @@ class OpenVINOCaptioner(Blip2Captioner):
                 'backend local') from error
         LOGGER.info('converted to OpenVINO in %.1f s', time.monotonic() - started)
 
-    def _generate(self, pixel_values, input_ids, attention_mask, max_new_tokens, options):
-        raise ValueError(f'backend openvino decodes greedily and takes no generate options '
-                         f'({", ".join(sorted(options))}); use backend local for them')
-
 
 def _check_openvino_settings(config, weights):
     """Refuse settings the OpenVINO backend cannot honour, before anything loads."""

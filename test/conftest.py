@@ -56,13 +56,18 @@ def tiny_t5_checkpoint(tmp_path_factory):
     return folder
 
 
-def save_lively_copy(source, destination, seed=1):
+def save_lively_copy(source, destination, seed=1, talkative=False):
     """
     Copy a tiny checkpoint with larger random weights.
 
     At the builder's small init every frame and prompt gets the same (empty) caption, which
     would let wrong padding, a lost adapter or a frame/caption mix-up go unnoticed; with
     weights of std 0.3 the captions depend on the image and the prompt.
+
+    Even so, about one frame in three still gets an empty caption, because greedy decoding
+    picks a special token (pad, end) first. ``talkative`` zeroes the output-embedding rows of
+    the special tokens, so they are never the best pick and every frame gets a caption with
+    words: for tests that count captions, now that an empty caption is a failure.
     """
     import shutil
 
@@ -76,14 +81,39 @@ def save_lively_copy(source, destination, seed=1):
         for parameter in model.parameters():
             if parameter.dim() >= 2:
                 parameter.normal_(0.0, 0.3, generator=generator)
+        if talkative:
+            from transformers import AutoTokenizer
+            special = AutoTokenizer.from_pretrained(source).all_special_ids
+            model.language_model.get_output_embeddings().weight[special] = 0.0
     model.save_pretrained(destination)
     return destination
+
+
+@pytest.fixture
+def harness_factory():
+    """Return a function that starts a ros_harness.Harness; each one is closed after the test."""
+    from ros_harness import Harness
+    harnesses = []
+
+    def make(*args, **kwargs):
+        harnesses.append(Harness(*args, **kwargs))
+        return harnesses[-1]
+    yield make
+    for harness in harnesses:
+        harness.close()
 
 
 @pytest.fixture(scope='session')
 def lively_opt_checkpoint(tiny_opt_checkpoint, tmp_path_factory):
     """Return a tiny OPT BLIP-2 whose captions depend on the image and the prompt."""
     return save_lively_copy(tiny_opt_checkpoint, tmp_path_factory.mktemp('lively') / 'opt')
+
+
+@pytest.fixture(scope='session')
+def talkative_opt_checkpoint(tiny_opt_checkpoint, tmp_path_factory):
+    """Return a lively tiny OPT BLIP-2 that never gives an empty caption."""
+    return save_lively_copy(
+        tiny_opt_checkpoint, tmp_path_factory.mktemp('talkative') / 'opt', talkative=True)
 
 
 @pytest.fixture(scope='session')

@@ -34,7 +34,6 @@ from PIL import Image
 import pytest
 from rosbags.typesys import get_typestore, Stores
 import torch
-from transformers import Blip2ForConditionalGeneration
 from transformers.image_transforms import convert_to_rgb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,21 +66,6 @@ def read_webcam_bag():
         database.close()
     bgr = np.frombuffer(bytes(raw.data), np.uint8).reshape(raw.height, raw.width, 3)
     return bytes(jpeg.data), bgr
-
-
-@pytest.fixture(scope='module')
-def lively_checkpoint(tiny_opt_checkpoint, tmp_path_factory):
-    """Copy the tiny OPT checkpoint with weights large enough that captions differ by image."""
-    folder = tmp_path_factory.mktemp('caption-images') / 'opt'
-    shutil.copytree(tiny_opt_checkpoint, folder)
-    model = Blip2ForConditionalGeneration.from_pretrained(tiny_opt_checkpoint)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.normal_(0.0, 0.3, generator=generator)
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
@@ -275,23 +259,23 @@ def test_an_image_above_max_pixels_is_refused_from_its_header_in_one_line(
     assert [warning.category.__name__ for warning in caught] == []
 
 
-def test_max_pixels_option_skips_images_above_it(tmp_path, tiny_opt_checkpoint, capsys):
+def test_max_pixels_option_skips_images_above_it(tmp_path, talkative_opt_checkpoint, capsys):
     small, large = tmp_path / 'a_small.png', tmp_path / 'b_large.png'
     Image.fromarray(random_frame(16, 16, 16)).save(small)
     Image.fromarray(random_frame(17, 16, 20)).save(large)
-    status = main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3',
+    status = main(['--model', str(talkative_opt_checkpoint), '--max-new-tokens', '3',
                    '--max-pixels', '256', str(tmp_path)])
     out, err = capsys.readouterr()
     assert status == 3
     assert [line['image'] for line in json_lines(out)] == [str(small)]
     assert f'{large}: 20x16 = 320 pixels, above the limit of 256 (--max-pixels), skipped' in err
-    assert main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3',
+    assert main(['--model', str(talkative_opt_checkpoint), '--max-new-tokens', '3',
                  '--max-pixels', '320', str(tmp_path)]) == 0
     assert len(json_lines(capsys.readouterr().out)) == 2
 
 
 def test_an_unreadable_folder_gets_one_line_and_the_rest_is_captioned(
-        image_folder, tiny_opt_checkpoint, monkeypatch, capsys):
+        image_folder, talkative_opt_checkpoint, monkeypatch, capsys):
     root, _ = image_folder
     locked = str(root / 'shift_b')
     scandir = os.scandir
@@ -306,7 +290,7 @@ def test_an_unreadable_folder_gets_one_line_and_the_rest_is_captioned(
     images, problems = find_images([str(root)])
     assert problems == [f'{locked}: cannot read folder (Permission denied)']
     assert not any(path.startswith(locked) for path in images) and len(images) == 5
-    status = main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3',
+    status = main(['--model', str(talkative_opt_checkpoint), '--max-new-tokens', '3',
                    '--batch-size', '5', str(root)])
     out, err = capsys.readouterr()
     assert status == 3
@@ -337,10 +321,10 @@ def test_find_images_follows_symlinked_folders_but_not_link_loops(tmp_path):
     assert problems == []
 
 
-def test_captions_every_readable_image_like_the_captioner(image_folder, lively_checkpoint,
+def test_captions_every_readable_image_like_the_captioner(image_folder, talkative_opt_checkpoint,
                                                           capsys):
     root, _ = image_folder
-    status = main(['--model', str(lively_checkpoint), '--batch-size', '2',
+    status = main(['--model', str(talkative_opt_checkpoint), '--batch-size', '2',
                    '--max-new-tokens', '6', '--device', 'cpu', str(root)])
     out, err = capsys.readouterr()
 
@@ -349,7 +333,7 @@ def test_captions_every_readable_image_like_the_captioner(image_folder, lively_c
     expected_paths = [path for path in find_images([str(root)])[0]
                       if not path.endswith('broken.jpg')]
     assert [line['image'] for line in lines] == expected_paths
-    captioner = Blip2Captioner(CaptionerConfig(model=str(lively_checkpoint), device='cpu',
+    captioner = Blip2Captioner(CaptionerConfig(model=str(talkative_opt_checkpoint), device='cpu',
                                                max_new_tokens=6))
     # Frames decoded independently: PNGs by OpenCV, JPEGs by PIL.
     frames = []
@@ -365,27 +349,28 @@ def test_captions_every_readable_image_like_the_captioner(image_folder, lively_c
     assert 'captioned 6 images, skipped 1' in err
 
 
-def test_prompt_reaches_the_captioner(image_folder, lively_checkpoint, capsys):
+def test_prompt_reaches_the_captioner(image_folder, talkative_opt_checkpoint, capsys):
     root, frames = image_folder
     prompt = 'Question: is the conveyor empty? Answer:'
     image = str(root / 'belt.png')
-    assert main(['--model', str(lively_checkpoint), '--prompt', prompt,
+    assert main(['--model', str(talkative_opt_checkpoint), '--prompt', prompt,
                  '--max-new-tokens', '6', image]) == 0
     with_prompt = json_lines(capsys.readouterr().out)
-    assert main(['--model', str(lively_checkpoint), '--max-new-tokens', '6', image]) == 0
+    assert main(['--model', str(talkative_opt_checkpoint), '--max-new-tokens', '6', image]) == 0
     without_prompt = json_lines(capsys.readouterr().out)
-    captioner = Blip2Captioner(CaptionerConfig(model=str(lively_checkpoint), max_new_tokens=6))
+    captioner = Blip2Captioner(CaptionerConfig(model=str(talkative_opt_checkpoint),
+                                               max_new_tokens=6))
     assert with_prompt == [{'image': image, 'caption': captioner.caption(
         [frames['belt.png']], prompt=prompt)[0]}]
     assert with_prompt != without_prompt
 
 
 def test_the_training_prompt_is_the_default_and_a_given_prompt_wins(
-        image_folder, lively_checkpoint, tmp_path, capsys):
+        image_folder, talkative_opt_checkpoint, tmp_path, capsys):
     root, frames = image_folder
     trained = 'Question: is the conveyor empty? Answer:'
     model = tmp_path / 'trained'
-    shutil.copytree(lively_checkpoint, model)
+    shutil.copytree(talkative_opt_checkpoint, model)
     (model / 'blip2_ros_training.json').write_text(json.dumps({'prompt': trained}))
     image = str(root / 'belt.png')
     captioner = Blip2Captioner(CaptionerConfig(model=str(model), max_new_tokens=6))
@@ -407,7 +392,7 @@ def test_the_training_prompt_is_the_default_and_a_given_prompt_wins(
 
 
 def test_an_image_too_big_for_memory_is_skipped_and_the_others_captioned(
-        image_folder, tiny_opt_checkpoint, monkeypatch, capsys):
+        image_folder, talkative_opt_checkpoint, monkeypatch, capsys):
     root, _ = image_folder
     belt, huge, arm = (str(root / name)
                        for name in ('belt.png', 'shift_a/z_last.png', 'shift_b/arm.png'))
@@ -419,7 +404,7 @@ def test_an_image_too_big_for_memory_is_skipped_and_the_others_captioned(
         return open_image(path, *args, **kwargs)
 
     monkeypatch.setattr(Image, 'open', open_short_of_memory)
-    status = main(['--model', str(tiny_opt_checkpoint), '--batch-size', '1',
+    status = main(['--model', str(talkative_opt_checkpoint), '--batch-size', '1',
                    '--max-new-tokens', '3', belt, huge, arm])
     out, err = capsys.readouterr()
     assert status == 3
@@ -430,7 +415,7 @@ def test_an_image_too_big_for_memory_is_skipped_and_the_others_captioned(
 
 @pytest.mark.parametrize('failure', ['allocator', 'MemoryError'])
 def test_out_of_memory_on_a_cpu_skips_the_batch_and_says_to_lower_batch_size(
-        image_folder, tiny_opt_checkpoint, monkeypatch, capsys, failure):
+        image_folder, talkative_opt_checkpoint, monkeypatch, capsys, failure):
     root, _ = image_folder
     paths = [str(root / name) for name in ('belt.png', 'shift_b/arm.png', 'shift_a/z_last.png')]
     caption = Blip2Captioner.caption
@@ -444,7 +429,7 @@ def test_out_of_memory_on_a_cpu_skips_the_batch_and_says_to_lower_batch_size(
         return caption(captioner, frames, *args, **kwargs)
 
     monkeypatch.setattr(Blip2Captioner, 'caption', caption_short_of_memory)
-    status = main(['--model', str(tiny_opt_checkpoint), '--batch-size', '2',
+    status = main(['--model', str(talkative_opt_checkpoint), '--batch-size', '2',
                    '--max-new-tokens', '3'] + paths)
     out, err = capsys.readouterr()
     assert status == 3
@@ -454,30 +439,30 @@ def test_out_of_memory_on_a_cpu_skips_the_batch_and_says_to_lower_batch_size(
 
 
 def test_a_file_name_that_is_not_utf8_is_printed_with_escapes(
-        tmp_path, tiny_opt_checkpoint, capsys):
+        tmp_path, talkative_opt_checkpoint, capsys):
     # capsys encodes strictly as UTF-8, as a pipe does under PYTHONIOENCODING=utf-8:strict.
     path = os.path.join(str(tmp_path), os.fsdecode(b'caf\xe9.png'))
     Image.fromarray(random_frame(9, 16, 16)).save(path, format='PNG')
-    status = main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3',
+    status = main(['--model', str(talkative_opt_checkpoint), '--max-new-tokens', '3',
                    str(tmp_path)])
     out, err = capsys.readouterr()
     assert status == 0, err
     assert [line['image'] for line in json_lines(out)] == [f'{tmp_path}/caf\\xe9.png']
 
 
-def test_nothing_readable_exits_1(tmp_path, tiny_opt_checkpoint, capsys):
+def test_nothing_readable_exits_1(tmp_path, talkative_opt_checkpoint, capsys):
     (tmp_path / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n')
     (tmp_path / 'empty').mkdir()
-    assert main(['--model', str(tiny_opt_checkpoint), str(tmp_path / 'broken.png')]) == 1
+    assert main(['--model', str(talkative_opt_checkpoint), str(tmp_path / 'broken.png')]) == 1
     out, err = capsys.readouterr()
     assert out == '' and 'broken.png' in err and 'captioned 0 images' in err
-    assert main(['--model', str(tiny_opt_checkpoint), str(tmp_path / 'empty')]) == 1
+    assert main(['--model', str(talkative_opt_checkpoint), str(tmp_path / 'empty')]) == 1
     assert 'no image files found' in capsys.readouterr().err
 
 
-def test_missing_path_is_skipped_with_a_warning(image_folder, tiny_opt_checkpoint, capsys):
+def test_missing_path_is_skipped_with_a_warning(image_folder, talkative_opt_checkpoint, capsys):
     root, _ = image_folder
-    status = main(['--model', str(tiny_opt_checkpoint), str(root / 'belt.png'),
+    status = main(['--model', str(talkative_opt_checkpoint), str(root / 'belt.png'),
                    str(root / 'missing.png')])
     out, err = capsys.readouterr()
     assert status == 3
@@ -530,9 +515,10 @@ def start_caption_images(checkpoint, *arguments):
         env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 
-def test_runs_as_a_module(image_folder, tiny_opt_checkpoint):
+def test_runs_as_a_module(image_folder, talkative_opt_checkpoint):
     root, _ = image_folder
-    process = start_caption_images(tiny_opt_checkpoint, root / 'belt.png', root / 'webcam.jpg')
+    process = start_caption_images(talkative_opt_checkpoint, root / 'belt.png',
+                                   root / 'webcam.jpg')
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert [line['image'] for line in json_lines(stdout)] == [
@@ -540,7 +526,7 @@ def test_runs_as_a_module(image_folder, tiny_opt_checkpoint):
 
 
 def test_folders_that_link_back_to_themselves_twice_are_walked_once(
-        tmp_path, tiny_opt_checkpoint):
+        tmp_path, talkative_opt_checkpoint):
     # Two links back to the top make every level twice as many paths as the last: without the
     # guard the walk goes on until the kernel's 40-link limit, 2**40 folders later.
     root = tmp_path / 'camera'
@@ -548,7 +534,7 @@ def test_folders_that_link_back_to_themselves_twice_are_walked_once(
     Image.fromarray(random_frame(10, 16, 16)).save(root / 'belt.png')
     (root / 'left').symlink_to(root, target_is_directory=True)
     (root / 'right').symlink_to(root, target_is_directory=True)
-    process = start_caption_images(tiny_opt_checkpoint, root)
+    process = start_caption_images(talkative_opt_checkpoint, root)
     try:
         stdout, stderr = process.communicate(timeout=90)
     except subprocess.TimeoutExpired:
@@ -560,13 +546,14 @@ def test_folders_that_link_back_to_themselves_twice_are_walked_once(
 
 
 def test_the_default_batch_size_captions_every_image_of_a_full_batch(
-        image_folder, lively_checkpoint, capsys):
+        image_folder, talkative_opt_checkpoint, capsys):
     root, frames = image_folder
     names = ['belt.png', 'shift_a/z_last.png', 'shift_b/arm.png', 'webcam_raw.png']
     paths = [str(root / name) for name in names]
-    assert main(['--model', str(lively_checkpoint), '--max-new-tokens', '6'] + paths) == 0
+    assert main(['--model', str(talkative_opt_checkpoint), '--max-new-tokens', '6'] + paths) == 0
     out, err = capsys.readouterr()
-    captioner = Blip2Captioner(CaptionerConfig(model=str(lively_checkpoint), max_new_tokens=6))
+    captioner = Blip2Captioner(CaptionerConfig(model=str(talkative_opt_checkpoint),
+                                               max_new_tokens=6))
     assert json_lines(out) == [
         {'image': path, 'caption': caption}
         for path, caption in zip(paths, captioner.caption([frames[name] for name in names]))]
@@ -574,7 +561,7 @@ def test_the_default_batch_size_captions_every_image_of_a_full_batch(
 
 
 def test_an_error_that_is_not_out_of_memory_fails_its_batch_in_one_line_and_goes_on(
-        image_folder, tiny_opt_checkpoint, monkeypatch, capsys):
+        image_folder, talkative_opt_checkpoint, monkeypatch, capsys):
     root, _ = image_folder
     paths = [str(root / name) for name in ('belt.png', 'shift_b/arm.png', 'shift_a/z_last.png')]
     caption = Blip2Captioner.caption
@@ -585,7 +572,7 @@ def test_an_error_that_is_not_out_of_memory_fails_its_batch_in_one_line_and_goes
         return caption(captioner, frames, *args, **kwargs)
 
     monkeypatch.setattr(Blip2Captioner, 'caption', caption_with_a_bug)
-    status = main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3',
+    status = main(['--model', str(talkative_opt_checkpoint), '--max-new-tokens', '3',
                    '--batch-size', '1'] + paths)
     out, err = capsys.readouterr()
     assert status == 3
@@ -599,7 +586,7 @@ def test_an_error_that_is_not_out_of_memory_fails_its_batch_in_one_line_and_goes
 
 
 def test_a_server_failure_for_one_image_fails_that_image_and_the_rest_are_captioned(
-        image_folder, tiny_opt_checkpoint, monkeypatch, capsys):
+        image_folder, talkative_opt_checkpoint, monkeypatch, capsys):
     # --backend openai hands back CaptionFailure in place of a caption that did not come.
     from blip2_ros.server_captioner import CaptionFailure
     root, _ = image_folder
@@ -611,7 +598,7 @@ def test_a_server_failure_for_one_image_fails_that_image_and_the_rest_are_captio
         return [CaptionFailure('server_timeout', 'no answer within 60 s')] + captions[1:]
 
     monkeypatch.setattr(Blip2Captioner, 'caption', caption_one_timed_out)
-    status = main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '3'] + paths)
+    status = main(['--model', str(talkative_opt_checkpoint), '--max-new-tokens', '3'] + paths)
     out, err = capsys.readouterr()
     assert status == 3
     assert [line['image'] for line in json_lines(out)] == paths[1:]
@@ -626,8 +613,8 @@ def many_images(tmp_path):
     return tmp_path
 
 
-def test_ctrl_c_stops_with_130_and_complete_lines(many_images, tiny_opt_checkpoint):
-    process = start_caption_images(tiny_opt_checkpoint, '--batch-size', '1', many_images)
+def test_ctrl_c_stops_with_130_and_complete_lines(many_images, talkative_opt_checkpoint):
+    process = start_caption_images(talkative_opt_checkpoint, '--batch-size', '1', many_images)
     try:
         first = process.stdout.readline()
         process.send_signal(signal.SIGINT)
@@ -642,9 +629,9 @@ def test_ctrl_c_stops_with_130_and_complete_lines(many_images, tiny_opt_checkpoi
     assert lines[0]['image'] == str(many_images / '000.png')
 
 
-def test_a_reader_that_stops_early_ends_it_quietly(many_images, tiny_opt_checkpoint):
+def test_a_reader_that_stops_early_ends_it_quietly(many_images, talkative_opt_checkpoint):
     # caption_images photos/ | head -1
-    process = start_caption_images(tiny_opt_checkpoint, '--batch-size', '1', many_images)
+    process = start_caption_images(talkative_opt_checkpoint, '--batch-size', '1', many_images)
     try:
         assert json.loads(process.stdout.readline())['image'] == str(many_images / '000.png')
         process.stdout.close()

@@ -26,177 +26,23 @@ from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, ModelLoadError
 from blip2_ros.image_conversion import message_to_rgb
 import cv2
 from diagnostic_msgs.msg import DiagnosticArray
-import numpy as np
 import pytest
 import rclpy
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.time import Time
+from ros_harness import (decode_jpeg, image_message, jpeg_message, make_frame, statuses,
+                         TIMEOUT, wait_for, wait_until_active)
 from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import String
 from std_srvs.srv import SetBool, Trigger
 import torch
 
 pytestmark = pytest.mark.ros
 
-TIMEOUT = 20.0
-
-
-def make_frame(seed, height=48, width=64):
-    """Return a random but reproducible RGB frame; different seeds give different captions."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def image_message(frame, stamp_sec=0, frame_id='camera', encoding='rgb8'):
-    """Build a sensor_msgs/Image from an RGB frame, the way a camera driver would."""
-    message = Image()
-    message.header.stamp.sec = stamp_sec
-    message.header.stamp.nanosec = 500
-    message.header.frame_id = frame_id
-    message.height, message.width = frame.shape[:2]
-    message.encoding = encoding
-    pixels = frame if encoding == 'rgb8' else cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
-    message.step = frame.shape[1] * 3
-    message.data = array.array('B', pixels.tobytes())
-    return message
-
-
-def jpeg_message(frame, stamp_sec=0, frame_id='camera'):
-    """Build a sensor_msgs/CompressedImage holding ``frame`` as a JPEG."""
-    message = CompressedImage()
-    message.header.stamp.sec = stamp_sec
-    message.header.frame_id = frame_id
-    message.format = 'rgb8; jpeg compressed bgr8'
-    ok, encoded = cv2.imencode('.jpg', cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
-                               [cv2.IMWRITE_JPEG_QUALITY, 95])
-    assert ok
-    message.data = array.array('B', encoded.tobytes())
-    return message
-
-
-def decode_jpeg(message):
-    """Decode a CompressedImage the way a receiver would, to know what the node saw."""
-    bgr = cv2.imdecode(np.frombuffer(bytes(message.data), np.uint8), cv2.IMREAD_COLOR)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def wait_for(condition, timeout=TIMEOUT, what='condition'):
-    """Poll ``condition`` until it is true or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f'timed out after {timeout} s waiting for {what}')
-
-
-def wait_until_active(node, timeout=TIMEOUT * 12):
-    """
-    Wait for an autostarting node to be active; raise ModelLoadError if it cannot start.
-
-    The limit is generous: a first torch.compile on two busy cores takes minutes, and a start
-    that fails ends the wait at once.
-    """
-    deadline = time.monotonic() + timeout
-    while node.lifecycle_state != 'active':
-        if node.finished.done():
-            raise ModelLoadError(node.configure_error)
-        assert time.monotonic() < deadline, f'still {node.lifecycle_state} after {timeout} s'
-        time.sleep(0.02)
-
-
-class Harness:
-    """A caption node and a test node (publishers, listeners, clients) spinning in one process."""
-
-    def __init__(self, checkpoint, topics, namespace='', **parameters):
-        """Start both nodes in a private context; DDS carries the traffic between them."""
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = self.peer = self.executor = None
-        try:
-            self._start(checkpoint, topics, namespace, parameters)
-        except BaseException:
-            # A node left spinning would answer the next test's calls under the same name.
-            self.close()
-            raise
-
-    def _start(self, checkpoint, topics, namespace, parameters):
-        overrides = [Parameter('model', value=str(checkpoint)),
-                     Parameter('image_topics', value=list(topics)),
-                     Parameter('diagnostics_period', value=0.2)]
-        overrides += [Parameter(name, value=value) for name, value in parameters.items()]
-        self.node = CaptionNode(context=self.context, parameter_overrides=overrides,
-                                namespace=namespace)
-        self.peer = rclpy.create_node('test_peer', context=self.context)
-        self.captions, self.infos, self.diagnostics = [], [], []
-        self.peer.create_subscription(
-            String, '/blip2/caption', lambda message: self.captions.append(message.data), 10)
-        self.peer.create_subscription(
-            String, '/blip2/caption_info',
-            lambda message: self.infos.append(json.loads(message.data)), 10)
-        self.peer.create_subscription(
-            DiagnosticArray, '/diagnostics', self.diagnostics.append, 10)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
-        self.executor.add_node(self.node)
-        self.executor.add_node(self.peer)
-        self.spinner = threading.Thread(target=self.executor.spin, daemon=True)
-        self.spinner.start()
-        if parameters.get('autostart', True):
-            # autostart loads the model in the background; the tests begin with it captioning.
-            wait_until_active(self.node)
-
-    def publisher(self, message_type, topic, reliability=ReliabilityPolicy.RELIABLE):
-        """Create a publisher and wait until the caption node's subscription has matched it."""
-        publisher = self.peer.create_publisher(
-            message_type, topic, QoSProfile(depth=10, reliability=reliability))
-        wait_for(lambda: publisher.get_subscription_count() > 0, what=f'a subscriber on {topic}')
-        wait_for(lambda: self.peer.count_publishers('/blip2/caption_info') > 0,
-                 what='the caption publisher')
-        return publisher
-
-    def call(self, service_type, name, request):
-        """Call a service of the caption node and return its response."""
-        client = self.peer.create_client(service_type, name)
-        assert client.wait_for_service(timeout_sec=TIMEOUT), f'{name} did not appear'
-        future = client.call_async(request)
-        wait_for(future.done, what=f'a response from {name}')
-        return future.result()
-
-    def wait_for_infos(self, count, timeout=TIMEOUT):
-        """Wait for ``count`` companion messages and return them."""
-        wait_for(lambda: len(self.infos) >= count, timeout, f'{count} captions')
-        return self.infos[:count]
-
-    def close(self):
-        """Stop spinning and tear everything down, however far the start got."""
-        try:
-            if self.executor is not None:
-                self.executor.shutdown()
-        finally:
-            for node in (self.node, self.peer):
-                if node is not None:
-                    node.destroy_node()
-            rclpy.try_shutdown(context=self.context)
-
-
-@pytest.fixture
-def harness_factory():
-    harnesses = []
-
-    def make(*args, **kwargs):
-        harness = Harness(*args, **kwargs)
-        harnesses.append(harness)
-        return harness
-    yield make
-    for harness in harnesses:
-        harness.close()
-
 
 def test_image_and_compressed_frames_are_captioned_with_stamp_and_frame_id(
-        harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint,
+        harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint,
                               ['/cam_a/image_raw', '/cam_b/image_raw/compressed'],
                               max_new_tokens=8)
     raw = harness.publisher(Image, '/cam_a/image_raw')
@@ -219,14 +65,14 @@ def test_image_and_compressed_frames_are_captioned_with_stamp_and_frame_id(
     wait_for(lambda: len(harness.captions) >= 2, what='plain captions')
     assert harness.captions[:2] == expected
     for info in (first, second):
-        assert info['model'] == str(lively_opt_checkpoint)
+        assert info['model'] == str(talkative_opt_checkpoint)
         assert info['prompt'] == ''
         assert info['inference_ms'] > 0
 
 
 def test_a_large_jpeg_is_decoded_at_reduced_scale_for_the_model(
-        harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint, ['/cam/image_raw/compressed'],
+        harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam/image_raw/compressed'],
                               max_new_tokens=8)
     captioner = harness.node.captioner
     assert harness.node.decode_min_size == captioner.image_size == (64, 64)
@@ -241,8 +87,8 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_for_the_model(
 
 
 def test_best_effort_subscription_hears_best_effort_and_reliable_publishers(
-        harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint, ['/cam_be', '/cam_rel'])
+        harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam_be', '/cam_rel'])
     best_effort = harness.publisher(Image, '/cam_be', ReliabilityPolicy.BEST_EFFORT)
     reliable = harness.publisher(Image, '/cam_rel', ReliabilityPolicy.RELIABLE)
     best_effort.publish(image_message(make_frame(3), stamp_sec=1))
@@ -251,8 +97,8 @@ def test_best_effort_subscription_hears_best_effort_and_reliable_publishers(
              what='captions from both publishers')
 
 
-def test_reliable_subscription_hears_reliable_publisher(harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint, ['/cam_rel'], reliability='reliable')
+def test_reliable_subscription_hears_reliable_publisher(harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam_rel'], reliability='reliable')
     reliable = harness.publisher(Image, '/cam_rel', ReliabilityPolicy.RELIABLE)
     reliable.publish(image_message(make_frame(5), stamp_sec=3))
     assert harness.wait_for_infos(1)[0]['stamp']['sec'] == 3
@@ -261,9 +107,9 @@ def test_reliable_subscription_hears_reliable_publisher(harness_factory, lively_
 @pytest.mark.parametrize('reliability, expected', [
     ('best_effort', ReliabilityPolicy.BEST_EFFORT), ('reliable', ReliabilityPolicy.RELIABLE)])
 def test_camera_subscriptions_offer_the_reliability_asked_for(
-        harness_factory, lively_opt_checkpoint, reliability, expected):
+        harness_factory, talkative_opt_checkpoint, reliability, expected):
     # What DDS advertises for the caption node's subscription, as `ros2 topic info -v` shows.
-    harness = harness_factory(lively_opt_checkpoint, ['/cam_qos'], reliability=reliability)
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam_qos'], reliability=reliability)
 
     def advertised():
         return [info.qos_profile.reliability
@@ -277,9 +123,9 @@ FAST_PATH_SETTINGS = [{}, {'cache': 'static'}, {'torch_compile': True}]
 
 
 @pytest.mark.parametrize('settings', FAST_PATH_SETTINGS, ids=['default', 'static', 'compiled'])
-def test_two_cameras_are_captioned_in_one_batch(harness_factory, lively_opt_checkpoint,
+def test_two_cameras_are_captioned_in_one_batch(harness_factory, talkative_opt_checkpoint,
                                                 settings):
-    harness = harness_factory(lively_opt_checkpoint, ['/left', '/right'], max_new_tokens=8,
+    harness = harness_factory(talkative_opt_checkpoint, ['/left', '/right'], max_new_tokens=8,
                               **settings)
     captioner = harness.node.captioner
     assert captioner.decode_loop == bool(settings)
@@ -297,17 +143,17 @@ def test_two_cameras_are_captioned_in_one_batch(harness_factory, lively_opt_chec
     assert [info['batch_size'] for info in infos] == [2, 2]
     by_topic = {info['source_topic']: info['caption'] for info in infos}
     # Judged by generate() on a captioner of its own, whatever path the node took.
-    reference = Blip2Captioner(CaptionerConfig(model=str(lively_opt_checkpoint)))
+    reference = Blip2Captioner(CaptionerConfig(model=str(talkative_opt_checkpoint)))
     expected = reference.caption([frames['/left'], frames['/right']], max_new_tokens=8)
     assert [by_topic['/left'], by_topic['/right']] == expected
 
 
 def test_spellings_of_one_topic_are_one_camera_named_as_ros_resolves_it(
-        harness_factory, lively_opt_checkpoint):
+        harness_factory, talkative_opt_checkpoint):
     # In namespace /line1, 'camera/image_raw' is /line1/camera/image_raw: listed twice, it
     # would be captioned twice per frame, in one batch, under two names.
     topic = '/line1/camera/image_raw'
-    harness = harness_factory(lively_opt_checkpoint, ['camera/image_raw', topic],
+    harness = harness_factory(talkative_opt_checkpoint, ['camera/image_raw', topic],
                               namespace='/line1', max_new_tokens=4)
     assert list(harness.node.statistics()['cameras']) == [topic]
     harness.publisher(Image, topic).publish(image_message(make_frame(3), stamp_sec=3))
@@ -318,9 +164,9 @@ def test_spellings_of_one_topic_are_one_camera_named_as_ros_resolves_it(
 
 
 def test_max_batch_size_splits_the_cameras_into_smaller_batches(
-        harness_factory, lively_opt_checkpoint):
+        harness_factory, talkative_opt_checkpoint):
     topics = ['/a', '/b', '/c']
-    harness = harness_factory(lively_opt_checkpoint, topics, max_new_tokens=8, max_batch_size=2)
+    harness = harness_factory(talkative_opt_checkpoint, topics, max_new_tokens=8, max_batch_size=2)
     publishers = {topic: harness.publisher(Image, topic) for topic in topics}
     assert harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=False)).success
     frames = {topic: make_frame(60 + index) for index, topic in enumerate(topics)}
@@ -338,8 +184,8 @@ def test_max_batch_size_splits_the_cameras_into_smaller_batches(
 
 
 def test_caption_now_captions_the_newest_frame_of_any_camera(
-        harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint, ['/a', '/b'], max_new_tokens=8)
+        harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint, ['/a', '/b'], max_new_tokens=8)
     publishers = {topic: harness.publisher(Image, topic) for topic in ('/a', '/b')}
     assert harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=False)).success
     frames = [make_frame(80), make_frame(81), make_frame(82)]
@@ -355,8 +201,8 @@ def test_caption_now_captions_the_newest_frame_of_any_camera(
 
 
 def test_disable_pauses_captioning_and_caption_now_still_answers(
-        harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=8)
+        harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam'], max_new_tokens=8)
     camera = harness.publisher(Image, '/cam')
     response = harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=False))
     assert response.success and 'paused' in response.message
@@ -385,8 +231,8 @@ def test_disable_pauses_captioning_and_caption_now_still_answers(
 
 
 def test_parameter_changes_take_effect_and_bad_values_are_rejected(
-        harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=8)
+        harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam'], max_new_tokens=8)
     camera = harness.publisher(Image, '/cam')
     node = harness.node
     prompt = 'Question: is the conveyor empty? Answer:'
@@ -406,17 +252,17 @@ def test_parameter_changes_take_effect_and_bad_values_are_rejected(
     read_only = node.set_parameters([Parameter('model', value='other/model')])[0]
     assert not read_only.successful
     assert node.get_parameter('max_new_tokens').value == 3
-    assert node.get_parameter('model').value == str(lively_opt_checkpoint)
+    assert node.get_parameter('model').value == str(talkative_opt_checkpoint)
 
 
 @pytest.mark.parametrize('given, use_training_prompt, expected', [
     (None, True, 'trained'), ('', False, ''), ('a photo of', True, 'a photo of'),
 ])
 def test_the_node_captions_with_the_training_prompt_unless_told_otherwise(
-        harness_factory, lively_opt_checkpoint, tmp_path, given, use_training_prompt, expected):
+        harness_factory, talkative_opt_checkpoint, tmp_path, given, use_training_prompt, expected):
     trained = 'Question: is the conveyor empty? Answer:'
     model = tmp_path / 'trained'
-    shutil.copytree(lively_opt_checkpoint, model)
+    shutil.copytree(talkative_opt_checkpoint, model)
     (model / 'blip2_ros_training.json').write_text(json.dumps({'prompt': trained}))
     settings = {} if given is None else {'prompt': given}
     harness = harness_factory(model, ['/cam'], max_new_tokens=6,
@@ -434,10 +280,10 @@ def test_the_node_captions_with_the_training_prompt_unless_told_otherwise(
 
 @pytest.mark.parametrize('use_training_prompt', [True, False])
 def test_a_prompt_cleared_at_run_time_falls_back_as_an_empty_one_at_start_up(
-        harness_factory, lively_opt_checkpoint, tmp_path, use_training_prompt):
+        harness_factory, talkative_opt_checkpoint, tmp_path, use_training_prompt):
     trained = 'Question: is the conveyor empty? Answer:'
     model = tmp_path / 'trained'
-    shutil.copytree(lively_opt_checkpoint, model)
+    shutil.copytree(talkative_opt_checkpoint, model)
     (model / 'blip2_ros_training.json').write_text(json.dumps({'prompt': trained}))
     harness = harness_factory(model, ['/cam'], max_new_tokens=6, prompt='a photo of',
                               use_training_prompt=use_training_prompt)
@@ -496,8 +342,8 @@ def _bad_frames():
 
 
 def test_bad_frames_are_dropped_counted_and_good_frames_still_captioned(
-        harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint, ['/raw', '/raw/compressed'],
+        harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint, ['/raw', '/raw/compressed'],
                               max_pixels=100 * 100, max_new_tokens=4)
     raw = harness.publisher(Image, '/raw')
     compressed = harness.publisher(CompressedImage, '/raw/compressed')
@@ -524,8 +370,8 @@ def test_bad_frames_are_dropped_counted_and_good_frames_still_captioned(
     wait_for(diagnostics_show_rejections, what='rejections on /diagnostics')
 
 
-def test_diagnostics_warn_about_a_silent_camera(harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint, ['/nobody/publishes/this'],
+def test_diagnostics_warn_about_a_silent_camera(harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint, ['/nobody/publishes/this'],
                               stale_input_timeout=0.3)
 
     def warned():
@@ -534,14 +380,9 @@ def test_diagnostics_warn_about_a_silent_camera(harness_factory, lively_opt_chec
     wait_for(warned, what='a stale-input warning')
 
 
-def statuses(harness):
-    """Return every captioning status the test node has heard on /diagnostics so far."""
-    return [status for message in list(harness.diagnostics) for status in message.status]
-
-
 def test_out_of_memory_while_captioning_drops_the_batch_and_halves_the_next_ones(
-        harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint, ['/a', '/b'], max_new_tokens=8,
+        harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint, ['/a', '/b'], max_new_tokens=8,
                               max_batch_size=2, stale_input_timeout=60.0)
     node = harness.node
     caption = node.captioner.caption
@@ -581,9 +422,9 @@ def test_out_of_memory_while_captioning_drops_the_batch_and_halves_the_next_ones
 
 
 def test_a_best_effort_camera_that_cannot_reach_a_reliable_node_is_named_with_the_fix(
-        harness_factory, lively_opt_checkpoint, capfd):
+        harness_factory, talkative_opt_checkpoint, capfd):
     # DDS never connects the two: without the QoS event the node would only see silence.
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'], reliability='reliable',
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam'], reliability='reliable',
                               stale_input_timeout=60.0)
     harness.peer.create_publisher(
         Image, '/cam', QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
@@ -600,8 +441,8 @@ def test_a_best_effort_camera_that_cannot_reach_a_reliable_node_is_named_with_th
     assert 'reliability parameter to best_effort' in warnings[0]
 
 
-def test_diagnostics_warn_while_frames_are_rejected(harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4,
+def test_diagnostics_warn_while_frames_are_rejected(harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam'], max_new_tokens=4,
                               stale_input_timeout=60.0)
     camera = harness.publisher(Image, '/cam')
     depth = image_message(make_frame(70))
@@ -619,9 +460,9 @@ def test_diagnostics_warn_while_frames_are_rejected(harness_factory, lively_opt_
 
 
 def test_diagnostics_warn_about_frames_rejected_between_two_good_ones(
-        harness_factory, lively_opt_checkpoint):
+        harness_factory, talkative_opt_checkpoint):
     # The newest frame is good again, so only the count says that frames are being lost.
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4,
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam'], max_new_tokens=4,
                               stale_input_timeout=60.0)
     camera = harness.publisher(Image, '/cam')
     depth = image_message(make_frame(72))
@@ -639,8 +480,8 @@ def test_diagnostics_warn_about_frames_rejected_between_two_good_ones(
 # The thread ends with an exception on purpose; pytest would warn about it.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnhandledThreadExceptionWarning')
 def test_diagnostics_report_an_error_when_the_inference_thread_has_stopped(
-        harness_factory, lively_opt_checkpoint, monkeypatch):
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'])
+        harness_factory, talkative_opt_checkpoint, monkeypatch):
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam'])
     node = harness.node
 
     def end_the_thread():
@@ -656,8 +497,8 @@ def test_diagnostics_report_an_error_when_the_inference_thread_has_stopped(
 
 
 def test_the_inference_thread_survives_an_error_outside_a_batch(
-        harness_factory, lively_opt_checkpoint, monkeypatch):
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4)
+        harness_factory, talkative_opt_checkpoint, monkeypatch):
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam'], max_new_tokens=4)
     camera = harness.publisher(Image, '/cam')
     node = harness.node
     take_pending = node._take_pending
@@ -680,8 +521,8 @@ def test_the_inference_thread_survives_an_error_outside_a_batch(
     assert node.statistics()['failed_batches'] == 1
 
 
-def test_a_higher_max_rate_hz_takes_effect_at_once(harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4,
+def test_a_higher_max_rate_hz_takes_effect_at_once(harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam'], max_new_tokens=4,
                               max_rate_hz=0.05)
     camera = harness.publisher(Image, '/cam')
     camera.publish(image_message(make_frame(73), stamp_sec=1))
@@ -695,8 +536,8 @@ def test_a_higher_max_rate_hz_takes_effect_at_once(harness_factory, lively_opt_c
 
 
 def test_caption_now_answers_a_failed_caption_and_the_node_goes_on(
-        harness_factory, lively_opt_checkpoint, monkeypatch):
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4)
+        harness_factory, talkative_opt_checkpoint, monkeypatch):
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam'], max_new_tokens=4)
     camera = harness.publisher(Image, '/cam')
     harness.call(SetBool, '/blip2_caption/enable', SetBool.Request(data=False))
     frame = make_frame(75)
@@ -722,7 +563,7 @@ def test_caption_now_answers_a_failed_caption_and_the_node_goes_on(
 
 
 def test_caption_now_waits_for_the_inference_thread_and_leaves_the_executor_free(
-        harness_factory, lively_opt_checkpoint, monkeypatch):
+        harness_factory, talkative_opt_checkpoint, monkeypatch):
     monkeypatch.setattr(caption_node, 'CAPTION_NOW_TIMEOUT', 2.0)
     threads, entered, release = [], threading.Event(), threading.Event()
     waited = []  # (from, to) of each caption_now call the node gave up on, by the node's clock
@@ -738,7 +579,7 @@ def test_caption_now_waits_for_the_inference_thread_and_leaves_the_executor_free
         return response
 
     monkeypatch.setattr(CaptionNode, '_on_caption_now', observed_caption_now)
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=4)
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam'], max_new_tokens=4)
     camera = harness.publisher(Image, '/cam')
     client = harness.peer.create_client(Trigger, '/blip2_caption/caption_now')
     assert client.wait_for_service(timeout_sec=TIMEOUT)
@@ -773,7 +614,7 @@ def test_caption_now_waits_for_the_inference_thread_and_leaves_the_executor_free
 
 
 def test_start_up_compiles_on_the_inference_thread_for_the_caption_length_it_uses(
-        harness_factory, lively_opt_checkpoint, monkeypatch):
+        harness_factory, talkative_opt_checkpoint, monkeypatch):
     warm_up_threads = []
     warm_up = Blip2Captioner.warm_up
     stale_after = 1.5
@@ -790,7 +631,7 @@ def test_start_up_compiles_on_the_inference_thread_for_the_caption_length_it_use
 
     monkeypatch.setattr(Blip2Captioner, 'warm_up', recorded_warm_up)
     # 8 new tokens need a shorter static cache, and so another compiled step, than 30 do.
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=8,
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam'], max_new_tokens=8,
                               torch_compile=True, stale_input_timeout=stale_after)
     listening_since = time.monotonic()  # the node subscribes as its constructor ends
     captioner = harness.node.captioner
@@ -818,7 +659,7 @@ def test_start_up_compiles_on_the_inference_thread_for_the_caption_length_it_use
 
 
 def test_a_warm_up_that_runs_out_of_memory_fails_the_start_saying_what_to_lower(
-        lively_opt_checkpoint, monkeypatch):
+        talkative_opt_checkpoint, monkeypatch):
     # Compiler errors never get here (the captioner decodes uncompiled); a batch of every
     # camera's frames that does not fit on the GPU does. torch raises this error on GPUs only.
     def out_of_memory(captioner, batch_sizes, **kwargs):
@@ -827,7 +668,7 @@ def test_a_warm_up_that_runs_out_of_memory_fails_the_start_saying_what_to_lower(
     monkeypatch.setattr(Blip2Captioner, 'warm_up', out_of_memory)
     context = rclpy.Context()
     rclpy.init(context=context)
-    overrides = [Parameter('model', value=str(lively_opt_checkpoint)),
+    overrides = [Parameter('model', value=str(talkative_opt_checkpoint)),
                  Parameter('image_topics', value=['/left', '/right']),
                  Parameter('torch_compile', value=True)]
     try:
@@ -846,9 +687,9 @@ def test_a_warm_up_that_runs_out_of_memory_fails_the_start_saying_what_to_lower(
 
 
 def test_prompt_or_caption_length_beyond_the_model_is_refused_at_run_time(
-        harness_factory, lively_opt_checkpoint):
+        harness_factory, talkative_opt_checkpoint):
     # The tiny model has 128 positions: 8 image tokens, the prompt and the caption share them.
-    harness = harness_factory(lively_opt_checkpoint, ['/cam'], max_new_tokens=8)
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam'], max_new_tokens=8)
     node = harness.node
     refused = node.set_parameters([Parameter('prompt', value=' '.join(['conveyor'] * 200))])[0]
     assert not refused.successful and '128' in refused.reason
@@ -865,12 +706,12 @@ def test_prompt_or_caption_length_beyond_the_model_is_refused_at_run_time(
     assert node.statistics()['failed_batches'] == 0
 
 
-def test_caption_length_beyond_the_model_fails_the_start(lively_opt_checkpoint):
+def test_caption_length_beyond_the_model_fails_the_start(talkative_opt_checkpoint):
     context = rclpy.Context()
     rclpy.init(context=context)
     try:
         node = CaptionNode(context=context, parameter_overrides=[
-            Parameter('model', value=str(lively_opt_checkpoint)),
+            Parameter('model', value=str(talkative_opt_checkpoint)),
             Parameter('image_topics', value=['/cam']),
             Parameter('max_new_tokens', value=125)])
         with pytest.raises(ModelLoadError) as error:
@@ -908,9 +749,9 @@ def test_bad_settings_stop_the_node_in_one_line_before_the_model_loads(setting, 
         assert '2.0' in message, 'say how to write a float'
 
 
-def test_broken_frames_leave_stderr_to_the_throttled_log(harness_factory, lively_opt_checkpoint,
+def test_broken_frames_leave_stderr_to_the_throttled_log(harness_factory, talkative_opt_checkpoint,
                                                          capfd):
-    harness = harness_factory(lively_opt_checkpoint, ['/cam/compressed'])
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam/compressed'])
     camera = harness.publisher(CompressedImage, '/cam/compressed')
     ok, png = cv2.imencode('.png', make_frame(79))
     assert ok
@@ -983,8 +824,8 @@ def test_fast_camera_and_slow_model_leave_no_backlog(harness_factory, tmp_path):
 
 
 def test_a_compressed_frame_labelled_with_another_codec_is_captioned_and_reported_once(
-        harness_factory, lively_opt_checkpoint):
-    harness = harness_factory(lively_opt_checkpoint, ['/cam/image_raw/compressed'],
+        harness_factory, talkative_opt_checkpoint):
+    harness = harness_factory(talkative_opt_checkpoint, ['/cam/image_raw/compressed'],
                               max_new_tokens=8)
     publisher = harness.publisher(CompressedImage, '/cam/image_raw/compressed')
     message = jpeg_message(make_frame(40), stamp_sec=40)

@@ -86,12 +86,12 @@ def test_main_gives_sigterm_back_when_it_returns(tiny_opt_checkpoint):
 @pytest.mark.parametrize('wait_policy, stop_signal', [('PASSIVE', signal.SIGINT),
                                                       (None, signal.SIGTERM)])
 def test_node_process_captions_a_frame_and_exits_cleanly_on_a_stop_signal(
-        tiny_opt_checkpoint, wait_policy, stop_signal):
+        lively_opt_checkpoint, wait_policy, stop_signal):
     environment = {name: value for name, value in os.environ.items()
                    if name != 'OMP_WAIT_POLICY'}
     if wait_policy:
         environment['OMP_WAIT_POLICY'] = wait_policy
-    process = run_node('-p', f'model:={tiny_opt_checkpoint}',
+    process = run_node('-p', f'model:={lively_opt_checkpoint}',
                        '-p', 'image_topics:=[/process_cam/image_raw]', '-p', 'torch_threads:=2',
                        environment=environment)
     context = rclpy.Context()
@@ -136,12 +136,12 @@ def test_node_process_captions_a_frame_and_exits_cleanly_on_a_stop_signal(
 
 @pytest.mark.parametrize('stop_signal', [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_while_the_model_compiles_ends_the_node_at_once(
-        tiny_opt_checkpoint, tmp_path, stop_signal):
+        lively_opt_checkpoint, tmp_path, stop_signal):
     # ros2 launch stops nodes with SIGINT, then SIGTERM; docker stop and systemd use SIGTERM.
     # Compiling takes minutes on a robot and cannot be cut short: the node must neither wait
     # for it nor crash. A fresh compile cache makes the compile take long here too.
     environment = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / 'compile_cache'))
-    process = run_node('-p', f'model:={tiny_opt_checkpoint}', '-p', 'torch_compile:=true',
+    process = run_node('-p', f'model:={lively_opt_checkpoint}', '-p', 'torch_compile:=true',
                        environment=environment)
     try:
         lines = []
@@ -162,7 +162,7 @@ def test_a_stop_signal_while_the_model_compiles_ends_the_node_at_once(
 
 
 def test_without_autostart_the_process_waits_unconfigured_and_a_shutdown_ends_it(
-        tiny_opt_checkpoint):
+        lively_opt_checkpoint):
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState, GetState
 
@@ -170,7 +170,7 @@ def test_without_autostart_the_process_waits_unconfigured_and_a_shutdown_ends_it
     # the graph (nodes gone or going, participants) can answer for this node or hide it.
     name = f'blip2_caption_{os.getpid()}'
     domain_id = claim_domain_id()
-    process = run_node('-p', f'model:={tiny_opt_checkpoint}', '-p', 'autostart:=false',
+    process = run_node('-p', f'model:={lively_opt_checkpoint}', '-p', 'autostart:=false',
                        '-r', f'__node:={name}',
                        environment=dict(os.environ, ROS_DOMAIN_ID=str(domain_id)))
     context = rclpy.Context()

@@ -112,11 +112,11 @@ def levels(difference, image_processor):
     return difference / ((1.0 / 255.0) / min(image_processor.image_std))
 
 
-def reference_captions(folder, frames, prompts, max_new_tokens, encoder_decoder):
+def reference_captions(folder, frames, prompts, max_new_tokens, encoder_decoder, model=None):
     """Caption the documented Hugging Face way: processor, generate, decode."""
     processor = Blip2Processor.from_pretrained(folder)
     processor.tokenizer.padding_side = 'right' if encoder_decoder else 'left'
-    model = Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+    model = (model or Blip2ForConditionalGeneration.from_pretrained(folder)).eval()
     inputs = processor(images=frames, text=prompts, padding=True, return_tensors='pt')
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -330,8 +330,8 @@ def test_a_prompt_and_caption_that_fill_the_positions_of_opt_exactly_are_accepte
     captioner = make_captioner(tiny_opt_checkpoint, max_new_tokens=19, prompt=long_prompt)
     assert captioner.length_problem(long_prompt, 19) is None
     assert 'need 129 positions' in captioner.length_problem(long_prompt, 20)
-    special = captioner.processor.tokenizer.all_special_ids
-    (caption,) = captioner.caption(model_size_frames(1), suppress_tokens=special)
+    forced = without_special_tokens(tiny_opt_checkpoint, max_new_tokens=19, prompt=long_prompt)
+    (caption,) = forced.caption(model_size_frames(1))
     assert len(caption.split()) == 19
 
 
@@ -365,15 +365,16 @@ def test_max_new_tokens_is_respected(lively_checkpoints, language_model):
     # The word-level tokenizer decodes one token to one space-separated word. Suppressing the
     # special tokens (end of sequence included) makes generation run to the limit, so the
     # count must be exact; without that, it is an upper bound.
-    captioner = make_captioner(lively_checkpoints[language_model], max_new_tokens=5)
+    folder = lively_checkpoints[language_model]
+    captioner = make_captioner(folder, max_new_tokens=5)
+    forced = without_special_tokens(folder, max_new_tokens=5)
     frames = model_size_frames(3)
-    special = captioner.processor.tokenizer.all_special_ids
     for limit in (1, 3, 7):
-        forced = captioner.caption(frames, max_new_tokens=limit, suppress_tokens=special)
-        assert [len(caption.split()) for caption in forced] == [limit] * 3
+        captions = forced.caption(frames, max_new_tokens=limit)
+        assert [len(caption.split()) for caption in captions] == [limit] * 3
         free = captioner.caption(frames, max_new_tokens=limit)
         assert all(len(caption.split()) <= limit for caption in free)
-    by_config = captioner.caption(frames, suppress_tokens=special)
+    by_config = forced.caption(frames)
     assert [len(caption.split()) for caption in by_config] == [5] * 3
 
 
@@ -404,6 +405,19 @@ def wrap(folder, model=None, **settings):
     model = model or Blip2ForConditionalGeneration.from_pretrained(folder)
     return Blip2Captioner.from_model(model, Blip2Processor.from_pretrained(folder),
                                      CaptionerConfig(**settings))
+
+
+def without_special_tokens(folder, **settings):
+    """
+    Return a captioner whose model never picks a special token (end of sequence included).
+
+    The checkpoint's generation config suppresses them, so decoding goes through generate()
+    and runs to max_new_tokens, one word per token of the word-level tokenizer.
+    """
+    model = Blip2ForConditionalGeneration.from_pretrained(folder)
+    special = Blip2Processor.from_pretrained(folder).tokenizer.all_special_ids
+    model.language_model.generation_config.suppress_tokens = special
+    return wrap(folder, model, **settings)
 
 
 def refuse_generate(captioner):
@@ -493,30 +507,19 @@ def test_the_decode_loop_scores_one_position_per_caption(lively_checkpoints):
 
 
 @pytest.mark.usefixtures('one_torch_thread')
-def test_generate_options_given_to_one_call_are_honoured_on_the_static_cache(
-        lively_checkpoints):
-    # The decode loop implements greedy decoding and min_new_tokens alone; a call that asks
-    # for anything else must go to generate(), which honours it.
-    folder = lively_checkpoints['opt']
-    frames = model_size_frames(3, first_seed=420)
-    static = make_captioner(folder, max_new_tokens=10, cache='static')
-    assert static.decode_loop
-    penalised = static.caption(frames, repetition_penalty=3.0)
-    dynamic = make_captioner(folder, max_new_tokens=10)
-    assert penalised == dynamic.caption(frames, repetition_penalty=3.0)
-    assert penalised != dynamic.caption(frames)
-
-
-@pytest.mark.usefixtures('one_torch_thread')
 def test_generation_settings_the_loop_lacks_send_decoding_to_generate(lively_checkpoints):
+    # A checkpoint that asks for a repetition penalty decodes through generate(), which
+    # honours it; captioning stays greedy even where its generation config asks for beams.
     folder = lively_checkpoints['opt']
     frames = model_size_frames(3, first_seed=420)
     model = Blip2ForConditionalGeneration.from_pretrained(folder)
     model.language_model.generation_config.repetition_penalty = 3.0
+    model.language_model.generation_config.num_beams = 3
     captioner = wrap(folder, model, max_new_tokens=10, cache='static')
     assert not captioner.decode_loop
     captions = captioner.caption(frames)
-    assert captions == wrap(folder, max_new_tokens=10).caption(frames, repetition_penalty=3.0)
+    model.language_model.generation_config.num_beams = 1
+    assert captions == reference_captions(folder, frames, [''] * 3, 10, False, model=model)
     assert captions != wrap(folder, max_new_tokens=10).caption(frames)
 
 

@@ -375,9 +375,9 @@ def test_scoreboard_latency_is_the_median():
 
 
 @pytest.mark.ros
-def test_demo_exits_3_when_the_accuracy_ends_below_min_accuracy(tiny_opt_checkpoint):
+def test_demo_exits_3_when_the_accuracy_ends_below_min_accuracy(lively_opt_checkpoint):
     # An untrained model never says the true caption: 0% against a bar of 50%.
-    result = run_demo('--model', str(tiny_opt_checkpoint), '--frames', '2',
+    result = run_demo('--model', str(lively_opt_checkpoint), '--frames', '2',
                       '--min-accuracy', '0.5', '--timeout', '120')
     assert result.returncode == 3, result.stdout + result.stderr
     assert '0 of 2 captions equal the truth (0.0%)' in result.stdout

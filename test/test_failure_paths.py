@@ -35,26 +35,13 @@ import cv2
 import numpy as np
 import pytest
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from ros_harness import image_message, jpeg_message, make_frame, statuses, wait_for
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import SetBool, Trigger
-from test_caption_node import (Harness, image_message, jpeg_message, make_frame, statuses,
-                               wait_for)
 import torch
 from vllm_server import build_lora_training_output
 
 pytestmark = pytest.mark.ros
-
-
-@pytest.fixture
-def harness_factory():
-    harnesses = []
-
-    def make(*args, **kwargs):
-        harnesses.append(Harness(*args, **kwargs))
-        return harnesses[-1]
-    yield make
-    for harness in harnesses:
-        harness.close()
 
 
 @pytest.fixture(scope='module')
@@ -135,29 +122,40 @@ def test_nan_scores_are_counted_said_and_never_published(harness_factory, nan_op
     assert harness.captions == [] and harness.infos == []
 
 
-def test_an_empty_caption_is_counted_and_said(harness_factory, tiny_opt_checkpoint):
+def test_an_empty_caption_is_never_published_but_counted_and_said(
+        harness_factory, tiny_opt_checkpoint, tmp_path, capsys):
     # At the builder's small init the tiny model ends every caption at once.
     harness = harness_factory(tiny_opt_checkpoint, ['/a', '/b'], max_new_tokens=4,
                               stale_input_timeout=60.0)
     cameras = {topic: harness.publisher(Image, topic) for topic in ('/a', '/b')}
     cameras['/a'].publish(image_message(make_frame(10), stamp_sec=1))
-    harness.wait_for_infos(1)
     cameras['/b'].publish(image_message(make_frame(11), stamp_sec=2))
-    infos = harness.wait_for_infos(2)
-    assert [info['caption'] for info in infos] == ['', '']
+    wait_for(lambda: harness.node.statistics()['dropped_frames'] == 2, what='two dropped frames')
     stats = harness.node.statistics()
-    assert stats['empty_captions'] == 2 and stats['dropped_frames'] == 0
+    assert stats['dropped_by_reason'] == {'empty_caption': 2}
+    assert stats['captions_published'] == 0
     for topic in ('/a', '/b'):
         camera = stats['cameras'][topic]
-        assert camera['empty_captions'] == 1 and camera['captioned'] == 1
+        assert camera['dropped_by_reason'] == {'empty_caption': 1} and camera['captioned'] == 0
     response = harness.call(Trigger, '/blip2_caption/caption_now', Trigger.Request())
     assert not response.success and response.message == EMPTY_CAPTION
     wait_for(lambda: any(status.level == status.WARN and 'empty captions' in status.message
+                         and 'not published' in status.message
                          and 'try the prompt the model was trained with' in status.message
                          for status in statuses(harness)),
              what='a warning on /diagnostics')
-    wait_for(lambda: values_of(harness).get('empty_captions') == '3',
+    wait_for(lambda: values_of(harness).get('dropped_empty_caption') == '3',
              what='the count on /diagnostics')
+    time.sleep(0.3)
+    assert harness.captions == [] and harness.infos == []
+    # The folder captioner names each such file and captions nothing.
+    cv2.imwrite(str(tmp_path / 'belt.png'), make_frame(12))
+    status = caption_images.main(['--model', str(tiny_opt_checkpoint), '--max-new-tokens', '4',
+                                  str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert out == '' and status == caption_images.EXIT_NOTHING_CAPTIONED
+    assert (f'caption_images: {tmp_path / "belt.png"}: no caption ({EMPTY_CAPTION}), skipped'
+            in err.splitlines())
 
 
 def test_caption_images_names_each_file_with_nan_scores(
@@ -303,9 +301,9 @@ def accounted(camera):
 
 
 def test_fuzzed_frames_on_two_cameras_are_all_accounted_for_and_captioning_goes_on(
-        harness_factory, lively_opt_checkpoint):
+        harness_factory, talkative_opt_checkpoint):
     topics = {'/fuzz/raw': raw_kinds(), '/fuzz/raw/compressed': compressed_kinds()}
-    harness = harness_factory(lively_opt_checkpoint, list(topics), max_pixels=100 * 100,
+    harness = harness_factory(talkative_opt_checkpoint, list(topics), max_pixels=100 * 100,
                               max_new_tokens=2, reliability='reliable',
                               stale_input_timeout=60.0)
     node = harness.node

@@ -30,26 +30,14 @@ from rcl_interfaces.msg import Parameter as ParameterMessage, ParameterType, Par
 from rcl_interfaces.srv import SetParameters
 import rclpy
 from rclpy.parameter import Parameter
+from ros_harness import Harness, image_message, make_frame, wait_for
 from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
-from test_caption_node import Harness, image_message, make_frame, wait_for
 from vllm_server import build_lora_training_output
 
 pytestmark = pytest.mark.ros
 
 NODE = '/blip2_caption'
-
-
-@pytest.fixture
-def harness_factory():
-    harnesses = []
-
-    def make(*args, **kwargs):
-        harnesses.append(Harness(*args, **kwargs))
-        return harnesses[-1]
-    yield make
-    for harness in harnesses:
-        harness.close()
 
 
 def mapped_files():

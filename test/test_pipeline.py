@@ -20,10 +20,8 @@ evaluate -> the trained output captions frames in a real CaptionNode over DDS. T
 once per module, in order, as a user would run them; the tests then check what each step left.
 """
 
-import array
 import json
 import threading
-import time
 
 from blip2_ros.caption_node import CaptionNode
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
@@ -34,6 +32,7 @@ import rclpy
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from ros_harness import image_message, wait_for
 from safetensors.torch import load_file
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
@@ -171,25 +170,6 @@ def test_evaluation_scores_the_captions_the_trained_models_give(pipeline):
         assert scores['exact_match'] == pytest.approx(sum(hits) / len(hits)), title
 
 
-def _wait_for(condition, what):
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f'timed out after {TIMEOUT} s waiting for {what}')
-
-
-def _image_message(frame):
-    message = Image()
-    message.header.frame_id = 'factory_camera'
-    message.height, message.width = frame.shape[:2]
-    message.encoding = 'rgb8'
-    message.step = frame.shape[1] * 3
-    message.data = array.array('B', frame.tobytes())
-    return message
-
-
 def caption_over_dds(model, adapter, prompt, frame):
     """Start a CaptionNode on the trained output, publish ``frame``, return (caption, node)."""
     context = rclpy.Context()
@@ -210,10 +190,12 @@ def caption_over_dds(model, adapter, prompt, frame):
         executor.add_node(node)
         executor.add_node(peer)
         threading.Thread(target=executor.spin, daemon=True).start()
-        _wait_for(lambda: publisher.get_subscription_count() > 0, 'the node to subscribe')
-        _wait_for(lambda: peer.count_publishers('/blip2/caption') > 0, 'the caption publisher')
-        publisher.publish(_image_message(frame))
-        _wait_for(lambda: captions, 'a caption')
+        wait_for(lambda: publisher.get_subscription_count() > 0, TIMEOUT,
+                 'the node to subscribe')
+        wait_for(lambda: peer.count_publishers('/blip2/caption') > 0, TIMEOUT,
+                 'the caption publisher')
+        publisher.publish(image_message(frame, frame_id='factory_camera'))
+        wait_for(lambda: captions, TIMEOUT, 'a caption')
         return captions[0], node.captioner.model.state_dict()
     finally:
         if executor is not None:

@@ -36,7 +36,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 from blip2_ros import caption_node as caption_node_module
 from blip2_ros.caption_node import CaptionNode, NODE_NAME, parameters_markdown
@@ -49,6 +48,7 @@ import rclpy
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from ros_harness import image_message, wait_for
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
@@ -62,8 +62,10 @@ FRAME_ID = 'readme_camera'
 # Node modules take ROS arguments; the others take argparse options.
 ROS_NODE_MODULES = {'blip2_ros.caption_node': caption_node_module,
                     'blip2_ros.demo.factory_camera': factory_camera_module}
+# Packages whose __main__ runs another module's main().
+PACKAGE_MAINS = {'blip2_ros.demo': 'blip2_ros.demo.run'}
 # Every command-line module the README teaches must have at least one command checked here.
-DOCUMENTED_MODULES = {'blip2_ros.demo', 'blip2_ros.caption_node', 'blip2_ros.caption_images',
+DOCUMENTED_MODULES = {'blip2_ros.demo.run', 'blip2_ros.caption_node', 'blip2_ros.caption_images',
                       'blip2_ros.doctor', 'training.bag_to_coco', 'training.split',
                       'training.validate', 'training.train', 'training.evaluate'}
 
@@ -130,16 +132,6 @@ def shell_commands():
                     words.append(word)
 
 
-def wait_for(condition, what, timeout=TIMEOUT):
-    """Poll ``condition`` until it holds, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f'timed out after {timeout:g} s waiting for {what}')
-
-
 # ---------------------------------------------------------------------------------------------
 # A real caption node, and traffic through it
 
@@ -180,7 +172,7 @@ class LiveNode:
         self.spinner.start()
         # autostart loads the model in the background; the node subscribes once it is active.
         wait_for(lambda: self.node.lifecycle_state == 'active' or self.node.finished.done(),
-                 'the node to be active', timeout=60)
+                 what='the node to be active', timeout=60)
         assert self.node.lifecycle_state == 'active', self.node.configure_error
 
     def graph(self, query):
@@ -198,7 +190,7 @@ class LiveNode:
                     if name in local}
 
         # The graph cache learns of a node's own endpoints through discovery, a moment later.
-        wait_for(lambda: set(own()) >= local, f'{query}: all endpoints in the graph')
+        wait_for(lambda: set(own()) >= local, TIMEOUT, f'{query}: all endpoints in the graph')
         own = own()
         common = {name.replace('/readme_baseline/', f'/{NODE_NAME}/')
                   for name, _ in getattr(self.node, query)('readme_baseline', '/')}
@@ -230,18 +222,6 @@ def readme_listener_code():
                 if 'create_subscription' in body]
     assert len(examples) == 1, 'README needs one Python listener example'
     return examples[0]
-
-
-def image_message(frame, stamp, frame_id):
-    """Build an rgb8 Image, as a camera driver does."""
-    message = Image()
-    message.header.stamp.sec, message.header.stamp.nanosec = stamp
-    message.header.frame_id = frame_id
-    message.height, message.width = frame.shape[:2]
-    message.encoding = 'rgb8'
-    message.step = frame.shape[1] * 3
-    message.data = array.array('B', frame.tobytes())
-    return message
 
 
 @pytest.fixture(scope='module')
@@ -280,22 +260,22 @@ def _exchange(live, output):
     # The peer listens to /blip2/caption_info too, the example alone to /blip2/caption.
     wait_for(lambda: live.node.caption_publisher.get_subscription_count() >= 1
              and live.node.caption_info_publisher.get_subscription_count() >= 2,
-             'the listener example to subscribe')
+             TIMEOUT, 'the listener example to subscribe')
     camera = live.peer.create_publisher(
         Image, CAMERA, QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
-    wait_for(lambda: camera.get_subscription_count() > 0, 'the node to subscribe')
+    wait_for(lambda: camera.get_subscription_count() > 0, TIMEOUT, 'the node to subscribe')
     frame = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    camera.publish(image_message(frame, FRAME_STAMP, FRAME_ID))
-    wait_for(lambda: live.infos, 'a caption')
+    camera.publish(image_message(frame, FRAME_STAMP[0], FRAME_ID))
+    wait_for(lambda: live.infos, TIMEOUT, 'a caption')
     info = json.loads(live.infos[0])
     caption = info['caption']
     assert caption, 'the lively checkpoint should give a non-empty caption'
     stamp_text = f'{FRAME_STAMP[0]}.{FRAME_STAMP[1]:09d}'
     expected_lines = [f'caption: {caption}', f'{CAMERA} @ {stamp_text}: {caption}']
     wait_for(lambda: all(any(line in printed for printed in output)
-                         for line in expected_lines), 'the listener example to log')
+                         for line in expected_lines), TIMEOUT, 'the listener example to log')
 
-    bad = image_message(frame, FRAME_STAMP, FRAME_ID)
+    bad = image_message(frame, FRAME_STAMP[0], FRAME_ID)
     bad.data = array.array('B', bytes(10))  # data shorter than step x height
     camera.publish(bad)
 
@@ -306,7 +286,7 @@ def _exchange(live, output):
                     and f'no frames on {COMPRESSED_CAMERA}' in array_message.status[0].message):
                 return array_message.status[0]
         return None
-    wait_for(reported, 'diagnostics with the rejected frame and the stale camera')
+    wait_for(reported, TIMEOUT, 'diagnostics with the rejected frame and the stale camera')
     return {'caption': caption, 'info': info, 'status': reported(),
             'expected_lines': expected_lines}
 
@@ -531,6 +511,8 @@ def test_every_command_uses_real_modules_options_parameters_and_names(live, monk
     parsers, checked = {}, set()
 
     def check_module(module_name, words):
+        # A package run with -m runs its __main__, which hands over to one module's main().
+        module_name = PACKAGE_MAINS.get(module_name, module_name)
         checked.add(module_name)
         if module_name in ROS_NODE_MODULES:
             check_ros_arguments(ROS_NODE_MODULES[module_name], words)

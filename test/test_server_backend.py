@@ -27,9 +27,9 @@ import cv2
 from diagnostic_msgs.msg import DiagnosticStatus
 import numpy as np
 import pytest
+from ros_harness import Harness, image_message, wait_for
 from sensor_msgs.msg import Image
 from std_srvs.srv import Trigger
-from test_caption_node import Harness, image_message, wait_for
 from vllm_server import API_KEY, API_KEY_ENV
 
 pytestmark = pytest.mark.ros
