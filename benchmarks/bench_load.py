@@ -465,7 +465,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         # Slower than a 30 Hz camera on a small CPU, like a real model on a small GPU.
         checkpoint = build_tiny_blip2(os.path.join(folder, 'model'), image_size=224,
-                                      patch_size=14, hidden_size=192, num_layers=4)
+                                      patch_size=14, hidden_size=192, num_layers=4,
+                                      words_only=True)
         for cameras in CAMERA_COUNTS:
             batch_sizes = BATCH_SIZES[:1] if cameras == 1 else BATCH_SIZES
             for row in camera_count_run(folder, checkpoint, cameras, batch_sizes, duration,

@@ -309,8 +309,9 @@ def run(frames, warmup, pause, log_folder, backend='local'):
     """Start the echo and the caption node, measure, stop them; return the raw results."""
     from training.tiny_blip2 import build_tiny_blip2
 
+    # words_only: every caption has max_new_tokens words; the node publishes no empty one.
     checkpoint = build_tiny_blip2(os.path.join(log_folder, 'tiny'), image_size=MODEL_INPUT[0],
-                                  patch_size=14)
+                                  patch_size=14, words_only=True)
     parameters = write_node_parameters(log_folder, checkpoint, backend)
     messages = make_messages()
     children = {

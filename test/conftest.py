@@ -82,9 +82,9 @@ def save_lively_copy(source, destination, seed=1, talkative=False):
             if parameter.dim() >= 2:
                 parameter.normal_(0.0, 0.3, generator=generator)
         if talkative:
+            from training.tiny_blip2 import never_pick_special_tokens
             from transformers import AutoTokenizer
-            special = AutoTokenizer.from_pretrained(source).all_special_ids
-            model.language_model.get_output_embeddings().weight[special] = 0.0
+            never_pick_special_tokens(model, AutoTokenizer.from_pretrained(source))
     model.save_pretrained(destination)
     return destination
 

@@ -77,7 +77,7 @@ def build_tokenizer(words, language_model):
 def build_tiny_blip2(folder, language_model='opt', seed=0, words=None, image_size=64,
                      patch_size=8, hidden_size=96, num_layers=2, num_heads=4,
                      num_query_tokens=8, max_positions=128, image_init_std=None,
-                     text_init_std=None, text_num_heads=None):
+                     text_init_std=None, text_num_heads=None, words_only=False):
     """
     Build a randomly initialised BLIP-2, save it with its processor to ``folder``, return it.
 
@@ -89,6 +89,9 @@ def build_tiny_blip2(folder, language_model='opt', seed=0, words=None, image_siz
     (language model) redraw the weight matrices wider than the training-friendly init: at that
     init every image gets the same caption, so a test comparing two implementations' captions
     would prove nothing (0.2 and 0.5 give captions that differ from image to image).
+    ``words_only`` makes greedy decoding never pick a special token (see
+    :func:`never_pick_special_tokens`): at the default init every caption is otherwise empty,
+    and the caption node publishes no empty caption.
     """
     if language_model not in ('opt', 't5'):
         raise ValueError(f"language_model must be 'opt' or 't5', not {language_model!r}")
@@ -132,12 +135,26 @@ def build_tiny_blip2(folder, language_model='opt', seed=0, words=None, image_siz
         # Zero query tokens make every query identical, so the Q-Former cannot tell them apart.
         model.query_tokens.normal_(0.0, 0.02)
     _widen_init(model, image_init_std, text_init_std)
+    if words_only:
+        never_pick_special_tokens(model, tokenizer)
     model.generation_config.pad_token_id = pad_id
     model.generation_config.eos_token_id = eos_id
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def never_pick_special_tokens(model, tokenizer):
+    """
+    Zero the output-embedding rows of the tokenizer's special tokens (end and padding among them).
+
+    Their scores are then 0 while the best word's is almost always above 0, so greedy decoding
+    picks words and runs every caption to max_new_tokens: for benchmarks and tests that count
+    captions.
+    """
+    with torch.no_grad():
+        model.language_model.get_output_embeddings().weight[tokenizer.all_special_ids] = 0.0
 
 
 def _widen_init(model, image_init_std, text_init_std):
