@@ -168,6 +168,13 @@ PARAMETERS = (
 )
 
 LATENCY_WINDOW = 200
+# Frames dropped for what the model gave, each said in diagnostics with what to try.
+MODEL_OUTPUT_PROBLEMS = (
+    ('non_finite_scores', 'captions with NaN or inf scores',
+     'try dtype float32 or bfloat16, or another model or adapter'),
+    ('empty_caption', 'empty captions',
+     'try the prompt the model was trained with, dtype float32, or another model or adapter'),
+)
 
 # How long a caption_now call waits for the inference thread, which may be busy with a batch
 # (seconds on a CPU) before it gets to the request.
@@ -418,14 +425,13 @@ class CaptionNode(LifecycleNodeMixin, Node):
         self.rejected = {}
         self._rejected_at_last_report = 0
         self._dropped_at_last_report = 0
-        self._non_finite_at_last_report = 0
+        self._model_output_at_last_report = {}  # dropped frames per reason, at that time
         self._label_notes_logged = 0
         self.oom_batches = 0
         self.oom_batch_limit = 0  # after running out of memory: the lowered batch size
         self.failed_batches = 0
         self.dropped = {}  # frames that got no caption, by reason
         self.captions_published = 0
-        self._empty_at_last_report = 0
         self.caption_rate = RateMeter()
         self.inference_ms = deque(maxlen=LATENCY_WINDOW)
         self.end_to_end_ms = deque(maxlen=LATENCY_WINDOW)
@@ -1433,20 +1439,12 @@ class CaptionNode(LifecycleNodeMixin, Node):
     def _model_output_problems(self, stats):
         """Say what to try when the model gave NaN or inf scores or empty captions lately."""
         problems = []
-        non_finite = stats['dropped_by_reason'].get('non_finite_scores', 0)
-        new = non_finite - self._non_finite_at_last_report
-        self._non_finite_at_last_report = non_finite
-        if new:
-            problems.append(f'{new} captions with NaN or inf scores since the last report, not '
-                            'published: try dtype float32 or bfloat16, or another model or '
-                            'adapter')
-        empty = stats['dropped_by_reason'].get('empty_caption', 0)
-        new = empty - self._empty_at_last_report
-        self._empty_at_last_report = empty
-        if new:
-            problems.append(f'{new} empty captions since the last report, not published: try '
-                            'the prompt the model was trained with, dtype float32, or another '
-                            'model or adapter')
+        for reason, what, hint in MODEL_OUTPUT_PROBLEMS:
+            count = stats['dropped_by_reason'].get(reason, 0)
+            new = count - self._model_output_at_last_report.get(reason, 0)
+            self._model_output_at_last_report[reason] = count
+            if new:
+                problems.append(f'{new} {what} since the last report, not published: {hint}')
         return problems
 
     def destroy_node(self):
