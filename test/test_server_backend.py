@@ -95,18 +95,22 @@ class RequestSpy:
     def __init__(self, captioner, hold_until=None):
         """Wrap the captioner's client method; hold requests until `hold_until()` is true."""
         self.calls = []
+        self.inside = 0  # requests in the method now, held or sent
         self._lock = threading.Lock()
         completions = captioner.client.chat.completions
         original = completions.create
 
         def create(*args, **kwargs):
-            if hold_until is not None:
-                wait_for(hold_until, timeout=SERVER_TIMEOUT, what='the frames to arrive')
             started = time.monotonic()
+            with self._lock:
+                self.inside += 1
             try:
+                if hold_until is not None:
+                    wait_for(hold_until, timeout=SERVER_TIMEOUT, what='the frames to arrive')
                 return original(*args, **kwargs)
             finally:
                 with self._lock:
+                    self.inside -= 1
                     self.calls.append((started, time.monotonic()))
         completions.create = create
 
@@ -173,10 +177,20 @@ def test_the_node_captions_through_the_server_with_stamps_and_several_requests_i
         server_harness, local_captioner, vllm_server):
     topics = [f'/cam_{index}/image_raw' for index in range(4)]
     harness = server_harness(topics, max_batch_size=4)
-    # The first round waits until every camera's frame is in, however slowly they come on a
-    # busy machine: a round then holds at least two of the four, sent together.
-    spy = RequestSpy(harness.node.captioner, hold_until=lambda: sum(
-        camera.received for camera in harness.node.cameras.values()) >= len(topics))
+    all_in = []
+
+    def together():
+        # The first round waits until every camera's frame is in, however slowly they come on
+        # a busy machine, so some round holds at least two of the four. A round's requests then
+        # wait for each other (a round of one goes after 2 s), so that a busy machine that runs
+        # the captioner's threads one after another cannot make them look sequential; a
+        # captioner that sends them one at a time never has two inside.
+        if sum(camera.received for camera in harness.node.cameras.values()) < len(topics):
+            return False
+        all_in[:] = all_in or [time.monotonic()]
+        return spy.inside >= 2 or time.monotonic() - all_in[0] > 2.0
+
+    spy = RequestSpy(harness.node.captioner, hold_until=together)
     publishers = [harness.publisher(Image, topic) for topic in topics]
     frames = [make_frame(20 + index) for index in range(4)]
     for index, (publisher, frame) in enumerate(zip(publishers, frames)):
