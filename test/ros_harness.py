@@ -46,11 +46,11 @@ def make_frame(seed, height=48, width=64):
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def image_message(frame, stamp_sec=0, frame_id='camera', encoding='rgb8'):
+def image_message(frame, stamp_sec=0, frame_id='camera', encoding='rgb8', stamp_nanosec=500):
     """Build a sensor_msgs/Image from an RGB frame, the way a camera driver would."""
     message = Image()
     message.header.stamp.sec = stamp_sec
-    message.header.stamp.nanosec = 500
+    message.header.stamp.nanosec = stamp_nanosec
     message.header.frame_id = frame_id
     message.height, message.width = frame.shape[:2]
     message.encoding = encoding

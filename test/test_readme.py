@@ -265,7 +265,8 @@ def _exchange(live, output):
         Image, CAMERA, QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
     wait_for(lambda: camera.get_subscription_count() > 0, TIMEOUT, 'the node to subscribe')
     frame = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    camera.publish(image_message(frame, FRAME_STAMP[0], FRAME_ID))
+    sec, nanosec = FRAME_STAMP
+    camera.publish(image_message(frame, sec, FRAME_ID, stamp_nanosec=nanosec))
     wait_for(lambda: live.infos, TIMEOUT, 'a caption')
     info = json.loads(live.infos[0])
     caption = info['caption']
@@ -275,7 +276,7 @@ def _exchange(live, output):
     wait_for(lambda: all(any(line in printed for printed in output)
                          for line in expected_lines), TIMEOUT, 'the listener example to log')
 
-    bad = image_message(frame, FRAME_STAMP[0], FRAME_ID)
+    bad = image_message(frame, sec, FRAME_ID, stamp_nanosec=nanosec)
     bad.data = array.array('B', bytes(10))  # data shorter than step x height
     camera.publish(bad)
 
