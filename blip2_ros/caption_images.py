@@ -228,6 +228,9 @@ def parse_args(argv=None):
                         help='never download: use a local folder or the local cache only')
     parser.add_argument('--allow-pickle', action='store_true',
                         help='also load pickle (.bin) weights; only for checkpoints you trust')
+    parser.add_argument('--trust-remote-code', '--trust_remote_code', action='store_true',
+                        help="run the code a checkpoint's config.json names (auto_map); only "
+                             'for checkpoints you trust')
     return parser.parse_args(argv)
 
 
@@ -313,6 +316,7 @@ def _make_captioner(args):
         captioner = make_captioner(CaptionerConfig(
             model=args.model, adapter=args.adapter, device=args.device, dtype=args.dtype,
             local_files_only=args.local_files_only, allow_pickle=args.allow_pickle,
+            trust_remote_code=args.trust_remote_code,
             max_new_tokens=args.max_new_tokens, prompt=prompt, backend=args.backend,
             quantization=args.quantization, openvino_weights=args.openvino_weights,
             server_url=args.server_url, api_key_env=args.api_key_env,

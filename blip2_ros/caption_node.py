@@ -120,6 +120,9 @@ PARAMETERS = (
     ParameterSpec('local_files_only', False, 'Load the model from the local Hugging Face cache '
                   'or folder only, never from the network (offline robots).'),
     ParameterSpec('allow_pickle', False, 'Allow pickle (.bin) weights. Off: safetensors only.'),
+    ParameterSpec('trust_remote_code', False, "Run the code a checkpoint's config.json names "
+                  '(auto_map); its model class must build on Blip2ForConditionalGeneration. '
+                  'Off: such a checkpoint is refused. Only for checkpoints you trust.'),
     ParameterSpec('image_topics', ['/camera/image_raw'], 'Camera topics. A topic ending in '
                   '/compressed is subscribed as sensor_msgs/CompressedImage, any other as '
                   'sensor_msgs/Image.'),
@@ -677,6 +680,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
             dtype=self.get_parameter('dtype').value,
             local_files_only=self.get_parameter('local_files_only').value,
             allow_pickle=self.get_parameter('allow_pickle').value,
+            trust_remote_code=self.get_parameter('trust_remote_code').value,
             max_new_tokens=self.get_parameter('max_new_tokens').value,
             prompt=prompt,
             cache=self.get_parameter('cache').value,

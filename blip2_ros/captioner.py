@@ -58,6 +58,8 @@ class CaptionerConfig:
     dtype: str = 'auto'
     local_files_only: bool = False
     allow_pickle: bool = False
+    # Run the code a checkpoint names in its config.json (auto_map); only for trusted sources.
+    trust_remote_code: bool = False
     max_new_tokens: int = 30
     prompt: str = ''
     # 'static' pre-allocates the KV cache so the decode step has fixed shapes (CUDA graphs,

@@ -17,10 +17,11 @@ The checkpoint loader: what a model or adapter path means, and what cannot be lo
 
 A model is a local folder (``~`` expanded) or a Hugging Face hub id; this module alone decides
 which, checks a folder's files before anything loads, and refuses weights that would leave
-layers randomly initialised, a checkpoint that needs its own code, pickle weights unless
-allowed, and a tokenizer that does not fit its model. Every refusal is a :class:`ModelLoadError`
-whose message is one line: what is there, what is missing, what to do. Importing this module
-needs neither torch nor transformers, so the doctor uses its checks where those are broken.
+layers randomly initialised, a checkpoint that needs its own code unless trusted, pickle
+weights unless allowed, and a tokenizer that does not fit its model. Every refusal is a
+:class:`ModelLoadError` whose message is one line: what is there, what is missing, what to
+do. Importing this module needs neither torch nor transformers, so the doctor uses its checks
+where those are broken.
 """
 
 import json
@@ -42,6 +43,11 @@ WEIGHT_FILES = (('safetensors', 'model.safetensors', 'model.safetensors.index.js
                 ('pickle', 'pytorch_model.bin', 'pytorch_model.bin.index.json'))
 PROCESSOR_FILES = ('preprocessor_config.json', 'processor_config.json')
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json')
+# The auto_map keys that can name a checkpoint's own model class, in the order they are used.
+REMOTE_MODEL_KEYS = ('AutoModelForImageTextToText', 'AutoModelForVision2Seq', 'AutoModel')
+# How a user turns on the opt-in for a checkpoint's own code, in the node and every command.
+TRUST_REMOTE_CODE_HINT = ('if you trust its source, turn on trust_remote_code (node: '
+                          'trust_remote_code:=true; commands: --trust-remote-code)')
 
 
 class ModelLoadError(RuntimeError):
@@ -191,13 +197,17 @@ def contents_problem(folder, allow_pickle):
     return ''
 
 
-def config_problem(config_dict):
-    """Return why a checkpoint's config.json rules the checkpoint out, or ''."""
-    if config_dict.get('auto_map'):
-        # Never trust_remote_code: a checkpoint must not run code of its own on a robot.
-        return ('its config.json names code of its own (auto_map), and blip2_ros never '
-                'trusts remote code: use a checkpoint that the Blip2 classes of transformers '
-                'load as they are')
+def config_problem(config_dict, trust_remote_code=False):
+    """
+    Return why a checkpoint's config.json rules the checkpoint out, or ''.
+
+    A config that names code of its own (``auto_map``) is refused unless ``trust_remote_code``.
+    """
+    if config_dict.get('auto_map') and not trust_remote_code:
+        # A checkpoint's code runs with the robot's permissions: only on the user's word.
+        return ('its config.json names code of its own (auto_map), which runs only when '
+                f'trusted: {TRUST_REMOTE_CODE_HINT}, or use a checkpoint that the Blip2 '
+                'classes of transformers load as they are')
     model_type = config_dict.get('model_type') or 'unknown'
     if model_type != 'blip-2':
         return (f"its config.json says model_type '{model_type}', so it is not BLIP-2: name a "
@@ -314,21 +324,65 @@ def locate_checkpoint(model, local_files_only, where):
     return location, kind == 'folder'
 
 
-def read_blip2_config(location, local_files_only, where):
-    """Read a checkpoint's config, refusing one that is not BLIP-2 or that needs its own code."""
-    from transformers import AutoConfig, PretrainedConfig
+def read_blip2_config(location, local_files_only, where, trust_remote_code=False):
+    """
+    Read a checkpoint's config, refusing one that is not BLIP-2 or that needs its own code.
+
+    With ``trust_remote_code`` a config class of the checkpoint's own runs, and must build on
+    transformers' Blip2Config.
+    """
+    from transformers import AutoConfig, Blip2Config, PretrainedConfig
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(
             location, local_files_only=local_files_only)
-        problem = config_problem(config_dict)
+        problem = config_problem(config_dict, trust_remote_code)
         if problem:
             raise ModelLoadError(f'cannot load {where}: {problem}')
-        return AutoConfig.from_pretrained(location, local_files_only=local_files_only,
-                                          trust_remote_code=False)
+        config = AutoConfig.from_pretrained(location, local_files_only=local_files_only,
+                                            trust_remote_code=trust_remote_code)
     except ModelLoadError:
         raise
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError, AttributeError, SyntaxError) as error:
         raise ModelLoadError(f'cannot load {where}: {one_line(error)}') from error
+    if not isinstance(config, Blip2Config):
+        raise ModelLoadError(f'cannot load {where}: its own code makes a '
+                             f'{type(config).__name__}, which does not build on Blip2Config')
+    return config
+
+
+def blip2_model_class(location, model_config, local_files_only, where):
+    """
+    Return the class that loads a checkpoint: Blip2ForConditionalGeneration or its own.
+
+    A checkpoint's own class (named in ``auto_map``, read only once trusted) must build on
+    Blip2ForConditionalGeneration: the preprocessing, the decode loop and the OpenVINO
+    conversion rely on its layers.
+    """
+    from transformers import Blip2ForConditionalGeneration
+    auto_map = getattr(model_config, 'auto_map', None) or {}
+    key = next((key for key in REMOTE_MODEL_KEYS if key in auto_map), None)
+    if key is None:
+        return Blip2ForConditionalGeneration
+    import transformers.models.auto
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    reference = auto_map[key]
+    try:
+        model_class = get_class_from_dynamic_module(reference, location,
+                                                    local_files_only=local_files_only)
+    except Exception as error:  # its code may raise anything while it is imported
+        raise ModelLoadError(f'cannot load {where}: its own code ({reference}) does not load: '
+                             f'{one_line(error, 200)}') from error
+    if not (isinstance(model_class, type)
+            and issubclass(model_class, Blip2ForConditionalGeneration)):
+        name = getattr(model_class, '__name__', repr(model_class))
+        raise ModelLoadError(f'cannot load {where}: its own code makes {name}, which does not '
+                             'build on Blip2ForConditionalGeneration, so it cannot caption here')
+    # As transformers' Auto classes do: save_pretrained then copies the code beside the
+    # weights, so a model trained or merged from this one loads the same way.
+    model_class.register_for_auto_class(
+        key if hasattr(transformers.models.auto, key) else REMOTE_MODEL_KEYS[0])
+    LOGGER.warning('%s runs code of its own: %s (trust_remote_code is set)', where, reference)
+    return model_class
 
 
 def _missing_weights_problem(loading_info):
@@ -344,14 +398,17 @@ def _missing_weights_problem(loading_info):
             'be random; download or save the whole checkpoint again')
 
 
-def load_weights(location, dtype, allow_pickle, local_files_only, where, four_bit_on=None):
+def load_weights(location, dtype, allow_pickle, local_files_only, where, four_bit_on=None,
+                 model_class=None):
     """
     Load the BLIP-2 weights, refusing a checkpoint that would leave any layer random.
 
     ``four_bit_on`` (a CUDA device) loads the weights as bitsandbytes NF4 onto that device.
+    ``model_class`` is the checkpoint's own class (see ``blip2_model_class``), if trusted.
     """
     from safetensors import SafetensorError
     from transformers import Blip2ForConditionalGeneration
+    model_class = model_class or Blip2ForConditionalGeneration
     options = {}
     if four_bit_on is not None:
         from transformers import BitsAndBytesConfig
@@ -360,9 +417,10 @@ def load_weights(location, dtype, allow_pickle, local_files_only, where, four_bi
                        load_in_4bit=True, bnb_4bit_quant_type='nf4',
                        bnb_4bit_compute_dtype=dtype)}
     try:
-        # Never trust_remote_code: a checkpoint must not run code of its own on a robot.
-        # allow_pickle only widens the choice: safetensors still win where both exist.
-        model, loading_info = Blip2ForConditionalGeneration.from_pretrained(
+        # A checkpoint's own code has run only if trusted (blip2_model_class); from here on
+        # nothing else of it runs. allow_pickle only widens the choice: safetensors still win
+        # where both exist.
+        model, loading_info = model_class.from_pretrained(
             location, dtype=dtype, use_safetensors=None if allow_pickle else True,
             trust_remote_code=False, local_files_only=local_files_only,
             output_loading_info=True, **options)
@@ -456,7 +514,8 @@ def load_checkpoint(config, device):
     from transformers import Blip2Processor
     where = f"BLIP-2 model '{config.model}'"
     location, is_folder = locate_checkpoint(config.model, config.local_files_only, where)
-    model_config = read_blip2_config(location, config.local_files_only, where)
+    trust_remote_code = getattr(config, 'trust_remote_code', False)
+    model_config = read_blip2_config(location, config.local_files_only, where, trust_remote_code)
     problem = contents_problem(location, config.allow_pickle) if is_folder else ''
     if problem:
         raise ModelLoadError(f'cannot load {where}: {problem}')
@@ -474,8 +533,9 @@ def load_checkpoint(config, device):
     if problem:
         raise ModelLoadError(problem)
     four_bit = quantization == 'int4'
+    model_class = blip2_model_class(location, model_config, config.local_files_only, where)
     model = load_weights(location, dtype, config.allow_pickle, config.local_files_only, where,
-                         four_bit_on=device if four_bit else None)
+                         four_bit_on=device if four_bit else None, model_class=model_class)
     if config.adapter:
         model = merge_adapter(model, config.adapter, config.allow_pickle)
     try:

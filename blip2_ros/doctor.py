@@ -41,7 +41,8 @@ import subprocess
 import sys
 
 from blip2_ros.checkpoint import (config_problem, lacks_processor_files, model_location,
-                                  one_line, weight_kind, weight_problem)
+                                  one_line, TRUST_REMOTE_CODE_HINT, weight_kind,
+                                  weight_problem)
 
 OK, WARN, MISSING = 'OK', 'WARN', 'MISSING'
 MESSAGE_PACKAGES = (('sensor_msgs.msg', 'Image'), ('sensor_msgs.msg', 'CompressedImage'),
@@ -331,7 +332,8 @@ def _read_config(model, folder, where):
     try:
         from transformers import AutoConfig, PretrainedConfig
         config_dict, _ = PretrainedConfig.get_config_dict(folder, local_files_only=True)
-        problem = config_problem(config_dict)
+        # Code of its own is an opt-in, not a fault: check_model warns of it.
+        problem = config_problem(config_dict, trust_remote_code=True)
         if problem:
             return Check(MISSING, f"model '{model}' ({where}): {problem}")
         return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
@@ -379,6 +381,10 @@ def check_model(model, local_files_only=False, cache_dir=None):
     if isinstance(config, Check):
         return [config]
     checks = _files_checks(model, folder, source, files, where)
+    if getattr(config, 'auto_map', None):
+        checks.append(Check(WARN, f"model '{model}' names code of its own in its config.json "
+                                  '(auto_map), which runs only when trusted',
+                            TRUST_REMOTE_CODE_HINT))
     if any(check.status == MISSING for check in checks):
         return checks
     text_model = getattr(config.text_config, 'model_type', '?')

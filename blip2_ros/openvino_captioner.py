@@ -390,7 +390,8 @@ def _refuse_encoder_decoder(config):
     """Refuse a checkpoint whose language model is not OPT, from its config alone."""
     where = f"BLIP-2 model '{config.model}'"
     location, _ = locate_checkpoint(config.model, config.local_files_only, where)
-    text_config = read_blip2_config(location, config.local_files_only, where).text_config
+    text_config = read_blip2_config(location, config.local_files_only, where,
+                                    config.trust_remote_code).text_config
     if text_config.model_type != 'opt':
         raise ModelLoadError(
             'backend openvino takes BLIP-2 checkpoints with an OPT language model, and '

@@ -120,3 +120,36 @@ def talkative_opt_checkpoint(tiny_opt_checkpoint, tmp_path_factory):
 def lively_t5_checkpoint(tiny_t5_checkpoint, tmp_path_factory):
     """Return a tiny Flan-T5 BLIP-2 whose captions depend on the image and the prompt."""
     return save_lively_copy(tiny_t5_checkpoint, tmp_path_factory.mktemp('lively') / 't5')
+
+
+# A checkpoint's own model class, as a hub repository with code ships it: it proves it ran.
+MARKED_MODEL_CODE = '''from transformers import Blip2ForConditionalGeneration
+
+
+class MarkedBlip2(Blip2ForConditionalGeneration):
+    """A checkpoint's own class."""
+
+    ran_checkpoint_code = True
+'''
+
+
+@pytest.fixture
+def code_of_its_own(tmp_path):
+    """
+    Return a function that copies a checkpoint and makes it name code of its own (auto_map).
+
+    ``code`` goes to modeling_marked.py; ``auto_map`` names its ``MarkedBlip2`` class by default.
+    """
+    import json
+    import shutil
+
+    def make(checkpoint, name='remote-code', code=MARKED_MODEL_CODE,
+             auto_map=(('AutoModelForImageTextToText', 'modeling_marked.MarkedBlip2'),)):
+        folder = tmp_path / name
+        shutil.copytree(checkpoint, folder)
+        (folder / 'modeling_marked.py').write_text(code)
+        config = json.loads((folder / 'config.json').read_text())
+        config['auto_map'] = dict(auto_map)
+        (folder / 'config.json').write_text(json.dumps(config))
+        return folder
+    return make

@@ -482,6 +482,23 @@ def test_model_that_cannot_load_exits_2_with_one_line(image_folder, tmp_path, ca
     assert 'Traceback' not in err
 
 
+def test_a_checkpoint_with_code_of_its_own_needs_trust_remote_code(
+        image_folder, talkative_opt_checkpoint, code_of_its_own, capsys):
+    root, _ = image_folder
+    image = str(root / 'belt.png')
+    checkpoint = str(code_of_its_own(talkative_opt_checkpoint))
+    assert main(['--model', checkpoint, '--max-new-tokens', '6', image]) == 2
+    out, err = capsys.readouterr()
+    error_lines = [line for line in err.splitlines() if 'error' in line]
+    assert out == '' and len(error_lines) == 1
+    assert checkpoint in error_lines[0] and '--trust-remote-code' in error_lines[0]
+    assert main(['--model', checkpoint, '--max-new-tokens', '6', '--trust-remote-code',
+                 image]) == 0
+    trusted = json_lines(capsys.readouterr().out)
+    assert main(['--model', str(talkative_opt_checkpoint), '--max-new-tokens', '6', image]) == 0
+    assert trusted == json_lines(capsys.readouterr().out) and trusted[0]['caption']
+
+
 def test_a_prompt_with_the_image_token_exits_2_with_one_line(image_folder, tmp_path, capsys):
     # The processor inserts the image's tokens; one more in the prompt would fail every batch.
     # The model folder is empty: the prompt is checked before anything loads.

@@ -323,6 +323,17 @@ def test_a_prompt_the_model_cannot_take_stops_the_node_before_it_loads(tmp_path,
     assert '<image>' in message and source in message and '\n' not in message, message
 
 
+def test_a_checkpoint_with_code_of_its_own_loads_only_with_trust_remote_code(
+        harness_factory, talkative_opt_checkpoint, code_of_its_own):
+    checkpoint = code_of_its_own(talkative_opt_checkpoint)
+    with pytest.raises(ModelLoadError, match='auto_map.*trust_remote_code:=true'):
+        harness_factory(checkpoint, ['/cam'])
+    harness = harness_factory(checkpoint, ['/cam'], trust_remote_code=True)
+    assert type(harness.node.captioner.model).__name__ == 'MarkedBlip2'
+    harness.publisher(Image, '/cam').publish(image_message(make_frame(6), stamp_sec=4))
+    assert harness.wait_for_infos(1)[0]['stamp']['sec'] == 4
+
+
 def _bad_frames():
     good = make_frame(40)
     short_step = image_message(good)

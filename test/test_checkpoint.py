@@ -17,10 +17,12 @@
 import json
 import os
 import shutil
+import sys
 
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
 from blip2_ros.checkpoint import (ModelLoadError, one_line, tokenizer_problem,
                                   TRAINING_INFO_FILE, training_prompt)
+import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 import torch
@@ -99,15 +101,48 @@ def test_a_folder_without_weights_does_not_hint_at_pickle(tiny_opt_checkpoint, t
     assert 'pickle' not in message and 'allow_pickle' not in message
 
 
-def test_a_checkpoint_that_needs_its_own_code_is_refused(tiny_opt_checkpoint, tmp_path):
-    folder = copy_without(tiny_opt_checkpoint, tmp_path / 'remote-code')
-    with open(folder / 'config.json', encoding='utf-8') as stream:
-        config = json.load(stream)
-    config['auto_map'] = {'AutoModel': 'modeling_evil.EvilModel'}
-    with open(folder / 'config.json', 'w', encoding='utf-8') as stream:
-        json.dump(config, stream)
+def test_a_checkpoint_that_needs_its_own_code_is_refused_naming_the_opt_in(
+        tiny_opt_checkpoint, code_of_its_own):
+    folder = code_of_its_own(tiny_opt_checkpoint)
+    modules = set(sys.modules)
     message = refusal(folder)
-    assert 'auto_map' in message and 'never trusts remote code' in message
+    assert str(folder) in message and 'auto_map' in message
+    assert 'trust_remote_code:=true' in message and '--trust-remote-code' in message
+    # Refused before its code ran: nothing of it was imported.
+    assert not [name for name in set(sys.modules) - modules if 'modeling_marked' in name]
+
+
+def test_trust_remote_code_loads_the_checkpoints_own_class_with_its_weights(
+        talkative_opt_checkpoint, code_of_its_own):
+    folder = code_of_its_own(talkative_opt_checkpoint)
+    trusted = load(folder, trust_remote_code=True, max_new_tokens=6)
+    assert type(trusted.model).__name__ == 'MarkedBlip2' and trusted.model.ran_checkpoint_code
+    plain = load(talkative_opt_checkpoint, max_new_tokens=6)
+    frames = [np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+              for seed in range(3)]
+    assert trusted.caption(frames) == plain.caption(frames)
+    assert all(trusted.caption(frames))
+
+
+@pytest.mark.parametrize('code, expected', [
+    ('class MarkedBlip2:\n    pass\n',
+     'its own code makes MarkedBlip2, which does not build on Blip2ForConditionalGeneration'),
+    ("raise RuntimeError('this code refuses to run')\n",
+     'its own code (modeling_marked.MarkedBlip2) does not load: this code refuses to run'),
+])
+def test_trusted_code_that_cannot_caption_is_refused_in_one_line(
+        tiny_opt_checkpoint, code_of_its_own, code, expected):
+    folder = code_of_its_own(tiny_opt_checkpoint, code=code)
+    message = refusal(folder, trust_remote_code=True)
+    assert str(folder) in message and expected in message, message
+
+
+def test_trust_remote_code_still_wants_a_blip2_config(tiny_opt_checkpoint, code_of_its_own):
+    folder = code_of_its_own(tiny_opt_checkpoint)
+    config = json.loads((folder / 'config.json').read_text())
+    config['model_type'] = 'opt'
+    (folder / 'config.json').write_text(json.dumps(config))
+    assert "model_type 'opt', so it is not BLIP-2" in refusal(folder, trust_remote_code=True)
 
 
 def test_a_model_path_with_a_tilde_is_the_home_folder(tiny_opt_checkpoint, tmp_path, monkeypatch):

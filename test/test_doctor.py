@@ -229,6 +229,19 @@ def test_a_model_folder_without_its_processor_files_is_missing(capsys, tmp_path,
     assert line.startswith('MISSING') and 'lacks its processor files' in line
 
 
+def test_a_model_with_code_of_its_own_is_a_warning_naming_the_opt_in(
+        capsys, tiny_opt_checkpoint, code_of_its_own):
+    folder = code_of_its_own(tiny_opt_checkpoint)
+    status, lines = run_doctor(capsys, '--model', str(folder))
+    assert status == 0  # it loads once trusted: a warning, not a missing piece
+    assert line_about(lines, f"model '{folder}' (local folder): BLIP-2").startswith('OK')
+    line = line_about(lines, f"model '{folder}' names code of its own")
+    assert line.startswith('WARN') and 'trust_remote_code:=true' in line, line
+
+    status, lines = run_doctor(capsys, '--model', str(tiny_opt_checkpoint))
+    assert not [line for line in lines if 'code of its own' in line]
+
+
 def test_a_model_too_big_for_this_machine_is_a_warning(capsys, tmp_path, tiny_opt_checkpoint):
     # The weights stay tiny; the config claims a vocabulary that makes about 10**12 parameters,
     # which the doctor counts on the meta device: more than any GPU or RAM holds.

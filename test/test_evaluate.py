@@ -401,6 +401,22 @@ def test_a_model_that_fails_leaves_the_output_folder_as_it_was(
     assert (out / 'metrics.json').read_text() == '{"from": "an earlier run"}'
 
 
+def test_a_model_with_code_of_its_own_is_evaluated_only_with_trust_remote_code(
+        tmp_path, lively_opt_checkpoint, code_of_its_own, one_torch_thread):
+    data = make_dataset(tmp_path / 'data', ['one red box', 'two blue boxes', 'a robot arm'])
+    model = code_of_its_own(lively_opt_checkpoint)
+    common = ['--data', str(data), '--max_new_tokens', '3', *QUICK_METRICS]
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main(['--model', str(model), '--out', str(tmp_path / 'refused'), *common])
+    assert 'trust_remote_code' in str(raised.value) and not (tmp_path / 'refused').exists()
+    for name, folder, trust in (('trusted', model, ['--trust_remote_code']),
+                                ('plain', lively_opt_checkpoint, [])):
+        assert evaluate.main(['--model', str(folder), '--out', str(tmp_path / name), *trust,
+                              *common]) == 0
+    assert result_captions(tmp_path / 'trusted', 'model') == result_captions(
+        tmp_path / 'plain', 'model')
+
+
 def test_ctrl_c_during_the_second_model_writes_nothing(
         tmp_path, lively_opt_checkpoint, one_torch_thread, monkeypatch, capsys):
     data = make_dataset(tmp_path / 'data', ['one red box', 'two blue boxes'])

@@ -24,7 +24,8 @@ import subprocess
 import sys
 import time
 
-from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, training_prompt
+from blip2_ros.captioner import (Blip2Captioner, CaptionerConfig, ModelLoadError,
+                                 training_prompt)
 from blip2_ros.demo.synthetic_factory import iter_scenes, SceneSpec
 import numpy as np
 from PIL import Image
@@ -759,16 +760,33 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path, dataset, tiny_opt_c
     assert all(torch.equal(loaded[name], tensor) for name, tensor in weights.items())
 
 
-def test_a_base_that_needs_its_own_code_is_refused(tmp_path, dataset, tiny_opt_checkpoint):
-    """config.json with auto_map: refused in one line, even though BLIP-2 classes could load it."""
-    base = tmp_path / 'remote-code'
-    shutil.copytree(tiny_opt_checkpoint, base)
-    config = json.loads((base / 'config.json').read_text())
-    config['auto_map'] = {'AutoModelForVision2Seq': 'modeling_custom.CustomBlip2'}
-    (base / 'config.json').write_text(json.dumps(config))
+def test_a_base_that_needs_its_own_code_is_refused_without_the_opt_in(
+        tmp_path, dataset, tiny_opt_checkpoint, code_of_its_own):
+    """config.json with auto_map: refused in one line naming the opt-in; nothing is written."""
+    base = code_of_its_own(tiny_opt_checkpoint, auto_map=(
+        ('AutoModelForVision2Seq', 'modeling_marked.MarkedBlip2'),))
     with pytest.raises(SystemExit) as raised:
         run_train(base, dataset, tmp_path / 'out', 'qformer', '--max_steps', '1')
-    assert_one_line(str(raised.value), str(base), 'auto_map', 'never runs')
+    assert_one_line(str(raised.value), str(base), 'auto_map', '--trust-remote-code')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_trusted_base_trains_with_its_own_class_and_its_code_goes_with_the_model(
+        tmp_path, dataset, tiny_opt_checkpoint, code_of_its_own):
+    """--trust_remote_code: its class trains, and the saved model loads it again (trusted only)."""
+    base = code_of_its_own(tiny_opt_checkpoint, auto_map=(
+        ('AutoModelForVision2Seq', 'modeling_marked.MarkedBlip2'),))
+    output = tmp_path / 'out'
+    assert run_train(base, dataset, output, 'qformer', '--max_steps', '1',
+                     '--trust_remote_code', 'true') == 0
+    assert (output / 'modeling_marked.py').read_text() == (base / 'modeling_marked.py').read_text()
+    trained = Blip2Captioner(CaptionerConfig(model=str(output), device='cpu',
+                                             trust_remote_code=True))
+    assert type(trained.model).__name__ == 'MarkedBlip2'
+    assert not torch.equal(trained.model.state_dict()['language_projection.weight'],
+                           load_weights(base)['language_projection.weight'])
+    with pytest.raises(ModelLoadError, match='trust_remote_code:=true'):
+        Blip2Captioner(CaptionerConfig(model=str(output), device='cpu'))
 
 
 def test_rotation_keeps_the_newest_and_the_best_checkpoint_and_drops_incomplete_ones(

@@ -98,6 +98,9 @@ class ConversionOptions:
         'longest --auto-caption caption, in tokens', 30, group=_CAPTIONS,
         flag='--max-new-tokens', metavar='N')
     device: str = _option('auto, cpu, cuda or cuda:N', 'auto', group=_CAPTIONS)
+    trust_remote_code: bool = _option(
+        "run the code the --auto-caption checkpoint's config.json names (auto_map); only for "
+        'checkpoints you trust', False, group=_CAPTIONS, default_text='refuse such a checkpoint')
     keep_uncaptioned: bool = _option(
         'keep frames no caption applies to', False, group=_CAPTIONS, default_text='skip them')
     every_n: int = _option('consider only every N-th message', 1, group=_SELECTION,
@@ -276,7 +279,7 @@ class _Converter:
         if options.auto_caption:
             self.captioner = load_captioner(
                 options.auto_caption, options.auto_caption_prompt, options.device,
-                options.auto_caption_max_new_tokens)
+                options.auto_caption_max_new_tokens, options.trust_remote_code)
         for index, bag in enumerate(bags, start=1):
             lookup = captions_file_lookup
             if options.caption_topic:

@@ -174,7 +174,7 @@ def read_topic_captions(bag, topic, max_age_s):
     return TopicCaptions(times, texts, int(max_age_s * 1e9)), notes
 
 
-def load_captioner(model, prompt, device, max_new_tokens):
+def load_captioner(model, prompt, device, max_new_tokens, trust_remote_code=False):
     """
     Return the node's captioner for ``model`` (hub id or folder); raise ConversionError.
 
@@ -187,6 +187,7 @@ def load_captioner(model, prompt, device, max_new_tokens):
         if prompt is None:
             prompt = training_prompt(model)
         return Blip2Captioner(CaptionerConfig(model=model, device=device, prompt=prompt,
-                                              max_new_tokens=max_new_tokens))
+                                              max_new_tokens=max_new_tokens,
+                                              trust_remote_code=trust_remote_code))
     except ModelLoadError as error:
         raise ConversionError(f'--auto-caption: {error}') from None

@@ -381,7 +381,7 @@ def training_prompt(*folders, default=''):
 
 
 def caption_split(model, adapter, folder, records, prompt, device='auto', dtype='auto',
-                  batch_size=16, max_new_tokens=30):
+                  batch_size=16, max_new_tokens=30, trust_remote_code=False):
     """Caption every image of ``records`` with Blip2Captioner; return ``{image_id: caption}``."""
     from blip2_ros.captioner import Blip2Captioner, CaptionerConfig, ModelLoadError
     from training.data import load_rgb
@@ -394,7 +394,7 @@ def caption_split(model, adapter, folder, records, prompt, device='auto', dtype=
     try:
         captioner = Blip2Captioner(CaptionerConfig(
             model=model, adapter=adapter, device=device, dtype=dtype, prompt=prompt,
-            max_new_tokens=max_new_tokens))
+            max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code))
     except ModelLoadError as error:
         raise EvaluationError(str(error)) from error
     finally:
@@ -530,7 +530,7 @@ def evaluate_models(args):
                     run_prompt)
         predictions = caption_split(model, adapter, args.data, records, run_prompt,
                                     args.device, args.dtype, args.batch_size,
-                                    args.max_new_tokens)
+                                    args.max_new_tokens, args.trust_remote_code)
         scores = score_captions(references, predictions, metrics=metrics,
                                 tokenizer=args.tokenizer,
                                 spice='always' if args.spice else 'auto')
@@ -587,6 +587,9 @@ def build_parser():
                         help='score only the first N images of the split (0: all)')
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N')
     parser.add_argument('--dtype', default='auto', help='auto, float32, bfloat16, float16')
+    parser.add_argument('--trust_remote_code', '--trust-remote-code', action='store_true',
+                        help="run the code a checkpoint's config.json names (auto_map); only "
+                             'for checkpoints you trust')
     parser.add_argument('--results', help='score this COCO results file instead of a model')
     parser.add_argument('--annotations', help='COCO captions file with the references')
     parser.add_argument('--tokenizer', choices=('auto', 'ptb', 'simple'), default='auto',

@@ -44,7 +44,7 @@ def recorded_base_model(adapter):
         return json.load(stream).get('base_model', '')
 
 
-def export_merged(adapter, output, base='', dtype='float32'):
+def export_merged(adapter, output, base='', dtype='float32', trust_remote_code=False):
     """Write base + ``adapter`` merged into ``output`` with the processor; return ``output``."""
     from training.train import share_weight_files
 
@@ -55,7 +55,7 @@ def export_merged(adapter, output, base='', dtype='float32'):
     if os.path.abspath(output) == os.path.abspath(adapter):
         raise ModelLoadError('--output must be another folder than --adapter')
     captioner = Blip2Captioner(CaptionerConfig(model=base, adapter=adapter, device='cpu',
-                                               dtype=dtype))
+                                               dtype=dtype, trust_remote_code=trust_remote_code))
     os.makedirs(output, exist_ok=True)
     captioner.processor.save_pretrained(output)
     if os.path.isfile(os.path.join(adapter, TRAINING_INFO_FILE)):
@@ -76,9 +76,13 @@ def main(argv=None):
                         help='base model (hub id or folder); default: the one the run recorded')
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32',
                         help='dtype of the saved weights')
+    parser.add_argument('--trust_remote_code', '--trust-remote-code', action='store_true',
+                        help="run the code the base's config.json names (auto_map); only for "
+                             'checkpoints you trust')
     args = parser.parse_args(argv)
     try:
-        output = export_merged(args.adapter, args.output, args.base, args.dtype)
+        output = export_merged(args.adapter, args.output, args.base, args.dtype,
+                               args.trust_remote_code)
     except ModelLoadError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

@@ -39,7 +39,8 @@ import sys
 import warnings
 
 from blip2_ros.captioner import Blip2Captioner, CaptionerConfig
-from blip2_ros.checkpoint import one_line, TRAINING_INFO_FILE
+from blip2_ros.checkpoint import (blip2_model_class, ModelLoadError, one_line,
+                                  read_blip2_config, TRAINING_INFO_FILE)
 import torch
 from training.checkpoints import (CheckpointError, CheckpointMarkerCallback,
                                   choose_resume_checkpoint, GracefulStopCallback,
@@ -111,6 +112,11 @@ class ModelArguments:
     allow_pickle: bool = field(
         default=False,
         metadata={'help': 'Allow loading .bin (pickle) weights; only for checkpoints you trust.'})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={'help': "Run the code the base's config.json names (auto_map); its model "
+                          'class must build on Blip2ForConditionalGeneration. Only for '
+                          'checkpoints you trust.'})
 
     def __post_init__(self):
         """Reject unusable combinations with a message that says what to change."""
@@ -328,23 +334,15 @@ def resolve_weights_dtype(model_args):
 
 def load_model(model_args, training_args):
     """Load the BLIP-2 checkpoint and its processor; raise TrainingError on failure."""
-    from transformers import (AutoConfig, Blip2ForConditionalGeneration, Blip2Processor,
-                              PretrainedConfig)
+    from transformers import Blip2Processor
 
     where = f"BLIP-2 model '{model_args.model}'"
     try:
-        settings, _ = PretrainedConfig.get_config_dict(model_args.model)
-        if settings.get('auto_map'):
-            # Training never runs code that comes with a checkpoint (trust_remote_code).
-            raise TrainingError(f'cannot load {where}: its config.json names code of its own '
-                                '(auto_map), which training never runs; use a checkpoint that '
-                                "transformers' built-in BLIP-2 classes load")
-        config = AutoConfig.from_pretrained(model_args.model)
-    except (OSError, ValueError) as error:
-        raise TrainingError(f'cannot load {where}: {one_line(error)}') from error
-    if getattr(config, 'model_type', '') != 'blip-2':
-        raise TrainingError(f"cannot load {where}: it is a '{config.model_type}' model, "
-                            'not BLIP-2')
+        # The node's checks: BLIP-2, and code of its own only with --trust_remote_code.
+        config = read_blip2_config(model_args.model, False, where, model_args.trust_remote_code)
+        model_class = blip2_model_class(model_args.model, config, False, where)
+    except ModelLoadError as error:
+        raise TrainingError(str(error)) from error
     dtype = resolve_weights_dtype(model_args)
     load_args = {'dtype': dtype, 'use_safetensors': not model_args.allow_pickle,
                  'trust_remote_code': False}
@@ -359,7 +357,7 @@ def load_model(model_args, training_args):
         load_args['device_map'] = {'': training_args.local_process_index}
     try:
         processor = Blip2Processor.from_pretrained(model_args.model)
-        model = Blip2ForConditionalGeneration.from_pretrained(model_args.model, **load_args)
+        model = model_class.from_pretrained(model_args.model, **load_args)
     except (OSError, ValueError, RuntimeError) as error:
         hint = ''
         if not model_args.allow_pickle and 'safetensors' in str(error).lower():
@@ -587,12 +585,12 @@ def share_weight_files(folder):
 def merge_lora(trainer, model_args, info, processor, output_dir):
     """Write base + adapter merged into one full model under OUTPUT_DIR/merged."""
     from peft import PeftModel
-    from transformers import Blip2ForConditionalGeneration
 
     merged_dir = os.path.join(output_dir, 'merged')
     if model_args.quantized:
-        # Merging into 8/4-bit weights rounds the update away: reload the base unquantized.
-        base = Blip2ForConditionalGeneration.from_pretrained(
+        # Merging into 8/4-bit weights rounds the update away: reload the base unquantized,
+        # with the class it was trained with (its own, if trusted).
+        base = type(unwrap_blip2(trainer.model)).from_pretrained(
             model_args.model, dtype=torch.bfloat16,
             use_safetensors=not model_args.allow_pickle)
         model = PeftModel.from_pretrained(base, output_dir).merge_and_unload()
