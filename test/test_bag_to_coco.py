@@ -658,6 +658,21 @@ def test_auto_caption_with_a_missing_model_fails_cleanly(tmp_path, capsys):
     assert not (tmp_path / 'out').exists()
 
 
+def test_auto_caption_with_code_of_its_own_needs_trust_remote_code(
+        tmp_path, capsys, tiny_opt_checkpoint, code_of_its_own):
+    bag = write_bag(tmp_path, 'auto', 'mcap', Scene(seed=9, jpeg_frames=0).records)
+    model = code_of_its_own(tiny_opt_checkpoint)
+    common = [bag, '--image-topic', '/cam/raw', '--auto-caption', model,
+              '--auto-caption-prompt', 'a photo of', '--max-new-tokens', '6', '--device', 'cpu',
+              '--image-format', 'png']
+    code, _, stderr = _run([*common, '--out', tmp_path / 'refused'], capsys)
+    assert code == 1 and '--trust-remote-code' in stderr and str(model) in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / 'refused').exists()
+    code, _, stderr = _run([*common, '--trust-remote-code', '--out', tmp_path / 'out'], capsys)
+    assert code == 0, stderr
+    assert len(read_annotations(tmp_path / 'out')['annotations']) == 6
+
+
 def test_bad_frames_inside_a_good_bag_are_skipped_and_counted(tmp_path, capsys):
     good = np.full((8, 8, 3), 100, np.uint8)
     ok, jpeg = cv2.imencode('.jpg', good)
@@ -1017,7 +1032,8 @@ FLAGS = {'-h', '--help', '--image-topic', '--out', '--caption-topic', '--caption
          '--captions-file', '--auto-caption', '--auto-caption-prompt',
          '--auto-caption-batch-size', '--max-new-tokens', '--device', '--keep-uncaptioned',
          '--every-n', '--min-interval', '--max-frames', '--dedup', '--dedup-threshold',
-         '--max-pixels', '--image-format', '--jpeg-quality', '--progress-every', '--quiet'}
+         '--trust-remote-code', '--max-pixels', '--image-format', '--jpeg-quality',
+         '--progress-every', '--quiet'}
 
 
 def test_the_command_line_takes_every_default_from_conversion_options():
