@@ -450,7 +450,15 @@ class CaptionNode(LifecycleNodeMixin, Node):
         try:
             for name, trigger in (('configure', self.trigger_configure),
                                   ('activate', self.trigger_activate)):
-                if trigger() == TransitionCallbackReturn.SUCCESS:
+                try:
+                    result = trigger()
+                except RCLError:
+                    # A stop signal while the model loaded: rclpy cannot announce the
+                    # transition's end on a context that is shut down.
+                    if self._stopping or not self.context.ok():
+                        return
+                    raise
+                if result == TransitionCallbackReturn.SUCCESS:
                     continue
                 if self._stopping or not self.context.ok():
                     return  # stopped while it loaded: not a failure

@@ -463,9 +463,11 @@ def test_the_adapter_and_its_training_prompt_are_named_next_to_the_base_model(
     assert info['model'] == str(lively_opt_checkpoint)
     assert info['adapter'] == str(trained_adapter)
     assert info['adapter_training_prompt'] == 'a photo of'
+    # A status sent while the model loaded names no adapter yet: wait for one sent after.
+    wait_for(lambda: values_of(harness).get('adapter') == str(trained_adapter),
+             what='the adapter on /diagnostics')
     values = values_of(harness)
     assert values['model'] == str(lively_opt_checkpoint)
-    assert values['adapter'] == str(trained_adapter)
     assert values['adapter_training_prompt'] == "'a photo of'"
 
 

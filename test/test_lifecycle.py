@@ -308,3 +308,39 @@ def test_a_destroyed_node_leaves_the_ros_graph(lively_opt_checkpoint):
         wait_for(lambda: not in_graph(), timeout=5, what='the node to leave the graph')
     finally:
         rclpy.try_shutdown(context=observer_context)
+
+
+def test_a_shutdown_while_autostart_loads_ends_the_start_quietly(lively_opt_checkpoint,
+                                                                 monkeypatch):
+    # Ctrl-C shuts the context down while the model loads: rclpy then cannot announce the end
+    # of the configure transition, and autostart must stop there, without a traceback.
+    loading, release = threading.Event(), threading.Event()
+
+    def held(config):
+        loading.set()
+        release.wait(60)
+        raise RuntimeError('the load ends with the test')
+    monkeypatch.setattr(caption_node, 'make_captioner', held)
+    errors = []
+    monkeypatch.setattr(threading, 'excepthook', errors.append)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = caption_node.CaptionNode(context=context, parameter_overrides=[
+        Parameter('model', value=str(lively_opt_checkpoint)),
+        Parameter('image_topics', value=['/cam'])])
+    try:
+        assert loading.wait(60), 'the model never started loading'
+        (autostart,) = [thread for thread in threading.enumerate()
+                        if thread.name == 'blip2_autostart']
+        rclpy.shutdown(context=context)
+        autostart.join(60)
+        assert not autostart.is_alive()
+        assert [f'{error.exc_type.__name__}: {error.exc_value}' for error in errors] == []
+        assert not node.finished.done(), 'a stop is not a failed start'
+    finally:
+        release.set()
+        for thread in threading.enumerate():
+            if thread.name == caption_node.INFERENCE_THREAD:
+                thread.join(60)
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
