@@ -73,6 +73,8 @@ NODE_NAME = 'blip2_caption'
 INFERENCE_THREAD = 'blip2_inference'
 # The thread that loads a new adapter at run time, beside the weights in use.
 ADAPTER_LOADER_THREAD = 'blip2_adapter_loader'
+# The thread that configures and activates the node when autostart is true.
+AUTOSTART_THREAD = 'blip2_autostart'
 # A file every LoRA folder that save_pretrained writes holds.
 ADAPTER_CONFIG_FILE = 'adapter_config.json'
 
@@ -403,7 +405,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
         if self.get_parameter('autostart').value:
-            threading.Thread(target=self._autostart, name='blip2_autostart', daemon=True).start()
+            threading.Thread(target=self._autostart, name=AUTOSTART_THREAD, daemon=True).start()
 
     def _refuse_impossible_transitions(self):
         """Answer success: false to a transition the current state has not, on every distro."""
@@ -444,6 +446,11 @@ class CaptionNode(LifecycleNodeMixin, Node):
         """Return the label of the current lifecycle state: 'unconfigured', 'active', ..."""
         return self._state_machine.current_state[1]
 
+    @property
+    def _shutting_down(self):
+        """Whether the node is being destroyed or its context shut down (Ctrl-C)."""
+        return self._stopping or not self.context.ok()
+
     def _autostart(self):
         """Configure and activate without a lifecycle manager; a failure ends main() with 1."""
         self._autostarting = True
@@ -455,12 +462,12 @@ class CaptionNode(LifecycleNodeMixin, Node):
                 except RCLError:
                     # A stop signal while the model loaded: rclpy cannot announce the
                     # transition's end on a context that is shut down.
-                    if self._stopping or not self.context.ok():
+                    if self._shutting_down:
                         return
                     raise
                 if result == TransitionCallbackReturn.SUCCESS:
                     continue
-                if self._stopping or not self.context.ok():
+                if self._shutting_down:
                     return  # stopped while it loaded: not a failure
                 problem = self.configure_error or f'{name} failed'
                 self.get_logger().fatal(problem)
@@ -557,7 +564,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
                                         name=INFERENCE_THREAD, daemon=True)
         self._worker.start()
         while not loaded.wait(timeout=0.1):
-            if self._stopping or not self.context.ok():
+            if self._shutting_down:
                 stop.set()
                 return TransitionCallbackReturn.FAILURE
         if self.captioner is None:
@@ -1067,7 +1074,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
                     for start in range(0, len(work), size):
                         self._run_batch(work[start:start + size])
             except Exception as error:  # noqa: B902 -- a dead thread would end captioning
-                if stop.is_set() or self._stopping or not self.context.ok():
+                if stop.is_set() or self._shutting_down:
                     return  # released, or Ctrl-C, while this batch was in flight
                 with self._lock:
                     self.failed_batches += 1
@@ -1166,7 +1173,7 @@ class CaptionNode(LifecycleNodeMixin, Node):
             problem = (f'out of GPU memory on a batch of {len(batch)}; skipped it{then}. '
                        'Lower max_batch_size or use a smaller dtype/model')
         except Exception as error:  # noqa: B902 -- one bad batch must not stop captioning
-            if self._stopping or not self.context.ok():
+            if self._shutting_down:
                 raise
             with self._lock:
                 self.failed_batches += 1

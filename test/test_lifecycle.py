@@ -331,7 +331,7 @@ def test_a_shutdown_while_autostart_loads_ends_the_start_quietly(lively_opt_chec
     try:
         assert loading.wait(60), 'the model never started loading'
         (autostart,) = [thread for thread in threading.enumerate()
-                        if thread.name == 'blip2_autostart']
+                        if thread.name == caption_node.AUTOSTART_THREAD]
         rclpy.shutdown(context=context)
         autostart.join(60)
         assert not autostart.is_alive()
